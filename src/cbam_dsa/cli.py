@@ -1,0 +1,76 @@
+"""``cbam-dsa``: thin subcommands over the library.
+
+Each subcommand lives in its own module, which exposes ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``. Those modules import heavy dependencies inside ``run`` only, so ``--help`` stays fast.
+A user mistake raises :class:`UserError` and ends with a one-line message and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["COMMANDS", "UserError", "build_parser", "main"]
+
+# name -> module implementing it
+COMMANDS: dict[str, str] = {
+    "demo": "cbam_dsa.demo.command",
+    "visualize": "cbam_dsa.viz_command",
+    "bench": "cbam_dsa.bench_command",
+    "export": "cbam_dsa.export_command",
+}
+
+
+class UserError(Exception):
+    """A mistake in the user's options or files: reported as one line, exit code 2."""
+
+
+def _available_commands() -> dict[str, object]:
+    modules = {}
+    for name, module_name in COMMANDS.items():
+        try:
+            modules[name] = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:  # a subcommand whose module is not part of this build
+            if error.name is None or not module_name.startswith(error.name):
+                raise
+    return modules
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    """The argument parser with every available subcommand, and the modules behind them."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="cbam-dsa",
+        description="CBAM with fused channel attention, dynamic spatial attention and a residual blend.",
+    )
+    parser.add_argument("--version", action="version", version=f"cbam-dsa {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = _available_commands()
+    for name, module in modules.items():
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+    return parser, modules
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``cbam-dsa`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except UserError as error:
+        print(f"cbam-dsa {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cbam-dsa {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
