@@ -188,4 +188,6 @@ class CBAMResidualDynamicSA(nn.Module):
 
     def extra_repr(self) -> str:
         alpha = "none" if self.alpha is None else f"{float(self.alpha):g}"
-        return f"channels={self.channels}, residual={self.residual}, alpha={alpha}, learnable_alpha={self.learnable_alpha}"
+        return (
+            f"channels={self.channels}, residual={self.residual}, alpha={alpha}, learnable_alpha={self.learnable_alpha}"
+        )

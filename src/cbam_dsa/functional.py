@@ -193,9 +193,7 @@ def branch_padding(kernel_size: int, dilation: int) -> int:
     return dilation * (kernel_size - 1) // 2
 
 
-def router_weights(
-    s: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor
-) -> Tensor:
+def router_weights(s: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor) -> Tensor:
     """Per-sample branch weights: ``softmax_K(fc2(relu(fc1(mean_hw(s)))))``.
 
     Shape:
@@ -242,7 +240,7 @@ def spatial_attention_map(
     else:
         router = router_weights(s, *router_params)
     logit = torch.zeros_like(s[:, :1])
-    for k, (weight, bias, dilation) in enumerate(zip(branch_weights, branch_biases, dilations)):
+    for k, (weight, bias, dilation) in enumerate(zip(branch_weights, branch_biases, dilations, strict=True)):
         padding = branch_padding(weight.shape[-1], dilation)
         branch = F.conv2d(s, weight, bias, padding=padding, dilation=dilation)
         logit = logit + router[:, k].view(-1, 1, 1, 1) * branch
