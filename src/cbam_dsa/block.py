@@ -123,6 +123,26 @@ class CBAMResidualDynamicSA(nn.Module):
                 "residual=False (out = y): leave them at 1.0 and False, or set residual=True"
             )
 
+        self._config = {
+            "channels": int(channels),
+            "reduction": int(reduction),
+            "min_hidden": int(min_hidden),
+            "ca_fusion": ca_fusion,
+            "ca_gate": ca_gate,
+            "ca_temperature": float(ca_temperature),
+            "ca_act": ca_act,
+            "sa_gate": sa_gate,
+            "sa_temperature": float(sa_temperature),
+            "learnable_temperature": learnable_temperature,
+            "sa_kernels": list(sa_kernels),
+            "sa_use_dilated": sa_use_dilated,
+            "sa_dilated_kernel": int(sa_dilated_kernel),
+            "sa_dilated_d": int(sa_dilated_d),
+            "sa_router_hidden": int(sa_router_hidden),
+            "residual": residual,
+            "alpha_init": alpha_init,
+            "learnable_alpha": learnable_alpha,
+        }
         dd = {"device": device, "dtype": dtype}
         self.channels = channels
         self.ca = ChannelAttentionFusionT(
@@ -170,6 +190,13 @@ class CBAMResidualDynamicSA(nn.Module):
         self._return_maps = value
         self.ca.return_fusion_weights = value
         self.sa.return_router_weights = value
+
+    def get_config(self) -> dict:
+        """The constructor arguments (JSON-serialisable, ``return_maps`` excluded): ``type(b)(**b.get_config())``
+        rebuilds the same architecture."""
+        config = dict(self._config)
+        config["sa_kernels"] = list(config["sa_kernels"])
+        return config
 
     @property
     def learnable_alpha(self) -> bool:
