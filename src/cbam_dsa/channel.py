@@ -90,26 +90,21 @@ class ChannelAttentionFusionT(nn.Module):
         """The temperature dividing the gate's input (learned or fixed), as a 0-d tensor."""
         return effective_temperature(self)
 
+    def mlp_params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(fc1_weight, fc1_bias, fc2_weight, fc2_bias)`` of the shared MLP."""
+        return self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+
     def attention_map(self, avg: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
-        """The channel map and fusion weights from pooled descriptors ``(B, C, 1, 1)``."""
+        """The channel map and fusion weights from pooled descriptors ``(B, C, 1, 1)``, in their dtype."""
         return FA.channel_attention_map(
-            avg,
-            mx,
-            self.fc1.weight,
-            self.fc1.bias,
-            self.fc2.weight,
-            self.fc2.bias,
-            self.fusion_logits,
-            self.act,
-            self.gate,
-            self.effective_temperature(),
+            avg, mx, *self.mlp_params(), self.fusion_logits, self.act, self.gate, self.effective_temperature()
         )
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         check_input(x, self.channels)
-        avg, mx = FA.channel_pool(x)
-        ca, fusion_w = self.attention_map(avg, mx)
-        y = x * ca
+        y, ca, fusion_w = FA.channel_attention(
+            x, *self.mlp_params(), self.fusion_logits, self.act, self.gate, self.effective_temperature()
+        )
         if self.return_fusion_weights:
             return y, ca, fusion_w
         return y, ca

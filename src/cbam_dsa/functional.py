@@ -13,8 +13,10 @@ Symbols (see ``README.md``):
   ``logit = sum_k r_k * conv_k(s)``, ``sa = gate(logit / T_sa)``.
 * Residual blend: ``out = x + alpha * (y * sa - x)``.
 
-Pooling always accumulates in float32, so half-precision inputs with values up to the float16 limit stay
-finite; the pooled results are cast back to the input dtype.
+Precision: pooling accumulates in at least float32 (:func:`accumulation_dtype`), and the light networks
+(MLP, router, branch convolutions, gates) run on those float32 descriptors, so float16 inputs with values up to
+the float16 limit give finite maps. Only the maps are cast back to the input's dtype; the full-size products stay
+in the input's dtype.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "ACTIVATIONS",
     "FUSIONS",
     "GATES",
+    "accumulation_dtype",
     "activation",
     "apply_gate",
     "branch_padding",
@@ -46,6 +49,11 @@ __all__ = [
 GATES = ("sigmoid", "hardsigmoid")
 FUSIONS = ("sum", "softmax")
 ACTIVATIONS = ("relu", "silu")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype pooling and the light networks run in: ``dtype`` promoted to at least float32."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def apply_gate(z: Tensor, gate: str, temperature: Tensor | float = 1.0) -> Tensor:
@@ -77,27 +85,27 @@ def activation(z: Tensor, act: str) -> Tensor:
 
 
 def channel_pool(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Average and max over H, W, accumulated in float32.
+    """Average and max over H, W, in :func:`accumulation_dtype` (at least float32).
 
     Shape:
         - x: :math:`(B, C, H, W)`
-        - Output: two tensors :math:`(B, C, 1, 1)` in ``x.dtype``.
+        - Output: two tensors :math:`(B, C, 1, 1)`.
     """
-    x32 = x.float()
-    avg = x32.mean(dim=(2, 3), keepdim=True)
-    mx = x32.amax(dim=(2, 3), keepdim=True)
-    return avg.to(x.dtype), mx.to(x.dtype)
+    acc = accumulation_dtype(x.dtype)
+    avg = x.mean(dim=(2, 3), keepdim=True, dtype=acc)
+    mx = x.amax(dim=(2, 3), keepdim=True).to(acc)
+    return avg, mx
 
 
 def spatial_pool(y: Tensor) -> Tensor:
-    """Channel-wise mean and max, stacked: ``s = [mean_c(y), max_c(y)]``, accumulated in float32.
+    """Channel-wise mean and max, stacked: ``s = [mean_c(y), max_c(y)]``, in :func:`accumulation_dtype`.
 
     Shape:
         - y: :math:`(B, C, H, W)`
-        - Output: :math:`(B, 2, H, W)` in ``y.dtype``.
+        - Output: :math:`(B, 2, H, W)`
     """
-    y32 = y.float()
-    return torch.cat([y32.mean(dim=1, keepdim=True), y32.amax(dim=1, keepdim=True)], dim=1).to(y.dtype)
+    acc = accumulation_dtype(y.dtype)
+    return torch.cat([y.mean(dim=1, keepdim=True, dtype=acc), y.amax(dim=1, keepdim=True).to(acc)], dim=1)
 
 
 def channel_mlp(
@@ -109,7 +117,8 @@ def channel_mlp(
         - z: :math:`(N, C, 1, 1)`
         - Output: :math:`(N, C, 1, 1)`
     """
-    return F.conv2d(activation(F.conv2d(z, fc1_weight, fc1_bias), act), fc2_weight, fc2_bias)
+    hidden = activation(F.conv2d(z, fc1_weight.to(z.dtype), fc1_bias.to(z.dtype)), act)
+    return F.conv2d(hidden, fc2_weight.to(z.dtype), fc2_bias.to(z.dtype))
 
 
 def fusion_weights(fusion_logits: Tensor | None, reference: Tensor) -> Tensor:
@@ -124,7 +133,7 @@ def fusion_weights(fusion_logits: Tensor | None, reference: Tensor) -> Tensor:
     """
     if fusion_logits is None:
         return torch.ones(2, device=reference.device, dtype=reference.dtype)
-    return torch.softmax(fusion_logits, dim=0)
+    return torch.softmax(fusion_logits.to(reference.dtype), dim=0)
 
 
 def channel_attention_map(
@@ -185,7 +194,8 @@ def channel_attention(
     ca, weights = channel_attention_map(
         avg, mx, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fusion_logits, act, gate, temperature
     )
-    return x * ca, ca, weights
+    ca = ca.to(x.dtype)
+    return x * ca, ca, weights.to(x.dtype)
 
 
 def branch_padding(kernel_size: int, dilation: int) -> int:
@@ -200,8 +210,9 @@ def router_weights(s: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: 
         - s: :math:`(B, 2, H, W)`
         - Output: :math:`(B, K)`
     """
-    pooled = s.float().mean(dim=(2, 3), keepdim=True).to(s.dtype)
-    logits = F.conv2d(F.relu(F.conv2d(pooled, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+    pooled = s.mean(dim=(2, 3), keepdim=True)
+    hidden = F.relu(F.conv2d(pooled, fc1_weight.to(s.dtype), fc1_bias.to(s.dtype)))
+    logits = F.conv2d(hidden, fc2_weight.to(s.dtype), fc2_bias.to(s.dtype))
     return torch.softmax(logits.flatten(1), dim=1)
 
 
@@ -242,7 +253,7 @@ def spatial_attention_map(
     logit = torch.zeros_like(s[:, :1])
     for k, (weight, bias, dilation) in enumerate(zip(branch_weights, branch_biases, dilations, strict=True)):
         padding = branch_padding(weight.shape[-1], dilation)
-        branch = F.conv2d(s, weight, bias, padding=padding, dilation=dilation)
+        branch = F.conv2d(s, weight.to(s.dtype), bias.to(s.dtype), padding=padding, dilation=dilation)
         logit = logit + router[:, k].view(-1, 1, 1, 1) * branch
     return apply_gate(logit, gate, temperature), router
 
@@ -273,7 +284,8 @@ def dynamic_spatial_attention(
     sa, router = spatial_attention_map(
         spatial_pool(y), branch_weights, branch_biases, dilations, router_params, gate, temperature
     )
-    return y * sa, sa, router
+    sa = sa.to(y.dtype)
+    return y * sa, sa, router.to(y.dtype)
 
 
 def residual_blend(x: Tensor, y: Tensor, alpha: Tensor | float) -> Tensor:

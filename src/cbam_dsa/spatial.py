@@ -129,24 +129,23 @@ class DynamicSpatialAttention(nn.Module):
             return None
         return self.router[0].weight, self.router[0].bias, self.router[2].weight, self.router[2].bias
 
+    def branch_params(self) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        """``(weights, biases, dilations)`` of the K branch convolutions."""
+        return [b.weight for b in self.branches], [b.bias for b in self.branches], self.dilations
+
     def attention_map(self, s: Tensor) -> tuple[Tensor, Tensor]:
-        """The spatial map ``(B, 1, H, W)`` and router weights ``(B, K)`` from the descriptors ``(B, 2, H, W)``."""
+        """The spatial map ``(B, 1, H, W)`` and router weights ``(B, K)`` from the descriptors, in their dtype."""
         return FA.spatial_attention_map(
-            s,
-            [b.weight for b in self.branches],
-            [b.bias for b in self.branches],
-            self.dilations,
-            self.router_params(),
-            self.gate,
-            self.effective_temperature(),
+            s, *self.branch_params(), self.router_params(), self.gate, self.effective_temperature()
         )
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         check_input(x)
-        sa, router = self.attention_map(FA.spatial_pool(x))
-        y = x * sa
+        y, sa, router_w = FA.dynamic_spatial_attention(
+            x, *self.branch_params(), self.router_params(), self.gate, self.effective_temperature()
+        )
         if self.return_router_weights:
-            return y, sa, router
+            return y, sa, router_w
         return y, sa
 
     def extra_repr(self) -> str:
