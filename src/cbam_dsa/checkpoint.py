@@ -66,6 +66,27 @@ def save_checkpoint(
     return path
 
 
+def _detail(error: BaseException) -> str:
+    """One line about ``error``: torch's long weights-only explanation is cut down to the line that matters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    telling = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
+    line = (telling or lines or [""])[0]
+    line = f"{type(error).__name__}: {line}" if line else type(error).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _read_config(path: Path, text: str) -> dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except ValueError as error:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has a config that is not valid JSON: {_detail(error)}"
+        ) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} has a config of type {type(config).__name__}, not a dict")
+    return config
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
     """Read a checkpoint safely; returns ``(state_dict, config)`` (``config`` may be ``None``).
 
@@ -75,11 +96,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], di
 
     Raises:
         CheckpointError: the file is missing, is not a checkpoint, or holds objects other than tensors and
-            plain containers (a crafted pickle is refused here, never executed).
+            plain containers (a crafted pickle is refused here, never executed). The message is one line.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is an empty file")
     if path.suffix in _SAFETENSORS_SUFFIXES:
         from safetensors import SafetensorError, safe_open
 
@@ -88,18 +111,23 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], di
                 state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
                 metadata = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as error:
-            raise CheckpointError(f"checkpoint {str(path)!r} is not a valid safetensors file: {error}") from error
-        config = json.loads(metadata[_CONFIG_KEY]) if _CONFIG_KEY in metadata else None
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is not a valid safetensors file: {_detail(error)}"
+            ) from error
+        config = _read_config(path, metadata[_CONFIG_KEY]) if _CONFIG_KEY in metadata else None
         return state, config
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} was refused: it holds objects other than tensors and plain containers, "
-            f"and is read with torch.load(weights_only=True), which never runs pickled code ({error})"
+            f"checkpoint {str(path)!r} was refused: torch.load(weights_only=True) accepts only tensors and plain "
+            f"containers and never runs pickled code, and this file holds something else or is not a PyTorch "
+            f"checkpoint ({_detail(error)})"
         ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"checkpoint {str(path)!r} could not be read as a PyTorch file: {error}") from error
+    except Exception as error:  # a damaged or foreign file fails in many ways (zip, pickle, storage errors)
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} could not be read as a PyTorch file ({_detail(error)})"
+        ) from error
     config = None
     if isinstance(payload, dict) and "state_dict" in payload:
         config = payload.get("config")
@@ -128,9 +156,22 @@ def load_block(path: str | os.PathLike[str], **overrides: Any) -> nn.Module:
     try:
         block = CBAMResidualDynamicSA(**{**config, **overrides})
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {str(path)!r} has a config the block refuses: {error}") from error
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has a config the block refuses: {' '.join(str(error).split())}"
+        ) from error
     try:
         block.load_state_dict(state)
     except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not match its config: {error}") from error
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match its config: {_state_mismatch(error)}"
+        ) from error
     return block
+
+
+def _state_mismatch(error: RuntimeError) -> str:
+    """``load_state_dict``'s multi-line report, folded into one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    text = " ".join(lines) or type(error).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
