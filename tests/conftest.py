@@ -11,6 +11,11 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    """Copy every parameter and buffer of ``src`` into ``dst`` by name (the architectures must match)."""
-    dst.load_state_dict(src.state_dict())
+@pytest.fixture
+def one_thread():
+    """One CPU thread for the test: on a small shared machine, more threads per process only wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

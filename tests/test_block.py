@@ -308,7 +308,7 @@ def test_property_block_matches_reference_and_identity(
     outputs = block(x)
     for got, expected in zip(outputs, reference(block, x), strict=True):
         torch.testing.assert_close(got, expected)
-    out, ca, sa, fusion_w, router_w = outputs
+    out, ca, sa, _fusion_w, router_w = outputs
     effective_alpha = block.alpha if residual else 1.0
     torch.testing.assert_close(out, x + effective_alpha * (x * ca * sa - x))
     assert ((ca >= 0) & (ca <= 1)).all() and ((sa >= 0) & (sa <= 1)).all()

@@ -57,7 +57,7 @@ def test_map_matches_manual_computation(fusion, gate, act, temperature):
 def test_softmax_fusion_starts_at_half_half_and_returns_weights():
     ca = ChannelAttentionFusionT(16, return_fusion_weights=True)
     assert torch.equal(ca.fusion_logits.detach(), torch.zeros(2))
-    y, cam, w = ca(torch.randn(2, 16, 4, 4))
+    _y, _cam, w = ca(torch.randn(2, 16, 4, 4))
     assert w.shape == (2,)
     torch.testing.assert_close(w, torch.tensor([0.5, 0.5]))
 

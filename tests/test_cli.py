@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from cbam_dsa import CBAMResidualDynamicSA
 from cbam_dsa.checkpoint import save_checkpoint
@@ -20,12 +19,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLI = Path(sys.executable).with_name("cbam-dsa")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _available() -> list[str]:

@@ -10,14 +10,7 @@ from cbam_dsa import CBAMResidualDynamicSA
 from cbam_dsa.demo.model import VARIANTS, DemoNet, ResidualStage, attention_kwargs, build_model
 from cbam_dsa.maps import find_blocks
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread: on a shared, loaded machine more threads per process only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

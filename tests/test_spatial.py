@@ -23,7 +23,7 @@ from cbam_dsa import DynamicSpatialAttention
 def test_number_of_branches_follows_configuration(kernels, use_dilated, k):
     sa = DynamicSpatialAttention(kernels=kernels, use_dilated=use_dilated, return_router_weights=True)
     assert sa.num_branches == len(sa.branches) == k
-    y, sam, r = sa(torch.randn(2, 6, 9, 9))
+    _y, sam, r = sa(torch.randn(2, 6, 9, 9))
     assert r.shape == (2, k)
     torch.testing.assert_close(r.sum(1), torch.ones(2))
     assert sam.shape == (2, 1, 9, 9)
