@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from . import _fast
 from . import functional as FA
 from ._checks import (
     check_bool,
@@ -203,8 +204,22 @@ class CBAMResidualDynamicSA(nn.Module):
         """Whether ``alpha`` is a learned parameter."""
         return isinstance(self.alpha, nn.Parameter)
 
+    # The fast path (``_fast.py``: custom autograd for the full-size passes, merged branch convolutions) runs
+    # wherever it can and equals the reference path below, outputs and gradients. The reference runs where the
+    # fast path cannot (scripting, tracing, ONNX export, torch.export, torch.compile, functorch transforms; see
+    # ``_fast.fast_path_applies``). Setting ``block._fast_path = False`` (a plain attribute, not in the
+    # state_dict) forces the reference path, e.g. to compare the two.
+    _fast_path: bool = True
+
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         check_input(x, self.channels)
+        if self._fast_path and _fast.fast_path_applies(self, x):
+            outputs = _fast.block_forward(self, x)
+            return outputs if self._return_maps else outputs[0]
+        return self._reference_forward(x)
+
+    def _reference_forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The reference path: the parts' forward passes and the blend of ``functional.py``, plain autograd."""
         ca_out = self.ca(x)
         sa_out = self.sa(ca_out[0])
         y = sa_out[0]
@@ -214,7 +229,7 @@ class CBAMResidualDynamicSA(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        alpha = "none" if self.alpha is None else f"{float(self.alpha):g}"
+        alpha = "none" if self.alpha is None else f"{float(self.alpha.detach()):g}"
         return (
             f"channels={self.channels}, residual={self.residual}, alpha={alpha}, learnable_alpha={self.learnable_alpha}"
         )

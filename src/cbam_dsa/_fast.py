@@ -1,0 +1,773 @@
+"""The fast path of CBAMResidualDynamicSA: hand-written backward for the full-size passes, merged branch convs.
+
+The block's work splits into a few passes over the full ``(B, C, H, W)`` tensor and light work on small tensors.
+Each heavy pass is a :class:`torch.autograd.Function` that keeps only the input and small tensors for backward
+and recomputes the rest there:
+
+* :class:`ChannelAttention`: pooling over H, W and the channel map ``ca``; its backward recomputes the
+  descriptors and the MLP (as activation checkpointing does) and splits the max gradient among ties.
+* :class:`SpatialPool`: ``s = [mean_c(x * ca), max_c(x * ca)]``; backward recomputes ``x * ca``.
+* :class:`ResidualBlend`: ``out = x * ((1 - alpha) + alpha * ca * sa)``, written into the buffer that held
+  ``x * ca``: the forward pass allocates one full-size tensor in all, the backward pass two (the gradient
+  and one :class:`Scratch` tensor that the three passes hand on to each other).
+
+The light networks are the math of :mod:`.functional` (activation, fusion weights, gates); the 1x1
+convolutions of the channel MLP and of the router run as the matrix products they are. The K spatial branches
+are merged (:func:`branch_plan`, :func:`routed_branch_logit`): kernels of one dilation share one footprint,
+each merged group is one depthwise convolution with a per-sample kernel mixed by the router (dilated groups on
+the phases of the maps, :class:`SampleConv`), and maps of a few pixels use one matrix product instead
+(:class:`ToeplitzConv`).
+
+The max gradients follow ``torch.amax``: a gradient is split evenly among tied maxima (inputs after a ReLU have
+many ties). Pooling accumulates in at least float32. :func:`fast_path_applies` says where the fast path runs;
+everywhere else the block runs its reference path. Everything here is tested equal to the reference, outputs
+and gradients (``tests/test_fast.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import functional as FA
+
+if TYPE_CHECKING:
+    from .block import CBAMResidualDynamicSA
+    from .spatial import DynamicSpatialAttention
+
+__all__ = [
+    "ChannelAttention",
+    "ResidualBlend",
+    "SpatialPool",
+    "block_forward",
+    "branch_plan",
+    "channel_map",
+    "fast_path_applies",
+    "routed_branch_logit",
+    "spatial_attention_map",
+]
+
+# A merge of two branch groups may add at most this many taps: one convolution call costs about as much as
+# this many extra taps per output pixel on small maps, so merging then still saves time.
+MERGE_SLACK_TAPS = 16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weighted sums over C or over H, W without a full-size temporary (one matmul where the layout allows it).
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def sum_over_channels(t: Tensor, weight: Tensor) -> Tensor:
+    """``sum_c t[b, c] * weight[b, c]``.
+
+    Shape:
+        - t: :math:`(B, C, H, W)`; weight: :math:`(B, C, 1, 1)`
+        - Output: :math:`(B, 1, H, W)`
+    """
+    b, c, h, w = t.shape
+    weight = weight.to(t.dtype)
+    if t.is_contiguous():
+        return torch.bmm(weight.reshape(b, 1, c), t.view(b, c, h * w)).view(b, 1, h, w)
+    if _is_channels_last(t):
+        flat = t.permute(0, 2, 3, 1).view(b, h * w, c)
+        return torch.bmm(flat, weight.reshape(b, c, 1)).view(b, 1, h, w)
+    return (t * weight).sum(dim=1, keepdim=True)
+
+
+def sum_over_space(t: Tensor, maps: Tensor) -> Tensor:
+    """``sum_hw t[b, c] * maps[b, j]`` for each map ``j``.
+
+    Shape:
+        - t: :math:`(B, C, H, W)`; maps: :math:`(B, J, H, W)`
+        - Output: :math:`(B, C, J)`
+    """
+    b, c, h, w = t.shape
+    j = maps.shape[1]
+    maps = maps.to(t.dtype).reshape(b, j, h * w)
+    if t.is_contiguous():
+        return torch.bmm(t.view(b, c, h * w), maps.transpose(1, 2))
+    if _is_channels_last(t):
+        flat = t.permute(0, 2, 3, 1).view(b, h * w, c)
+        return torch.bmm(maps, flat).transpose(1, 2)
+    return torch.einsum("bchw,bjhw->bcj", t, maps.view(b, j, h, w))
+
+
+class Scratch:
+    """A full-size scratch tensor handed from one backward pass of a block to the next.
+
+    The three heavy backward passes of a block run one after the other (blend, spatial pool, channel pool) and
+    each needs one full-size temporary: sharing it saves two allocations, whose page faults cost more on CPU
+    than the arithmetic. A pass ``take``s the tensor (or a fresh one), and ``give``s it back when done.
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self) -> None:
+        self.tensor: Tensor | None = None
+
+    def take(self, like: Tensor) -> Tensor:
+        """The scratch tensor if it matches ``like`` (shape, dtype, strides, device), else a fresh one."""
+        tensor, self.tensor = self.tensor, None
+        if tensor is None or tensor.shape != like.shape or tensor.stride() != like.stride():
+            return torch.empty_like(like)
+        if tensor.dtype != like.dtype or tensor.device != like.device:
+            return torch.empty_like(like)
+        return tensor
+
+    def give(self, tensor: Tensor | None) -> None:
+        """Hand ``tensor`` on to the next pass (``None`` releases it)."""
+        self.tensor = tensor
+
+
+def _amax_gradient(mask: Tensor, dim: int | tuple[int, int], grad_max: Tensor) -> Tensor:
+    """``grad_max / count`` with ``count`` the number of tied maxima along ``dim`` (``torch.amax``'s rule).
+
+    ``mask`` holds 1 where the input attains its maximum and 0 elsewhere, in the input's dtype: summing a
+    float mask avoids the copy to int64 that summing a bool tensor makes.
+    """
+    acc = FA.accumulation_dtype(mask.dtype)
+    return (grad_max.to(acc) / mask.sum(dim=dim, keepdim=True, dtype=acc)).to(mask.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Heavy pass 1: pooling over H, W, and the channel map.
+#
+# Each heavy Function also returns its input ``x`` (as a view): the gradient of ``x`` then flows through the
+# three passes in turn, and each pass adds its share into that one tensor in place, instead of autograd
+# allocating three and summing them. Under ``create_graph=True`` (grad mode inside backward) every pass runs
+# out of place, so the backward pass can itself be differentiated.
+
+
+# The max over H, W is kept for backward (recomputing it costs a slow pass); the mean too from this many pixels
+# per map on, where it is small next to the input (under 0.4%); below, it is recomputed from the input.
+KEEP_MEAN_FROM_PIXELS = 256
+
+
+class ChannelAttention(torch.autograd.Function):
+    """``ca = gate(fuse(mlp(mean_hw(x)), mlp(max_hw(x))) / T)`` and ``x`` itself, keeping no activation of the MLP.
+
+    The forward pass pools ``x`` and runs :func:`channel_map` without recording a graph; it saves ``x``, the
+    small inputs and the max (the mean too from :data:`KEEP_MEAN_FROM_PIXELS` pixels on). Backward
+    recomputes the mean if needed and the light network (under the forward's autocast state) and differentiates
+    that with autograd, as activation checkpointing does, so the gradients follow the very same math; then it
+    adds the pooling gradient (the max's split evenly among ties) into the gradient of ``x`` in place.
+
+    Args:
+        x (Tensor): the input.
+        scratch (Scratch): the block's shared scratch tensor.
+        act, gate (str): the MLP's activation and the gate.
+        *small (Tensor): ``fc1_weight, fc1_bias, fc2_weight, fc2_bias, fusion_w, temperature``.
+
+    Shape:
+        - x: :math:`(B, C, H, W)`
+        - Output: ca :math:`(B, C, 1, 1)` in ``x.dtype``; ``x`` itself.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scratch: Scratch, act: str, gate: str, *small: Tensor) -> Any:
+        avg, mx = FA.channel_pool(x)
+        ca = channel_map(avg, mx, *small[:5], act, gate, small[5]).to(x.dtype)
+        keep_avg = x.shape[2] * x.shape[3] >= KEEP_MEAN_FROM_PIXELS
+        ctx.save_for_backward(x, *small, mx, *((avg,) if keep_avg else ()))
+        ctx.num_small, ctx.act, ctx.gate, ctx.scratch = len(small), act, gate, scratch
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.set_materialize_grads(False)
+        return ca, x
+
+    @staticmethod
+    def backward(ctx: Any, grad_ca: Tensor | None, grad_x: Tensor | None) -> tuple:
+        x, *saved = ctx.saved_tensors
+        small, (mx, *kept_avg) = saved[: ctx.num_small], saved[ctx.num_small :]
+        need_x, need_small = ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
+        wanted = [t for t, need in zip(small, need_small, strict=True) if need]
+        device, autocast_on, autocast_dtype = ctx.autocast
+        recompute = torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on)
+        grads: list[Tensor | None] = [None] * len(wanted)
+        grad_avg = grad_max = None
+        if grad_ca is not None and torch.is_grad_enabled():
+            # create_graph=True: differentiate the plain recomputation, pooling included
+            with recompute:
+                ca = channel_map(*FA.channel_pool(x), *small[:5], ctx.act, ctx.gate, small[5]).to(x.dtype)
+            inputs = ([x] if need_x else []) + wanted
+            grads = list(torch.autograd.grad(ca, inputs, grad_ca, allow_unused=True, create_graph=True))
+            if need_x:
+                grad_x = grads[0] if grad_x is None else grad_x if grads[0] is None else grad_x + grads[0]
+                grads = grads[1:]
+            return grad_x if need_x else None, None, None, None, *_scatter(grads, need_small)
+        if grad_ca is not None:
+            avg = kept_avg[0] if kept_avg else x.mean(dim=(2, 3), keepdim=True, dtype=mx.dtype)
+            with torch.enable_grad(), recompute:
+                avg = avg.detach().requires_grad_(need_x)
+                mx = mx.detach().requires_grad_(need_x)
+                ca = channel_map(avg, mx, *small[:5], ctx.act, ctx.gate, small[5]).to(x.dtype)
+            inputs = ([avg, mx] if need_x else []) + wanted
+            grads = list(torch.autograd.grad(ca, inputs, grad_ca, allow_unused=True)) if inputs else []
+            if need_x:
+                grad_avg, grad_max, grads = grads[0], grads[1], grads[2:]
+        if not need_x:
+            return None, None, None, None, *_scatter(grads, need_small)
+        h, w = x.shape[-2:]
+        if grad_x is None:
+            grad_x = torch.zeros_like(x)
+        if grad_avg is not None:
+            grad_x.add_((grad_avg.to(FA.accumulation_dtype(x.dtype)) / (h * w)).to(x.dtype))
+        if grad_max is not None:
+            mask = torch.eq(x, mx, out=ctx.scratch.take(x))  # the last pass: the scratch is not given back
+            grad_x.addcmul_(mask, _amax_gradient(mask, (2, 3), grad_max))
+        return grad_x, None, None, None, *_scatter(grads, need_small)
+
+
+def _scatter(grads: list[Tensor | None], needed: tuple[bool, ...]) -> list[Tensor | None]:
+    """Gradients of the needed inputs, back in the places of all the inputs (``None`` elsewhere)."""
+    it = iter(grads)
+    return [next(it) if need else None for need in needed]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Heavy pass 2: mean and max over C of y = x * ca.
+
+
+# Below this many pixels per map, the max over C runs as a halving fold of elementwise maxima: PyTorch's
+# ``amax`` over C of an NCHW tensor with such short rows runs at scalar speed (four times slower at 7x7).
+FOLD_MAX_BELOW_PIXELS = 128
+
+
+def channel_max(y: Tensor) -> Tensor:
+    """``y.amax(dim=1, keepdim=True)``, exactly (a max has no rounding), fast for small maps too.
+
+    Shape:
+        - y: :math:`(B, C, H, W)`
+        - Output: :math:`(B, 1, H, W)`
+    """
+    c = y.shape[1]
+    if c < 4 or y.shape[2] * y.shape[3] >= FOLD_MAX_BELOW_PIXELS or not y.is_contiguous():
+        return y.amax(dim=1, keepdim=True)
+    half = c // 2
+    folded = torch.maximum(y[:, :half], y[:, half : 2 * half])
+    if c % 2:
+        torch.maximum(folded[:, :1], y[:, 2 * half :], out=folded[:, :1])
+    c = half
+    while c > 1:
+        half = c // 2
+        torch.maximum(folded[:, :half], folded[:, half : 2 * half], out=folded[:, :half])
+        if c % 2:
+            torch.maximum(folded[:, :1], folded[:, 2 * half : c], out=folded[:, :1])
+        c = half
+    return folded[:, :1]
+
+
+def _spatial_pool(x: Tensor, ca: Tensor) -> tuple[Tensor, Tensor]:
+    """``(s, y)`` with ``y = x * ca`` (a fresh tensor the caller may reuse) and ``s = [mean_c(y), max_c(y)]``."""
+    y = x * ca
+    acc = FA.accumulation_dtype(x.dtype)
+    if x.dtype == acc and (x.is_contiguous() or _is_channels_last(x)):
+        mean = sum_over_channels(x, ca) / x.shape[1]
+    else:
+        mean = y.mean(dim=1, keepdim=True, dtype=acc)
+    return torch.cat([mean, channel_max(y).to(acc)], dim=1), y
+
+
+class SpatialPool(torch.autograd.Function):
+    """``(s, y, x)`` with ``y = x * ca``, ``s = [mean_c(y), max_c(y)]``; saves ``x``, ``ca``, ``s``.
+
+    ``y`` is a non-differentiable buffer for :class:`ResidualBlend` to write the output into; backward
+    recomputes ``x * ca`` in the scratch tensor.
+
+    Shape:
+        - x: :math:`(B, C, H, W)`; ca: :math:`(B, C, 1, 1)` in ``x.dtype``
+        - Output: s :math:`(B, 2, H, W)` in :func:`~.functional.accumulation_dtype`; y :math:`(B, C, H, W)`;
+          ``x`` itself.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, ca: Tensor, scratch: Scratch) -> tuple[Tensor, Tensor, Tensor]:
+        s, y = _spatial_pool(x, ca)
+        ctx.save_for_backward(x, ca, s)
+        ctx.scratch = scratch
+        ctx.mark_non_differentiable(y)
+        ctx.set_materialize_grads(False)
+        return s, y, x
+
+    @staticmethod
+    def backward(ctx: Any, grad_s: Tensor | None, grad_y: Tensor | None, grad_x: Tensor | None) -> tuple:
+        x, ca, s = ctx.saved_tensors
+        scratch = ctx.scratch
+        need_x, need_ca = ctx.needs_input_grad[:2]
+        if grad_s is None or not (need_x or need_ca):
+            return grad_x, None, None
+        coef_mean = (grad_s[:, 0:1].to(FA.accumulation_dtype(x.dtype)) / x.shape[1]).to(x.dtype)
+        grad_ca = None
+        if torch.is_grad_enabled():
+            mask = torch.eq(x * ca, s[:, 1:2]).to(x.dtype)
+            grad_y = coef_mean + mask * _amax_gradient(mask, 1, grad_s[:, 1:2])
+            if need_x:
+                grad_x = grad_y * ca if grad_x is None else grad_x + grad_y * ca
+            if need_ca:
+                grad_ca = (grad_y * x).sum(dim=(2, 3), keepdim=True)
+            return grad_x, grad_ca, None
+        # grad_y = coef_mean + mask * coef_max, built over the recomputed x * ca
+        mask = torch.mul(x, ca, out=scratch.take(x))
+        torch.eq(mask, s[:, 1:2], out=mask)
+        grad_y = torch.addcmul(coef_mean, mask, _amax_gradient(mask, 1, grad_s[:, 1:2]), out=mask)
+        if need_x:
+            grad_x = grad_y * ca if grad_x is None else grad_x.addcmul_(grad_y, ca)
+        if need_ca:
+            grad_ca = grad_y.mul_(x).sum(dim=(2, 3), keepdim=True)
+        scratch.give(grad_y if need_x else None)
+        return grad_x, grad_ca, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Heavy pass 3: the blend out = x * ((1 - alpha) + alpha * ca * sa) = y * (alpha * sa) + (1 - alpha) * x.
+
+
+def _blend_into(y: Tensor, x: Tensor, sa: Tensor, alpha: Tensor | None) -> Tensor:
+    """Write the block's output into ``y`` (which holds ``x * ca``) and return it."""
+    if alpha is None:
+        return y.mul_(sa)
+    y.mul_(alpha * sa)
+    return y.addcmul_(x, 1 - alpha)
+
+
+class ResidualBlend(torch.autograd.Function):
+    """``out = x * ((1 - alpha) + alpha * ca * sa)`` (``alpha=None``: ``x * ca * sa``), saving small maps only.
+
+    ``y`` must hold ``x * ca`` (from :class:`SpatialPool`); the output is written into it.
+
+    Shape:
+        - x, y: :math:`(B, C, H, W)`; ca: :math:`(B, C, 1, 1)`; sa: :math:`(B, 1, H, W)`; alpha: 0-d or None
+        - Output: :math:`(B, C, H, W)`
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, ca: Tensor, sa: Tensor, alpha: Tensor | None, y: Tensor, scratch: Scratch
+    ) -> Tensor:
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, ca, sa, alpha)
+        ctx.scratch = scratch
+        return _blend_into(y, x, sa, alpha)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple:
+        x, ca, sa, alpha = ctx.saved_tensors
+        need_x, need_ca, need_sa, need_alpha = ctx.needs_input_grad[:4]
+        inplace = not torch.is_grad_enabled()
+        grad_x = grad_ca = grad_sa = grad_alpha = None
+        if need_ca or need_sa or need_alpha:
+            b, c = x.shape[:2]
+            t = torch.mul(grad_out, x, out=ctx.scratch.take(x)) if inplace else grad_out * x
+            if need_sa:
+                grad_sa = sum_over_channels(t, ca)
+                grad_sa = grad_sa if alpha is None else grad_sa * alpha
+            if need_ca or need_alpha:
+                maps = torch.cat([sa, torch.ones_like(sa)], dim=1) if need_alpha else sa
+                sums = sum_over_space(t, maps)  # (B, C, 1 or 2): sum_hw t * sa [, sum_hw t]
+                t_sa = sums[:, :, 0].reshape(b, c, 1, 1)
+                if need_ca:
+                    grad_ca = t_sa if alpha is None else t_sa * alpha
+                if need_alpha:
+                    grad_alpha = ((ca * t_sa).sum() - sums[:, :, 1].sum()).reshape(alpha.shape)
+            if inplace:
+                ctx.scratch.give(t)
+        if need_x:
+            grad_x = grad_out * ca
+            if alpha is None:
+                grad_x = grad_x.mul_(sa) if inplace else grad_x * sa
+            elif inplace:
+                grad_x.mul_(alpha * sa).addcmul_(grad_out, 1 - alpha)
+            else:
+                grad_x = grad_x * (alpha * sa) + grad_out * (1 - alpha)
+        return grad_x, grad_ca, grad_sa, grad_alpha, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Merged spatial branches.
+
+
+@functools.lru_cache(maxsize=64)
+def branch_plan(specs: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
+    """How the branches ``(kernel_size, dilation)`` run as few convolutions: ``(size, dilation, branches)``.
+
+    Branches that share a dilation are embedded, centred, in the largest of their kernels. Then a group of
+    dilation ``d_a`` is embedded in a group of dilation ``d_b`` dividing it (as a zero-interleaved kernel)
+    when the merged kernel has no more taps than the two apart, plus :data:`MERGE_SLACK_TAPS`. The default
+    branches (3, 7 and 7 dilated by 2) become two convolutions: one 7x7 kernel for (3, 7), and the 7x7
+    dilated kernel; one 13x13 kernel would cost 169 taps instead of 98.
+    """
+    groups: dict[int, tuple[int, list[int]]] = {}
+    for index, (size, dilation) in enumerate(specs):
+        best, members = groups.get(dilation, (0, []))
+        groups[dilation] = (max(best, size), [*members, index])
+    plan = [(size, dilation, members) for dilation, (size, members) in sorted(groups.items())]
+    merged = True
+    while merged:
+        merged = False
+        for i, j in ((i, j) for i in range(len(plan)) for j in range(len(plan)) if i != j):
+            size_a, dil_a, members_a = plan[i]
+            size_b, dil_b, members_b = plan[j]
+            if dil_a % dil_b:
+                continue
+            size = max(size_b, (size_a - 1) * (dil_a // dil_b) + 1)
+            if size * size <= size_a * size_a + size_b * size_b + MERGE_SLACK_TAPS:
+                plan[j] = (size, dil_b, sorted(members_a + members_b))
+                del plan[i]
+                merged = True
+                break
+    return tuple((size, dilation, tuple(members)) for size, dilation, members in plan)
+
+
+def _embed(weight: Tensor, dilation: int, size: int, grid: int) -> Tensor:
+    """Embed a kernel of the given dilation, centred, in a ``size x size`` kernel of dilation ``grid``."""
+    step = dilation // grid
+    if step == 1 and weight.shape[-1] == size:
+        return weight
+    span = (weight.shape[-1] - 1) * step + 1
+    offset = (size - span) // 2
+    out = weight.new_zeros(*weight.shape[:-2], size, size)
+    out[..., offset : offset + span : step, offset : offset + span : step] = weight
+    return out
+
+
+def _to_phases(t: Tensor, dilation: int) -> Tensor:
+    """``(B, C, H, W)`` to ``(1, B * d * d * C, H', W')``: the ``d x d`` phases of ``t`` (zero-padded to a multiple
+    of ``d``), one channel each, so a convolution dilated by ``d`` becomes an undilated one on every phase."""
+    b, c, h, w = t.shape
+    if dilation == 1:
+        return t.reshape(1, b * c, h, w)
+    d = dilation
+    ph, pw = -(-h // d), -(-w // d)
+    t = F.pad(t, (0, pw * d - w, 0, ph * d - h))
+    return t.view(b, c, ph, d, pw, d).permute(0, 3, 5, 1, 2, 4).reshape(1, b * d * d * c, ph, pw)
+
+
+def _from_phases(t: Tensor, dilation: int, shape: torch.Size) -> Tensor:
+    """The inverse of :func:`_to_phases` for ``shape = (B, C, H, W)``."""
+    b, c, h, w = shape
+    if dilation == 1:
+        return t.view(b, c, h, w)
+    d = dilation
+    ph, pw = t.shape[-2:]
+    t = t.view(b, d, d, c, ph, pw).permute(0, 3, 4, 1, 5, 2).reshape(b, c, ph * d, pw * d)
+    return t[:, :, :h, :w]
+
+
+def _phase_weight(weight: Tensor, dilation: int) -> Tensor:
+    """Per-sample kernels ``(B, C, k, k)`` as depthwise kernels ``(B * d * d * C, 1, k, k)`` for the phases."""
+    b, c, k, _ = weight.shape
+    d = dilation
+    return weight.view(b, 1, 1, c, k, k).expand(b, d, d, c, k, k).reshape(b * d * d * c, 1, k, k)
+
+
+class SampleConv(torch.autograd.Function):
+    """``out[b] = sum_c conv(s[b, c], weight[b, c])``: a 'same' convolution with a kernel per sample and channel.
+
+    Runs as one depthwise convolution (dilation by phases, see :func:`_to_phases`). The backward pass computes
+    the kernel gradient as a depthwise convolution of the padded input with the output gradient as kernel,
+    about ten times faster on CPU than the generic weight gradient for so few channels. Saves ``s`` and the
+    kernels only.
+
+    Shape:
+        - s: :math:`(B, C, H, W)`; weight: :math:`(B, C, k, k)` with odd ``k``
+        - Output: :math:`(B, 1, H, W)`
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, weight: Tensor, dilation: int) -> Tensor:
+        ctx.dilation = dilation
+        ctx.save_for_backward(s, weight)
+        phases = _to_phases(s, dilation)
+        out = F.conv2d(phases, _phase_weight(weight, dilation), padding=weight.shape[-1] // 2, groups=phases.shape[1])
+        ctx.compute_dtype = out.dtype  # lower than s.dtype under autocast; backward runs in it too
+        return _from_phases(out, dilation, s.shape).sum(dim=1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        s, weight = (t.to(ctx.compute_dtype) for t in ctx.saved_tensors)
+        grad = grad.to(ctx.compute_dtype)
+        d = ctx.dilation
+        b, c, h, w = s.shape
+        k = weight.shape[-1]
+        pad = k // 2
+        grad_phases = _to_phases(grad.expand(b, c, h, w), d)
+        n = grad_phases.shape[1]
+        grad_s = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            flipped = _phase_weight(weight, d).flip(-1, -2)
+            grad_s = _from_phases(F.conv2d(grad_phases, flipped, padding=pad, groups=n), d, s.shape)
+        if ctx.needs_input_grad[1]:
+            padded = F.pad(_to_phases(s, d), (pad, pad, pad, pad))
+            per_phase = F.conv2d(padded, grad_phases.transpose(0, 1), groups=n)  # (1, N, k, k)
+            grad_weight = per_phase.view(b, d * d, c, k, k).sum(dim=1)
+        return grad_s, grad_weight, None
+
+
+# Maps of at most this many pixels convolve as one matrix product with the kernels' Toeplitz matrices: a
+# depthwise convolution call costs more than the arithmetic on maps this small.
+TOEPLITZ_MAX_PIXELS = 49
+
+
+@functools.lru_cache(maxsize=32)
+def _toeplitz_index(height: int, width: int, size: int, dilation: int, device: torch.device) -> Tensor:
+    """Where each kernel tap lands in the convolution's matrix: ``index[p, q]`` is the tap (``c * k * k + a * k +
+    b``) that multiplies input ``q = (c, i', j')`` for output pixel ``p = (i, j)``, or ``2 * k * k`` (a zero)."""
+    with torch.inference_mode(False):  # a cached tensor must stay usable by autograd later
+        return _build_toeplitz_index(height, width, size, dilation).to(device)
+
+
+def _build_toeplitz_index(height: int, width: int, size: int, dilation: int) -> Tensor:
+    r = size // 2
+    i = torch.arange(height).view(height, 1, 1, 1)
+    j = torch.arange(width).view(1, width, 1, 1)
+    a = torch.arange(size).view(1, 1, size, 1)
+    b = torch.arange(size).view(1, 1, 1, size)
+    ii, jj = i + (a - r) * dilation, j + (b - r) * dilation
+    valid = (ii >= 0) & (ii < height) & (jj >= 0) & (jj < width)
+    full = (height, width, size, size)
+    p = (i * width + j).expand(full)[valid]
+    q = (ii * width + jj).expand(full)[valid]
+    tap = (a * size + b).expand(full)[valid]
+    pixels = height * width
+    index = torch.full((pixels, 2, pixels), 2 * size * size, dtype=torch.int32)
+    for c in range(2):
+        index[p, c, q] = (c * size * size + tap).to(torch.int32)
+    return index.view(pixels, 2 * pixels)
+
+
+def _toeplitz_matrix(weights: tuple[Tensor, ...], dilations: tuple[int, ...], height: int, width: int) -> Tensor:
+    """The stacked matrices ``(K * H * W, 2 * H * W)`` of the branches' 'same' convolutions on ``H x W`` maps."""
+    matrices = []
+    for weight, dilation in zip(weights, dilations, strict=True):
+        taps = torch.cat([weight.reshape(-1), weight.new_zeros(1)])
+        index = _toeplitz_index(height, width, int(weight.shape[-1]), int(dilation), weight.device)
+        matrices.append(taps[index])
+    return torch.stack(matrices).view(len(weights) * height * width, 2 * height * width)
+
+
+class ToeplitzConv(torch.autograd.Function):
+    """``sum_k r_k * conv_k(s)`` on small maps (no bias): every branch's 'same' convolution as one matrix
+    product with the stacked Toeplitz matrices of the kernels, mixed by the router weights. Saves ``s``, the
+    router weights and the kernels; backward rebuilds the matrices and the branch outputs.
+
+    Shape:
+        - s: :math:`(B, 2, H, W)`; router: :math:`(B, K)`; weights: ``(1, 2, k, k)`` each; all in one dtype
+        - Output: :math:`(B, 1, H, W)`
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, router: Tensor, dilations: tuple[int, ...], *weights: Tensor) -> Tensor:
+        b, c, h, w = s.shape
+        ctx.dilations = dilations
+        ctx.save_for_backward(s, router, *weights)
+        branches = torch.mm(s.reshape(b, c * h * w), _toeplitz_matrix(weights, dilations, h, w).t())
+        ctx.compute_dtype = branches.dtype  # lower than s.dtype under autocast; backward runs in it too
+        mixed = torch.bmm(router.to(branches.dtype).unsqueeze(1), branches.view(b, len(weights), h * w))
+        return mixed.view(b, 1, h, w)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        s, router, *weights = (t.to(ctx.compute_dtype) for t in ctx.saved_tensors)
+        b, c, h, w = s.shape
+        k_count = len(weights)
+        flat_s = s.reshape(b, c * h * w)
+        grad = grad.to(ctx.compute_dtype).reshape(b, 1, h * w)
+        matrix = _toeplitz_matrix(tuple(weights), ctx.dilations, h, w)
+        grad_router = None
+        if ctx.needs_input_grad[1]:
+            branches = torch.mm(flat_s, matrix.t()).view(b, k_count, h * w)
+            grad_router = torch.bmm(branches, grad.transpose(1, 2)).view(b, k_count)
+        grad_branches = (router.unsqueeze(2) * grad).view(b, k_count * h * w)
+        grad_s = torch.mm(grad_branches, matrix).view(b, c, h, w) if ctx.needs_input_grad[0] else None
+        grad_weights: list[Tensor | None] = [None] * k_count
+        if any(ctx.needs_input_grad[3:]):
+            grad_matrix = torch.mm(grad_branches.t(), flat_s).view(k_count, h * w, c * h * w)
+            for k, weight in enumerate(weights):
+                if ctx.needs_input_grad[3 + k]:
+                    size = int(weight.shape[-1])
+                    index = _toeplitz_index(h, w, size, int(ctx.dilations[k]), s.device).reshape(-1).long()
+                    taps = grad_matrix.new_zeros(c * size * size + 1).index_add(0, index, grad_matrix[k].reshape(-1))
+                    grad_weights[k] = taps[:-1].view(weight.shape)
+        return grad_s, grad_router, None, *grad_weights
+
+
+def _select(router: Tensor, members: tuple[int, ...]) -> Tensor:
+    if members == tuple(range(members[0], members[0] + len(members))):
+        return router[:, members[0] : members[0] + len(members)]
+    return router[:, list(members)]
+
+
+def routed_branch_logit(
+    s: Tensor,
+    branch_weights: list[Tensor],
+    branch_biases: list[Tensor],
+    dilations: list[int],
+    router: Tensor,
+) -> Tensor:
+    """``sum_k r_k * conv_k(s)`` as few convolutions, each with a per-sample kernel ``sum_k r_k * W_k``.
+
+    On CPU, maps of at most :data:`TOEPLITZ_MAX_PIXELS` pixels instead run every branch as one matrix product
+    (:class:`ToeplitzConv`) and mix the K results with the router weights.
+
+    Args:
+        s (Tensor): ``[mean_c, max_c]`` descriptors.
+        branch_weights (list[Tensor]): one ``(1, 2, k, k)`` kernel per branch.
+        branch_biases (list[Tensor]): one ``(1,)`` bias per branch.
+        dilations (list[int]): one dilation per branch.
+        router (Tensor): ``(B, K)`` branch weights.
+
+    Returns:
+        Tensor: the logit ``(B, 1, H, W)``.
+
+    Shape:
+        - s: :math:`(B, 2, H, W)`; router: :math:`(B, K)`
+        - Output: :math:`(B, 1, H, W)`
+    """
+    b, c, h, w = s.shape
+    router = router.to(s.dtype)
+    bias = torch.mv(router, torch.cat(branch_biases).to(s.dtype)).view(b, 1, 1, 1)
+    if h * w <= TOEPLITZ_MAX_PIXELS and s.device.type == "cpu":
+        weights = [weight.to(s.dtype) for weight in branch_weights]
+        return ToeplitzConv.apply(s, router, tuple(int(d) for d in dilations), *weights) + bias
+    specs = tuple((int(weight.shape[-1]), int(d)) for weight, d in zip(branch_weights, dilations, strict=True))
+    logit = None
+    for size, dilation, members in branch_plan(specs):
+        embedded = [_embed(branch_weights[k], dilations[k], size, dilation) for k in members]
+        kernels = (embedded[0] if len(embedded) == 1 else torch.cat(embedded)).to(s.dtype)
+        per_sample = torch.mm(_select(router, members), kernels.view(len(members), -1)).view(b, c, size, size)
+        out = SampleConv.apply(s, per_sample, dilation)
+        logit = out if logit is None else logit + out
+    return logit + bias
+
+
+def _flat_linear(z: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """A 1x1 convolution of ``(N, C_in, 1, 1)`` descriptors as the matrix product it is: ``(N, C_in) -> (N, C_out)``."""
+    return F.linear(z, weight.to(z.dtype).flatten(1), bias.to(z.dtype))
+
+
+def channel_map(
+    avg: Tensor,
+    mx: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    fusion_w: Tensor,
+    act: str,
+    gate: str,
+    temperature: Tensor | float,
+) -> Tensor:
+    """:func:`.functional.channel_attention_map` given the fusion weights, both descriptors through the MLP in
+    one batch.
+
+    The MLP's 1x1 convolutions on ``(B, C, 1, 1)`` descriptors run as the matrix products they are (a 1x1
+    convolution call costs several times more on CPU here); activation and gate are those of
+    :mod:`.functional`.
+
+    Shape:
+        - avg, mx: :math:`(B, C, 1, 1)`; fusion_w: :math:`(2,)`
+        - Output: ``ca`` :math:`(B, C, 1, 1)`
+    """
+    b, c = avg.shape[:2]
+    hidden = FA.activation(_flat_linear(torch.cat([avg, mx]).view(2 * b, c), fc1_weight, fc1_bias), act)
+    both = _flat_linear(hidden, fc2_weight, fc2_bias).view(2, b, c, 1, 1)
+    fusion_w = fusion_w.to(both.dtype)
+    return FA.apply_gate(fusion_w[0] * both[0] + fusion_w[1] * both[1], gate, temperature)
+
+
+def router_weights(s: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor) -> Tensor:
+    """:func:`.functional.router_weights` with its 1x1 convolutions as matrix products.
+
+    Shape:
+        - s: :math:`(B, 2, H, W)`
+        - Output: :math:`(B, K)`
+    """
+    hidden = F.relu(_flat_linear(s.mean(dim=(2, 3)), fc1_weight, fc1_bias))
+    return torch.softmax(_flat_linear(hidden, fc2_weight, fc2_bias), dim=1)
+
+
+def spatial_attention_map(sa_module: DynamicSpatialAttention, s: Tensor) -> tuple[Tensor, Tensor]:
+    """``sa_module.attention_map(s)``, with merged branches (:func:`routed_branch_logit`).
+
+    Shape:
+        - s: :math:`(B, 2, H, W)`
+        - Output: sa :math:`(B, 1, H, W)`, router_w :math:`(B, K)`
+    """
+    weights, biases, dilations = sa_module.branch_params()
+    params = sa_module.router_params()
+    if params is None:
+        router_w = torch.ones(s.shape[0], 1, device=s.device, dtype=s.dtype)
+    else:
+        router_w = router_weights(s, *params)
+    logit = routed_branch_logit(s, weights, biases, dilations, router_w)
+    return FA.apply_gate(logit, sa_module.gate, sa_module.effective_temperature()), router_w
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The block.
+
+
+def fast_path_applies(block: CBAMResidualDynamicSA, x: Tensor) -> bool:
+    """Whether the fast path can run the block on ``x``; otherwise the reference path does.
+
+    The reference runs under TorchScript scripting and tracing, ONNX export, ``torch.export`` and
+    ``torch.compile`` (which fuses the plain math itself), under functorch transforms (``vmap``,
+    ``torch.func``), for tensor subclasses, for empty inputs, and on every device but the CPU: on an H200 at the
+    benchmark's shapes the reference path was faster (1.7-1.8x timm's CBAM against 2.4-2.9x for this path,
+    whose many small kernels are launch-bound there; docs/BENCHMARKS.md), so CUDA runs the reference.
+    """
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    if torch.onnx.is_in_onnx_export():
+        return False
+    if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
+        return False
+    if x.device.type != "cpu" or x.numel() == 0:
+        return False
+    return not torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def _alpha_for_blend(block: CBAMResidualDynamicSA) -> Tensor | None:
+    """``None`` when the blend is the identity on ``x * ca * sa`` (no residual, or a fixed alpha of 1)."""
+    alpha = block.alpha
+    if alpha is None:
+        return None
+    if not alpha.requires_grad and alpha.device.type == "cpu" and float(alpha) == 1.0:
+        return None
+    return alpha
+
+
+def block_forward(block: CBAMResidualDynamicSA, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The block on ``x`` by the fast path: ``(out, ca, sa, fusion_w, router_w)``, equal to the reference.
+
+    Shape:
+        - x: :math:`(B, C, H, W)`
+        - out: :math:`(B, C, H, W)`; ca: :math:`(B, C, 1, 1)`; sa: :math:`(B, 1, H, W)`;
+          fusion_w: :math:`(2,)`; router_w: :math:`(B, K)`
+    """
+    alpha = _alpha_for_blend(block)
+    if alpha is not None:
+        alpha = alpha.to(x.dtype)
+    part = block.ca
+    fusion_w = FA.fusion_weights(part.fusion_logits, x.new_empty((), dtype=FA.accumulation_dtype(x.dtype)))
+    small = (*part.mlp_params(), fusion_w, part.effective_temperature())
+    if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters()))):
+        ca = channel_map(*FA.channel_pool(x), *small[:5], part.act, part.gate, small[5]).to(x.dtype)
+        s, y = _spatial_pool(x, ca)
+        sa, router_w = spatial_attention_map(block.sa, s)
+        sa = sa.to(x.dtype)
+        return _blend_into(y, x, sa, alpha), ca, sa, fusion_w.to(x.dtype), router_w.to(x.dtype)
+    scratch = Scratch()
+    ca, x_pass = ChannelAttention.apply(x, scratch, part.act, part.gate, *small)
+    s, y, x_pass = SpatialPool.apply(x_pass, ca, scratch)
+    sa, router_w = spatial_attention_map(block.sa, s)
+    sa = sa.to(x.dtype)
+    out = ResidualBlend.apply(x_pass, ca, sa, alpha, y, scratch)
+    return out, ca, sa, fusion_w.to(x.dtype), router_w.to(x.dtype)
