@@ -315,3 +315,11 @@ def test_property_block_matches_reference_and_identity(
     assert ((ca >= 0) & (ca <= 1)).all() and ((sa >= 0) & (sa <= 1)).all()
     assert router_w.shape == (batch, len(kernels) + use_dilated)
     torch.testing.assert_close(router_w.sum(1), torch.ones(batch, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("config", [{}, {"ca_fusion": "sum", "residual": False, "sa_kernels": (5,)}])
+def test_gradcheck_float64_reference_path_full_jacobian(config):
+    block = randomize(CBAMResidualDynamicSA(4, min_hidden=2, **config)).double()
+    block._fast_path = False  # the plain path, checked with the full Jacobian (cheap here)
+    x = torch.randn(2, 4, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(block, (x,), eps=1e-6, atol=1e-5)
