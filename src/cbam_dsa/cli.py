@@ -27,19 +27,8 @@ class UserError(Exception):
     """A mistake in the user's options or files: reported as one line, exit code 2."""
 
 
-def _available_commands() -> dict[str, object]:
-    modules = {}
-    for name, module_name in COMMANDS.items():
-        try:
-            modules[name] = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:  # a subcommand whose module is not part of this build
-            if error.name is None or not module_name.startswith(error.name):
-                raise
-    return modules
-
-
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
-    """The argument parser with every available subcommand, and the modules behind them."""
+    """The argument parser with every subcommand, and the modules behind them."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -48,7 +37,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     )
     parser.add_argument("--version", action="version", version=f"cbam-dsa {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    modules = _available_commands()
+    modules = {name: importlib.import_module(module_name) for name, module_name in COMMANDS.items()}
     for name, module in modules.items():
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
