@@ -363,31 +363,6 @@ def test_compile_fullgraph_training_equals_eager():
 # The pieces.
 
 
-@pytest.mark.parametrize(
-    ("specs", "expected"),
-    [
-        (((3, 1), (7, 1), (7, 2)), ((7, 1, (0, 1)), (7, 2, (2,)))),  # the default: a 13x13 kernel would cost more
-        (((3, 1), (5, 1), (7, 1)), ((7, 1, (0, 1, 2)),)),
-        (((1, 1), (3, 2)), ((5, 1, (0, 1)),)),  # a small dilated kernel joins the plain one
-        (((7, 3),), ((7, 3, (0,)),)),
-    ],
-)
-def test_branch_plan(specs, expected):
-    assert _fast.branch_plan(specs) == expected
-
-
-@pytest.mark.parametrize("dilation", [1, 2, 3])
-@pytest.mark.parametrize("size", [(5, 5), (4, 7), (1, 3)])
-def test_sample_conv_matches_grouped_convolution_and_gradcheck(dilation, size):
-    s = torch.randn(2, 2, *size, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
-    expected = torch.nn.functional.conv2d(
-        s.reshape(1, 4, *size), weight, padding=dilation, dilation=dilation, groups=2
-    ).view(2, 1, *size)
-    torch.testing.assert_close(_fast.SampleConv.apply(s, weight, dilation), expected)
-    assert torch.autograd.gradcheck(lambda a, b: _fast.SampleConv.apply(a, b, dilation), (s, weight))
-
-
 @pytest.mark.parametrize("shape", [(2, 5, 3, 3), (3, 64, 7, 7), (2, 37, 5, 3), (1, 1, 2, 2), (2, 513, 4, 4)])
 def test_channel_max_is_amax(shape):
     y = torch.randn(shape)

@@ -1,4 +1,4 @@
-"""The fast path of CBAMResidualDynamicSA: hand-written backward for the full-size passes, merged branch convs.
+"""The fast path of CBAMResidualDynamicSA: fused kernels or hand-written backward for the full-size passes.
 
 The block's work splits into a few passes over the full ``(B, C, H, W)`` tensor and light work on small tensors.
 Each heavy pass is a :class:`torch.autograd.Function` that keeps only the input and small tensors for backward
@@ -7,21 +7,27 @@ and recomputes the rest there:
 * :class:`ChannelAttention`: pooling over H, W and the channel map ``ca``; its backward recomputes the
   descriptors and the MLP (as activation checkpointing does) and splits the max gradient among ties.
 * :class:`SpatialPool`: ``s = [mean_c(x * ca), max_c(x * ca)]``; backward recomputes ``x * ca``.
-* :class:`ResidualBlend`: ``out = x * ((1 - alpha) + alpha * ca * sa)``, written into the buffer that held
-  ``x * ca``: the forward pass allocates one full-size tensor in all, the backward pass two (the gradient
-  and one :class:`Scratch` tensor that the three passes hand on to each other).
+* :class:`ResidualBlend`: ``out = x * ((1 - alpha) + alpha * ca * sa)``.
+
+Each pass runs in one of two ways, with the same results (tested):
+
+* On the fused C kernels (:mod:`._native`) for contiguous float32/float64 inputs where a C compiler is found:
+  one read of ``x`` per pooling, one read and one write for the output, and in backward two reductions over
+  ``(grad, x)`` plus one pass that writes the whole gradient of ``x`` (the blend and the spatial pool defer their
+  terms to it through the :class:`Scratch`).
+* Otherwise in PyTorch operations: ``x * ca`` is formed once and the output written into it; the backward
+  passes add their terms into one gradient tensor in place and share one :class:`Scratch` tensor.
 
 The light networks are the math of :mod:`.functional` (activation, fusion weights, gates); the 1x1
 convolutions of the channel MLP and of the router run as the matrix products they are. The K spatial branches
-are merged (:func:`branch_plan`, :func:`routed_branch_logit`): kernels of one dilation share one footprint,
-each merged group is one depthwise convolution with a per-sample kernel mixed by the router (dilated groups on
-the phases of the maps, :class:`SampleConv`), and maps of a few pixels use one matrix product instead
-(:class:`ToeplitzConv`).
+run as one convolution (:func:`routed_branch_logit`): over the merged taps of all branches on the C kernels
+(:mod:`._tapconv`), else as one matrix product on maps of a few pixels (:class:`ToeplitzConv`) or one FFT
+convolution (:mod:`._fftconv`).
 
 The max gradients follow ``torch.amax``: a gradient is split evenly among tied maxima (inputs after a ReLU have
 many ties). Pooling accumulates in at least float32. :func:`fast_path_applies` says where the fast path runs;
 everywhere else the block runs its reference path. Everything here is tested equal to the reference, outputs
-and gradients (``tests/test_fast.py``).
+and gradients (``tests/test_fast.py``, ``tests/test_native.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _fftconv, _native, _tapconv
 from . import functional as FA
 
 if TYPE_CHECKING:
@@ -44,16 +51,11 @@ __all__ = [
     "ResidualBlend",
     "SpatialPool",
     "block_forward",
-    "branch_plan",
     "channel_map",
     "fast_path_applies",
     "routed_branch_logit",
     "spatial_attention_map",
 ]
-
-# A merge of two branch groups may add at most this many taps: one convolution call costs about as much as
-# this many extra taps per output pixel on small maps, so merging then still saves time.
-MERGE_SLACK_TAPS = 16
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -99,18 +101,29 @@ def sum_over_space(t: Tensor, maps: Tensor) -> Tensor:
     return torch.einsum("bchw,bjhw->bcj", t, maps.view(b, j, h, w))
 
 
-class Scratch:
-    """A full-size scratch tensor handed from one backward pass of a block to the next.
+def _graph_task() -> int | None:
+    """The running backward pass's id (``None`` outside one, or on a PyTorch without the query)."""
+    query = getattr(torch._C, "_current_graph_task_id", None)
+    return None if query is None else int(query())
 
-    The three heavy backward passes of a block run one after the other (blend, spatial pool, channel pool) and
-    each needs one full-size temporary: sharing it saves two allocations, whose page faults cost more on CPU
-    than the arithmetic. A pass ``take``s the tensor (or a fresh one), and ``give``s it back when done.
+
+class Scratch:
+    """What one backward pass of a block hands from one heavy pass to the next (blend, spatial pool, channel pool).
+
+    * ``tensor``: a full-size scratch tensor. Each PyTorch backward pass needs one full-size temporary: sharing it
+      saves two allocations, whose page faults cost more on CPU than the arithmetic. A pass ``take``s the tensor
+      (or a fresh one), and ``give``s it back when done.
+    * Deferred terms of the input's gradient (fused kernels): the blend and the spatial pool leave their terms of
+      the gradient of ``x`` to the channel pool, which writes all of them in one pass (:func:`_native.Kernels.grad_x`).
+      ``defer`` records them with the id of the running backward pass and ``claim`` hands them over only within
+      that same pass, so a partial backward pass never leaks terms into a later one.
     """
 
-    __slots__ = ("tensor",)
+    __slots__ = ("deferred", "tensor")
 
     def __init__(self) -> None:
         self.tensor: Tensor | None = None
+        self.deferred: dict[str, tuple[int | None, Any]] = {}
 
     def take(self, like: Tensor) -> Tensor:
         """The scratch tensor if it matches ``like`` (shape, dtype, strides, device), else a fresh one."""
@@ -125,6 +138,20 @@ class Scratch:
         """Hand ``tensor`` on to the next pass (``None`` releases it)."""
         self.tensor = tensor
 
+    def defer(self, name: str, terms: Any) -> None:
+        """Leave the terms ``name`` of the input's gradient to a later pass of this backward pass."""
+        self.deferred[name] = (_graph_task(), terms)
+
+    def claim(self, name: str) -> Any:
+        """The terms ``name`` deferred in this backward pass, or ``None``."""
+        task, terms = self.deferred.pop(name, (None, None))
+        return terms if terms is not None and task == _graph_task() else None
+
+
+def _fused_backward(x: Tensor) -> bool:
+    """Whether a first-order backward pass over ``x`` runs on the fused kernels (deferring terms of its gradient)."""
+    return not torch.is_grad_enabled() and _graph_task() is not None and _native.supports(x)
+
 
 def _amax_gradient(mask: Tensor, dim: int | tuple[int, int], grad_max: Tensor) -> Tensor:
     """``grad_max / count`` with ``count`` the number of tied maxima along ``dim`` (``torch.amax``'s rule).
@@ -134,6 +161,17 @@ def _amax_gradient(mask: Tensor, dim: int | tuple[int, int], grad_max: Tensor) -
     """
     acc = FA.accumulation_dtype(mask.dtype)
     return (grad_max.to(acc) / mask.sum(dim=dim, keepdim=True, dtype=acc)).to(mask.dtype)
+
+
+def channel_pool(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`.functional.channel_pool`, by the fused kernel (one pass) where it runs.
+
+    Shape:
+        - x: :math:`(B, C, H, W)`
+        - Output: mean and max, :math:`(B, C, 1, 1)` each
+    """
+    kernels = _native.kernels() if _native.supports(x) else None
+    return kernels.pool_hw(x) if kernels is not None else FA.channel_pool(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,7 +210,7 @@ class ChannelAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, scratch: Scratch, act: str, gate: str, *small: Tensor) -> Any:
-        avg, mx = FA.channel_pool(x)
+        avg, mx = channel_pool(x)
         ca = channel_map(avg, mx, *small[:5], act, gate, small[5]).to(x.dtype)
         keep_avg = x.shape[2] * x.shape[3] >= KEEP_MEAN_FROM_PIXELS
         ctx.save_for_backward(x, *small, mx, *((avg,) if keep_avg else ()))
@@ -215,6 +253,19 @@ class ChannelAttention(torch.autograd.Function):
         if not need_x:
             return None, None, None, None, *_scatter(grads, need_small)
         h, w = x.shape[-2:]
+        if _fused_backward(x):
+            pool_hw = None
+            if grad_avg is not None:
+                grad_max = torch.zeros_like(mx) if grad_max is None else grad_max
+                pool_hw = ((grad_avg / (h * w)).to(x.dtype), grad_max.to(x.dtype), mx.to(x.dtype))
+            blend, pool_c = ctx.scratch.claim("blend"), ctx.scratch.claim("pool_c")
+            if blend is None and pool_c is None and pool_hw is None:
+                return grad_x, None, None, None, *_scatter(grads, need_small)
+            ca = blend[0] if blend is not None else pool_c[0] if pool_c is not None else None
+            grad_x = _native.kernels().grad_x(
+                x, ca, blend and blend[1:], pool_c and pool_c[1:], pool_hw, grad_x
+            )  # fmt: skip
+            return grad_x, None, None, None, *_scatter(grads, need_small)
         if grad_x is None:
             grad_x = torch.zeros_like(x)
         if grad_avg is not None:
@@ -264,8 +315,11 @@ def channel_max(y: Tensor) -> Tensor:
     return folded[:, :1]
 
 
-def _spatial_pool(x: Tensor, ca: Tensor) -> tuple[Tensor, Tensor]:
-    """``(s, y)`` with ``y = x * ca`` (a fresh tensor the caller may reuse) and ``s = [mean_c(y), max_c(y)]``."""
+def _spatial_pool(x: Tensor, ca: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(s, y)`` with ``s = [mean_c(y), max_c(y)]`` and ``y = x * ca`` (a fresh tensor the caller may reuse), or
+    ``y = None`` where the fused kernel computes ``s`` without forming ``y``."""
+    if _native.supports(x):
+        return _native.kernels().pool_c(x, ca), None
     y = x * ca
     acc = FA.accumulation_dtype(x.dtype)
     if x.dtype == acc and (x.is_contiguous() or _is_channels_last(x)):
@@ -292,7 +346,8 @@ class SpatialPool(torch.autograd.Function):
         s, y = _spatial_pool(x, ca)
         ctx.save_for_backward(x, ca, s)
         ctx.scratch = scratch
-        ctx.mark_non_differentiable(y)
+        if y is not None:
+            ctx.mark_non_differentiable(y)
         ctx.set_materialize_grads(False)
         return s, y, x
 
@@ -313,6 +368,15 @@ class SpatialPool(torch.autograd.Function):
             if need_ca:
                 grad_ca = (grad_y * x).sum(dim=(2, 3), keepdim=True)
             return grad_x, grad_ca, None
+        if _fused_backward(x):
+            smax = s[:, 1:2].to(x.dtype)
+            coef_max, grad_ca = _native.kernels().pool_c_grad(x, ca, smax, coef_mean, grad_s[:, 1:2].to(x.dtype))
+            grad_ca = grad_ca if need_ca else None
+            if need_x and grad_x is not None:  # a later pass did not defer its term: this one is not deferred either
+                grad_x = _native.kernels().grad_x(x, ca, None, (coef_mean, coef_max, smax), None, grad_x)
+            elif need_x:
+                scratch.defer("pool_c", (ca, coef_mean, coef_max, smax))
+            return grad_x, grad_ca, None
         # grad_y = coef_mean + mask * coef_max, built over the recomputed x * ca
         mask = torch.mul(x, ca, out=scratch.take(x))
         torch.eq(mask, s[:, 1:2], out=mask)
@@ -329,8 +393,11 @@ class SpatialPool(torch.autograd.Function):
 # Heavy pass 3: the blend out = x * ((1 - alpha) + alpha * ca * sa) = y * (alpha * sa) + (1 - alpha) * x.
 
 
-def _blend_into(y: Tensor, x: Tensor, sa: Tensor, alpha: Tensor | None) -> Tensor:
-    """Write the block's output into ``y`` (which holds ``x * ca``) and return it."""
+def _blend_into(y: Tensor | None, x: Tensor, ca: Tensor, sa: Tensor, alpha: Tensor | None) -> Tensor:
+    """Write the block's output into ``y`` (which holds ``x * ca``) and return it; ``y = None``: the fused kernel
+    writes it into a fresh tensor."""
+    if y is None:
+        return _native.kernels().blend(x, ca, sa, None if alpha is None else float(alpha))
     if alpha is None:
         return y.mul_(sa)
     y.mul_(alpha * sa)
@@ -349,12 +416,13 @@ class ResidualBlend(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, ca: Tensor, sa: Tensor, alpha: Tensor | None, y: Tensor, scratch: Scratch
+        ctx: Any, x: Tensor, ca: Tensor, sa: Tensor, alpha: Tensor | None, y: Tensor | None, scratch: Scratch
     ) -> Tensor:
-        ctx.mark_dirty(y)
+        if y is not None:
+            ctx.mark_dirty(y)
         ctx.save_for_backward(x, ca, sa, alpha)
         ctx.scratch = scratch
-        return _blend_into(y, x, sa, alpha)
+        return _blend_into(y, x, ca, sa, alpha)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple:
@@ -362,6 +430,8 @@ class ResidualBlend(torch.autograd.Function):
         need_x, need_ca, need_sa, need_alpha = ctx.needs_input_grad[:4]
         inplace = not torch.is_grad_enabled()
         grad_x = grad_ca = grad_sa = grad_alpha = None
+        if _fused_backward(x):
+            return _fused_blend_backward(ctx, grad_out.contiguous(), x, ca, sa, alpha)
         if need_ca or need_sa or need_alpha:
             b, c = x.shape[:2]
             t = torch.mul(grad_out, x, out=ctx.scratch.take(x)) if inplace else grad_out * x
@@ -389,125 +459,26 @@ class ResidualBlend(torch.autograd.Function):
         return grad_x, grad_ca, grad_sa, grad_alpha, None, None
 
 
+def _fused_blend_backward(ctx: Any, g: Tensor, x: Tensor, ca: Tensor, sa: Tensor, alpha: Tensor | None) -> tuple:
+    """:meth:`ResidualBlend.backward` by the fused kernels: one pass for the reductions; the term of ``x``'s
+    gradient is deferred to the channel pool's pass (:class:`Scratch`)."""
+    need_x, need_ca, need_sa, need_alpha = ctx.needs_input_grad[:4]
+    grad_ca = grad_sa = grad_alpha = None
+    if need_ca or need_sa or need_alpha:
+        by_ca, by_sa, *plain = _native.kernels().blend_grad(g, x, ca, sa, need_alpha)
+        if need_sa:
+            grad_sa = by_ca if alpha is None else by_ca * alpha
+        if need_ca:
+            grad_ca = by_sa if alpha is None else by_sa * alpha
+        if need_alpha:
+            grad_alpha = ((ca * by_sa).sum() - plain[0].sum()).reshape(alpha.shape)
+    if need_x:
+        ctx.scratch.defer("blend", (ca, g, sa, None if alpha is None else float(alpha)))
+    return None, grad_ca, grad_sa, grad_alpha, None, None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Merged spatial branches.
-
-
-@functools.lru_cache(maxsize=64)
-def branch_plan(specs: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
-    """How the branches ``(kernel_size, dilation)`` run as few convolutions: ``(size, dilation, branches)``.
-
-    Branches that share a dilation are embedded, centred, in the largest of their kernels. Then a group of
-    dilation ``d_a`` is embedded in a group of dilation ``d_b`` dividing it (as a zero-interleaved kernel)
-    when the merged kernel has no more taps than the two apart, plus :data:`MERGE_SLACK_TAPS`. The default
-    branches (3, 7 and 7 dilated by 2) become two convolutions: one 7x7 kernel for (3, 7), and the 7x7
-    dilated kernel; one 13x13 kernel would cost 169 taps instead of 98.
-    """
-    groups: dict[int, tuple[int, list[int]]] = {}
-    for index, (size, dilation) in enumerate(specs):
-        best, members = groups.get(dilation, (0, []))
-        groups[dilation] = (max(best, size), [*members, index])
-    plan = [(size, dilation, members) for dilation, (size, members) in sorted(groups.items())]
-    merged = True
-    while merged:
-        merged = False
-        for i, j in ((i, j) for i in range(len(plan)) for j in range(len(plan)) if i != j):
-            size_a, dil_a, members_a = plan[i]
-            size_b, dil_b, members_b = plan[j]
-            if dil_a % dil_b:
-                continue
-            size = max(size_b, (size_a - 1) * (dil_a // dil_b) + 1)
-            if size * size <= size_a * size_a + size_b * size_b + MERGE_SLACK_TAPS:
-                plan[j] = (size, dil_b, sorted(members_a + members_b))
-                del plan[i]
-                merged = True
-                break
-    return tuple((size, dilation, tuple(members)) for size, dilation, members in plan)
-
-
-def _embed(weight: Tensor, dilation: int, size: int, grid: int) -> Tensor:
-    """Embed a kernel of the given dilation, centred, in a ``size x size`` kernel of dilation ``grid``."""
-    step = dilation // grid
-    if step == 1 and weight.shape[-1] == size:
-        return weight
-    span = (weight.shape[-1] - 1) * step + 1
-    offset = (size - span) // 2
-    out = weight.new_zeros(*weight.shape[:-2], size, size)
-    out[..., offset : offset + span : step, offset : offset + span : step] = weight
-    return out
-
-
-def _to_phases(t: Tensor, dilation: int) -> Tensor:
-    """``(B, C, H, W)`` to ``(1, B * d * d * C, H', W')``: the ``d x d`` phases of ``t`` (zero-padded to a multiple
-    of ``d``), one channel each, so a convolution dilated by ``d`` becomes an undilated one on every phase."""
-    b, c, h, w = t.shape
-    if dilation == 1:
-        return t.reshape(1, b * c, h, w)
-    d = dilation
-    ph, pw = -(-h // d), -(-w // d)
-    t = F.pad(t, (0, pw * d - w, 0, ph * d - h))
-    return t.view(b, c, ph, d, pw, d).permute(0, 3, 5, 1, 2, 4).reshape(1, b * d * d * c, ph, pw)
-
-
-def _from_phases(t: Tensor, dilation: int, shape: torch.Size) -> Tensor:
-    """The inverse of :func:`_to_phases` for ``shape = (B, C, H, W)``."""
-    b, c, h, w = shape
-    if dilation == 1:
-        return t.view(b, c, h, w)
-    d = dilation
-    ph, pw = t.shape[-2:]
-    t = t.view(b, d, d, c, ph, pw).permute(0, 3, 4, 1, 5, 2).reshape(b, c, ph * d, pw * d)
-    return t[:, :, :h, :w]
-
-
-def _phase_weight(weight: Tensor, dilation: int) -> Tensor:
-    """Per-sample kernels ``(B, C, k, k)`` as depthwise kernels ``(B * d * d * C, 1, k, k)`` for the phases."""
-    b, c, k, _ = weight.shape
-    d = dilation
-    return weight.view(b, 1, 1, c, k, k).expand(b, d, d, c, k, k).reshape(b * d * d * c, 1, k, k)
-
-
-class SampleConv(torch.autograd.Function):
-    """``out[b] = sum_c conv(s[b, c], weight[b, c])``: a 'same' convolution with a kernel per sample and channel.
-
-    Runs as one depthwise convolution (dilation by phases, see :func:`_to_phases`). The backward pass computes
-    the kernel gradient as a depthwise convolution of the padded input with the output gradient as kernel,
-    about ten times faster on CPU than the generic weight gradient for so few channels. Saves ``s`` and the
-    kernels only.
-
-    Shape:
-        - s: :math:`(B, C, H, W)`; weight: :math:`(B, C, k, k)` with odd ``k``
-        - Output: :math:`(B, 1, H, W)`
-    """
-
-    @staticmethod
-    def forward(ctx: Any, s: Tensor, weight: Tensor, dilation: int) -> Tensor:
-        ctx.dilation = dilation
-        ctx.save_for_backward(s, weight)
-        phases = _to_phases(s, dilation)
-        out = F.conv2d(phases, _phase_weight(weight, dilation), padding=weight.shape[-1] // 2, groups=phases.shape[1])
-        ctx.compute_dtype = out.dtype  # lower than s.dtype under autocast; backward runs in it too
-        return _from_phases(out, dilation, s.shape).sum(dim=1, keepdim=True)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        s, weight = (t.to(ctx.compute_dtype) for t in ctx.saved_tensors)
-        grad = grad.to(ctx.compute_dtype)
-        d = ctx.dilation
-        b, c, h, w = s.shape
-        k = weight.shape[-1]
-        pad = k // 2
-        grad_phases = _to_phases(grad.expand(b, c, h, w), d)
-        n = grad_phases.shape[1]
-        grad_s = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            flipped = _phase_weight(weight, d).flip(-1, -2)
-            grad_s = _from_phases(F.conv2d(grad_phases, flipped, padding=pad, groups=n), d, s.shape)
-        if ctx.needs_input_grad[1]:
-            padded = F.pad(_to_phases(s, d), (pad, pad, pad, pad))
-            per_phase = F.conv2d(padded, grad_phases.transpose(0, 1), groups=n)  # (1, N, k, k)
-            grad_weight = per_phase.view(b, d * d, c, k, k).sum(dim=1)
-        return grad_s, grad_weight, None
 
 
 # Maps of at most this many pixels convolve as one matrix product with the kernels' Toeplitz matrices: a
@@ -598,12 +569,6 @@ class ToeplitzConv(torch.autograd.Function):
         return grad_s, grad_router, None, *grad_weights
 
 
-def _select(router: Tensor, members: tuple[int, ...]) -> Tensor:
-    if members == tuple(range(members[0], members[0] + len(members))):
-        return router[:, members[0] : members[0] + len(members)]
-    return router[:, list(members)]
-
-
 def routed_branch_logit(
     s: Tensor,
     branch_weights: list[Tensor],
@@ -611,10 +576,14 @@ def routed_branch_logit(
     dilations: list[int],
     router: Tensor,
 ) -> Tensor:
-    """``sum_k r_k * conv_k(s)`` as few convolutions, each with a per-sample kernel ``sum_k r_k * W_k``.
+    """``sum_k r_k * (conv_k(s) + bias_k)``, every branch in one pass (the fast path runs on the CPU only).
 
-    On CPU, maps of at most :data:`TOEPLITZ_MAX_PIXELS` pixels instead run every branch as one matrix product
-    (:class:`ToeplitzConv`) and mix the K results with the router weights.
+    * Where the fused kernels run (:func:`._native.supports`): one convolution over the merged taps of all
+      branches with a weight per sample and tap (:func:`._tapconv.tap_branch_logit`).
+    * Else maps of at most :data:`TOEPLITZ_MAX_PIXELS` pixels: one matrix product with the kernels' Toeplitz
+      matrices (:class:`ToeplitzConv`), mixed by the router.
+    * Else one FFT convolution with the per-sample kernel ``sum_k r_k * W_k``, every branch embedded at dilation 1
+      (:func:`._fftconv.fft_branch_logit`).
 
     Args:
         s (Tensor): ``[mean_c, max_c]`` descriptors.
@@ -630,21 +599,15 @@ def routed_branch_logit(
         - s: :math:`(B, 2, H, W)`; router: :math:`(B, K)`
         - Output: :math:`(B, 1, H, W)`
     """
-    b, c, h, w = s.shape
+    if _native.supports(s):
+        return _tapconv.tap_branch_logit(s, branch_weights, branch_biases, dilations, router)
+    h, w = s.shape[-2:]
+    if h * w > TOEPLITZ_MAX_PIXELS:
+        return _fftconv.fft_branch_logit(s, branch_weights, branch_biases, dilations, router)
     router = router.to(s.dtype)
-    bias = torch.mv(router, torch.cat(branch_biases).to(s.dtype)).view(b, 1, 1, 1)
-    if h * w <= TOEPLITZ_MAX_PIXELS and s.device.type == "cpu":
-        weights = [weight.to(s.dtype) for weight in branch_weights]
-        return ToeplitzConv.apply(s, router, tuple(int(d) for d in dilations), *weights) + bias
-    specs = tuple((int(weight.shape[-1]), int(d)) for weight, d in zip(branch_weights, dilations, strict=True))
-    logit = None
-    for size, dilation, members in branch_plan(specs):
-        embedded = [_embed(branch_weights[k], dilations[k], size, dilation) for k in members]
-        kernels = (embedded[0] if len(embedded) == 1 else torch.cat(embedded)).to(s.dtype)
-        per_sample = torch.mm(_select(router, members), kernels.view(len(members), -1)).view(b, c, size, size)
-        out = SampleConv.apply(s, per_sample, dilation)
-        logit = out if logit is None else logit + out
-    return logit + bias
+    bias = torch.mv(router, torch.cat(branch_biases).to(s.dtype)).view(s.shape[0], 1, 1, 1)
+    weights = [weight.to(s.dtype) for weight in branch_weights]
+    return ToeplitzConv.apply(s, router, tuple(int(d) for d in dilations), *weights) + bias
 
 
 def _flat_linear(z: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -759,11 +722,11 @@ def block_forward(block: CBAMResidualDynamicSA, x: Tensor) -> tuple[Tensor, Tens
     fusion_w = FA.fusion_weights(part.fusion_logits, x.new_empty((), dtype=FA.accumulation_dtype(x.dtype)))
     small = (*part.mlp_params(), fusion_w, part.effective_temperature())
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters()))):
-        ca = channel_map(*FA.channel_pool(x), *small[:5], part.act, part.gate, small[5]).to(x.dtype)
+        ca = channel_map(*channel_pool(x), *small[:5], part.act, part.gate, small[5]).to(x.dtype)
         s, y = _spatial_pool(x, ca)
         sa, router_w = spatial_attention_map(block.sa, s)
         sa = sa.to(x.dtype)
-        return _blend_into(y, x, sa, alpha), ca, sa, fusion_w.to(x.dtype), router_w.to(x.dtype)
+        return _blend_into(y, x, ca, sa, alpha), ca, sa, fusion_w.to(x.dtype), router_w.to(x.dtype)
     scratch = Scratch()
     ca, x_pass = ChannelAttention.apply(x, scratch, part.act, part.gate, *small)
     s, y, x_pass = SpatialPool.apply(x_pass, ca, scratch)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _native
 from .block import CBAMResidualDynamicSA
 
 __all__ = [
@@ -394,6 +395,7 @@ def machine_info(settings: Settings) -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "fused_kernels": settings.device == "cpu" and _native.kernels() is not None,
     }
     with contextlib.suppress(ImportError):
         import timm
@@ -545,6 +547,12 @@ def _markdown_section(results: dict[str, Any]) -> str:
         f"Measured {machine['date']} with `{command}`: {settings['rounds']} interleaved rounds, "
         f"{machine['cpu_count']} CPUs, {versions}, {machine['platform']}.",
     ]
+    if settings["device"] == "cpu" and "fused_kernels" in machine:
+        parts[-1] += (
+            " The fast path ran on the fused C kernels."
+            if machine["fused_kernels"]
+            else " The fast path ran without the fused C kernels (PyTorch operations only)."
+        )
     targets = render_targets(results)
     if targets:
         parts += ["", targets]

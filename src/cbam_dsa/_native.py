@@ -1,0 +1,311 @@
+"""Fused CPU kernels for the block's heavy passes: compiled from ``_kernels.c`` on first use, loaded with ctypes.
+
+PyTorch runs each heavy pass of the block as several kernels, each a full pass over memory (a product, then a
+mean, then a max). The C kernels fuse them: one read of the input per pooling, one read and one write for the
+output. They are compiled once per machine with the system C compiler (``$CC``, else ``cc``; OpenMP, ``-O3
+-march=native``) into a cache folder (``$CBAM_DSA_CACHE``, else ``~/.cache/cbam_dsa``), keyed by the source, the
+compiler and the CPU, and loaded with :mod:`ctypes`; OpenMP is the one PyTorch already loaded, so both share one
+thread pool. Where no compiler works, or with ``CBAM_DSA_NATIVE=0`` in the environment, :func:`kernels` returns
+``None`` and the block's fast path runs its PyTorch version instead: the results agree either way (tested).
+
+The kernels take contiguous float32 or float64 NCHW tensors on the CPU (:func:`supports`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["Kernels", "enabled", "kernels", "supports"]
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("_kernels.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11")
+_SUFFIXES = {torch.float32: ("f32", "float"), torch.float64: ("f64", "double")}
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def enabled() -> bool:
+    """Whether the kernels may be used: ``CBAM_DSA_NATIVE`` is not ``0`` (read at each call)."""
+    return os.environ.get("CBAM_DSA_NATIVE", "1") != "0"
+
+
+def supports(x: Tensor) -> bool:
+    """Whether the kernels can run on ``x``: a contiguous float32/float64 tensor on the CPU, and they are loaded."""
+    return x.dtype in _SUFFIXES and x.device.type == "cpu" and x.is_contiguous() and kernels() is not None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("CBAM_DSA_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cbam_dsa"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Compile the source once per scalar type into one shared library at ``target`` (atomically)."""
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        objects = []
+        for suffix, scalar in _SUFFIXES.values():
+            obj = Path(tmp) / f"kernels_{suffix}.o"
+            command = [compiler, *FLAGS, f"-DSCALAR={scalar}", f"-DSUFFIX={suffix}", "-c", str(SOURCE), "-o", str(obj)]
+            subprocess.run(command, check=True, capture_output=True, timeout=120)
+            objects.append(str(obj))
+        library = Path(tmp) / target.name
+        subprocess.run([compiler, "-shared", "-fopenmp", *objects, "-o", str(library)], check=True, capture_output=True)
+        os.replace(library, target)
+
+
+def _load() -> Kernels | None:
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        logger.info("cbam_dsa: no C compiler found; the fast path runs without its fused kernels")
+        return None
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(
+        "\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags(), platform.machine()]).encode()
+    ).hexdigest()[:20]
+    target = _cache_dir() / f"kernels-{key}.so"
+    if target.exists():
+        try:
+            return Kernels(ctypes.CDLL(str(target)))
+        except (OSError, AttributeError):  # a damaged cached library: build it again
+            target.unlink(missing_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _compile(compiler, target)
+    return Kernels(ctypes.CDLL(str(target)))
+
+
+def kernels() -> Kernels | None:
+    """The loaded kernels, compiling them on the first call; ``None`` where they cannot be built or are disabled."""
+    if not enabled():
+        return None
+    if "kernels" not in _state:
+        with _lock:
+            if "kernels" not in _state:
+                try:
+                    _state["kernels"] = _load()
+                except (OSError, AttributeError, subprocess.SubprocessError) as error:
+                    logger.info("cbam_dsa: fused kernels unavailable (%s); using the PyTorch fast path", error)
+                    _state["kernels"] = None
+    return _state["kernels"]  # type: ignore[return-value]
+
+
+_I64, _PTR, _INT, _DOUBLE = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+_SIGNATURES = {
+    "pool_hw": (_PTR, _PTR, _PTR, _I64, _I64, _INT),
+    "pool_c": (_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT),
+    "blend": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _DOUBLE, _INT, _INT),
+    "blend_grad": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT),
+    "pool_c_grad": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT),
+    "grad_x": (_PTR, _PTR, _PTR, _PTR, _DOUBLE, _INT, *(_PTR,) * 8, _I64, _I64, _I64, _INT),
+    "tap_conv": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT),
+    "tap_conv_grad_s": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT),
+    "tap_conv_grad_w": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT),
+}
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class Kernels:
+    """Typed wrappers over the loaded library; every wrapper allocates its outputs.
+
+    The main input (``x``, ``s``) must suit the kernels (:func:`supports`); the small inputs are brought to its
+    dtype and made contiguous, and kept referenced until the call returns (the C code reads their memory).
+    """
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._functions: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
+        for name, argtypes in _SIGNATURES.items():
+            for dtype, (suffix, _) in _SUFFIXES.items():
+                function = getattr(library, f"{name}_{suffix}")
+                function.argtypes, function.restype = argtypes, None
+                self._functions[name, dtype] = function
+
+    def pool_hw(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mean_hw(x), max_hw(x))``, each ``(B, C, 1, 1)``, in one pass.
+
+        Shape:
+            - x: :math:`(B, C, H, W)`
+            - Output: two :math:`(B, C, 1, 1)` tensors
+        """
+        b, c, h, w = x.shape
+        mean, top = x.new_empty(b, c, 1, 1), x.new_empty(b, c, 1, 1)
+        self._functions["pool_hw", x.dtype](_ptr(x), _ptr(mean), _ptr(top), b * c, h * w, torch.get_num_threads())
+        return mean, top
+
+    def pool_c(self, x: Tensor, ca: Tensor) -> Tensor:
+        """``[mean_c(x * ca), max_c(x * ca)]`` in one pass, without forming ``x * ca``.
+
+        Shape:
+            - x: :math:`(B, C, H, W)`; ca: :math:`(B, C, 1, 1)`
+            - Output: :math:`(B, 2, H, W)`
+        """
+        b, c, h, w = x.shape
+        ca = ca.to(x.dtype).contiguous()  # kept alive through the call
+        s = x.new_empty(b, 2, h, w)
+        self._functions["pool_c", x.dtype](_ptr(x), _ptr(ca), _ptr(s), b, c, h * w, torch.get_num_threads())
+        return s
+
+    def blend(self, x: Tensor, ca: Tensor, sa: Tensor, alpha: float | None) -> Tensor:
+        """``(x * ca) * sa``, or with ``alpha``: ``(x * ca) * (alpha * sa) + (1 - alpha) * x``, in one pass.
+
+        Shape:
+            - x: :math:`(B, C, H, W)`; ca: :math:`(B, C, 1, 1)`; sa: :math:`(B, 1, H, W)`
+            - Output: :math:`(B, C, H, W)`
+        """
+        b, c, h, w = x.shape
+        ca, sa = ca.to(x.dtype).contiguous(), sa.to(x.dtype).contiguous()  # kept alive through the call
+        out = torch.empty_like(x)
+        use_alpha = alpha is not None
+        self._functions["blend", x.dtype](
+            _ptr(x), _ptr(ca), _ptr(sa), _ptr(out), b, c, h * w, alpha if use_alpha else 1.0, int(use_alpha),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def blend_grad(self, g: Tensor, x: Tensor, ca: Tensor, sa: Tensor, plain_sum: bool) -> tuple[Tensor, ...]:
+        """The reductions of the blend's backward, with ``t = g * x``: ``sum_c t * ca``, ``sum_hw t * sa`` and, if
+        ``plain_sum``, ``sum_hw t``.
+
+        Shape:
+            - g, x: :math:`(B, C, H, W)`; ca: :math:`(B, C, 1, 1)`; sa: :math:`(B, 1, H, W)`
+            - Output: :math:`(B, 1, H, W)`, :math:`(B, C, 1, 1)` and, if ``plain_sum``, :math:`(B, C, 1, 1)`
+        """
+        b, c, h, w = x.shape
+        by_ca, by_sa = x.new_empty(b, 1, h, w), x.new_empty(b, c, 1, 1)
+        plain = x.new_empty(b, c, 1, 1) if plain_sum else None
+        ca, sa = ca.to(x.dtype).contiguous(), sa.to(x.dtype).contiguous()  # kept alive through the call
+        self._functions["blend_grad", x.dtype](
+            _ptr(g), _ptr(x), _ptr(ca), _ptr(sa), _ptr(by_ca), _ptr(by_sa), _ptr(plain),
+            b, c, h * w, torch.get_num_threads(),
+        )  # fmt: skip
+        return (by_ca, by_sa) if plain is None else (by_ca, by_sa, plain)
+
+    def pool_c_grad(self, x: Tensor, ca: Tensor, smax: Tensor, cmean: Tensor, gmax: Tensor) -> tuple[Tensor, Tensor]:
+        """The reductions of the C pooling's backward: ``(coef, grad_ca)`` with ``coef = gmax / ties`` (``ties``: the
+        channels where ``x * ca`` attains ``smax``) and ``grad_ca = sum_hw (cmean + tie * coef) * x``.
+
+        Shape:
+            - x: :math:`(B, C, H, W)`; ca: :math:`(B, C, 1, 1)`; smax, cmean, gmax: :math:`(B, 1, H, W)`
+            - Output: coef :math:`(B, 1, H, W)`, grad_ca :math:`(B, C, 1, 1)`
+        """
+        b, c, h, w = x.shape
+        coef, grad_ca = x.new_empty(b, 1, h, w), x.new_empty(b, c, 1, 1)
+        ca, smax, cmean, gmax = (t.to(x.dtype).contiguous() for t in (ca, smax, cmean, gmax))  # kept alive
+        self._functions["pool_c_grad", x.dtype](
+            _ptr(x), _ptr(ca), _ptr(smax), _ptr(cmean), _ptr(gmax), _ptr(coef), _ptr(grad_ca), b, c, h * w,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return coef, grad_ca
+
+    def grad_x(
+        self,
+        x: Tensor,
+        ca: Tensor | None,
+        blend: tuple[Tensor, Tensor, float | None] | None,
+        pool_c: tuple[Tensor, Tensor, Tensor] | None,
+        pool_hw: tuple[Tensor, Tensor, Tensor] | None,
+        base: Tensor | None,
+    ) -> Tensor:
+        """The gradient of ``x``, all its terms in one pass (``None`` leaves a term out):
+
+        * ``blend = (g, sa, alpha)``: ``(g * ca) * sa``, or ``(g * ca) * (alpha * sa) + g * (1 - alpha)``;
+        * ``pool_c = (cmean, coef, smax)``: ``(cmean + (x * ca == smax) * coef) * ca``;
+        * ``pool_hw = (hmean, hmax, at)``: ``hmean + (x == at) * hmax / ties``, ties counted per map;
+        * ``base``: added as is.
+
+        ``ca`` may be ``None`` when neither ``blend`` nor ``pool_c`` is given.
+
+        Shape:
+            - x, g, base: :math:`(B, C, H, W)`; ca, hmean, hmax, at: :math:`(B, C, 1, 1)`; sa, cmean, coef, smax:
+              :math:`(B, 1, H, W)`
+            - Output: :math:`(B, C, H, W)`
+        """
+        b, c, h, w = x.shape
+        g, sa, alpha = blend if blend is not None else (None, None, None)
+        cmean, coef, smax = pool_c if pool_c is not None else (None, None, None)
+        hmean, hmax, at = pool_hw if pool_hw is not None else (None, None, None)
+        keep = [
+            t if t is None else t.to(x.dtype).contiguous() for t in (g, sa, cmean, coef, smax, hmean, hmax, at, base)
+        ]
+        g, sa, cmean, coef, smax, hmean, hmax, at, base = keep  # kept alive through the call
+        ca = None if ca is None else ca.to(x.dtype).contiguous()  # kept alive through the call
+        out = torch.empty_like(x)
+        self._functions["grad_x", x.dtype](
+            _ptr(g), _ptr(x), _ptr(ca), _ptr(sa), 1.0 if alpha is None else alpha, int(alpha is not None),
+            _ptr(cmean), _ptr(coef), _ptr(smax), _ptr(hmean), _ptr(hmax), _ptr(at), _ptr(base), _ptr(out),
+            b, c, h * w, torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def tap_conv(self, s: Tensor, weight: Tensor, taps: Tensor) -> Tensor:
+        """``out[b, i, j] = sum_t weight[b, t] * s[b, c_t, i + dy_t, j + dx_t]`` (zero padding), ``taps[t] = (c_t,
+        dy_t, dx_t)``.
+
+        Shape:
+            - s: :math:`(B, C, H, W)`; weight: :math:`(B, T)`; taps: :math:`(T, 3)` int64
+            - Output: :math:`(B, 1, H, W)`
+        """
+        b, c, h, w = s.shape
+        weight = weight.to(s.dtype).contiguous()  # kept alive through the call
+        out = s.new_empty(b, 1, h, w)
+        self._functions["tap_conv", s.dtype](
+            _ptr(s), _ptr(weight), _ptr(taps), _ptr(out), b, c, h, w, taps.shape[0], torch.get_num_threads()
+        )
+        return out
+
+    def tap_conv_grad_s(self, grad: Tensor, weight: Tensor, taps: Tensor, channels: int) -> Tensor:
+        """The gradient of :meth:`tap_conv` with respect to ``s``.
+
+        Shape:
+            - grad: :math:`(B, 1, H, W)`; weight: :math:`(B, T)`; taps: :math:`(T, 3)`
+            - Output: :math:`(B, C, H, W)`
+        """
+        b, _, h, w = grad.shape
+        grad, weight = grad.contiguous(), weight.to(grad.dtype).contiguous()  # kept alive through the call
+        out = grad.new_empty(b, channels, h, w)
+        self._functions["tap_conv_grad_s", grad.dtype](
+            _ptr(grad), _ptr(weight), _ptr(taps), _ptr(out), b, channels, h, w, taps.shape[0], torch.get_num_threads()
+        )
+        return out
+
+    def tap_conv_grad_w(self, grad: Tensor, s: Tensor, taps: Tensor) -> Tensor:
+        """The gradient of :meth:`tap_conv` with respect to the weights.
+
+        Shape:
+            - grad: :math:`(B, 1, H, W)`; s: :math:`(B, C, H, W)`; taps: :math:`(T, 3)`
+            - Output: :math:`(B, T)`
+        """
+        b, c, h, w = s.shape
+        grad = grad.to(s.dtype).contiguous()  # kept alive through the call
+        out = s.new_empty(b, taps.shape[0])
+        self._functions["tap_conv_grad_w", s.dtype](
+            _ptr(grad), _ptr(s), _ptr(taps), _ptr(out), b, c, h, w, taps.shape[0], torch.get_num_threads()
+        )
+        return out
