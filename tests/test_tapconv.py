@@ -69,19 +69,33 @@ def test_tap_conv_gradcheck(specs):
 
 def test_dense_tap_conv_equals_the_kernel():
     taps, _ = _tapconv.tap_layout(BRANCHES[0], 2)
-    s, weight = torch.randn(3, 2, 9, 11, dtype=torch.float64), torch.randn(3, taps.shape[0], dtype=torch.float64)
-    torch.testing.assert_close(_tapconv.dense_tap_conv(s, weight, taps), _tapconv.TapConv.apply(s, weight, taps))
+    s, router = torch.randn(3, 2, 9, 11, dtype=torch.float64), torch.rand(3, 3, dtype=torch.float64)
+    mixing = torch.randn(3, taps.shape[0], dtype=torch.float64)
+    expected = _tapconv.dense_tap_conv(s, router @ mixing, taps)
+    torch.testing.assert_close(_tapconv.TapConv.apply(s, router, mixing, taps), expected)
 
 
-@pytest.mark.parametrize("need", ["s", "weight"])
+@pytest.mark.parametrize("need", ["s", "router", "mixing"])
 def test_tap_conv_computes_only_needed_gradients(need):
-    taps, _ = _tapconv.tap_layout(((3, 1),), 2)
-    s = torch.randn(2, 2, 5, 5, requires_grad=need == "s")
-    weight = torch.randn(2, taps.shape[0], requires_grad=need == "weight")
-    out = _tapconv.TapConv.apply(s, weight, taps)
-    (grad,) = torch.autograd.grad(out.sum(), [s if need == "s" else weight])
-    assert grad.shape == (s if need == "s" else weight).shape
-    assert grad.abs().sum() > 0
+    taps, _ = _tapconv.tap_layout(((3, 1), (5, 1)), 2)
+    inputs = {"s": torch.randn(2, 2, 5, 5), "router": torch.rand(2, 2), "mixing": torch.randn(2, taps.shape[0])}
+    inputs[need].requires_grad_()
+    out = _tapconv.TapConv.apply(inputs["s"], inputs["router"], inputs["mixing"], taps)
+    (grad,) = torch.autograd.grad(out.sum(), inputs[need])
+    dense = {name: t.detach().clone().requires_grad_(name == need) for name, t in inputs.items()}
+    expected = _tapconv.dense_tap_conv(dense["s"], dense["router"] @ dense["mixing"], taps)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), dense[need])
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_tap_conv_saves_no_per_sample_weights():
+    taps, _ = _tapconv.tap_layout(((3, 1), (7, 1), (7, 2)), 2)
+    s = torch.randn(4, 2, 6, 6, requires_grad=True)
+    router, mixing = torch.rand(4, 3, requires_grad=True), torch.randn(3, taps.shape[0], requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        _tapconv.TapConv.apply(s, router, mixing, taps)
+    assert sorted(saved) == sorted([s.shape, router.shape, mixing.shape])
 
 
 def test_tap_conv_leaves_inputs_unchanged():

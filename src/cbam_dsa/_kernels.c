@@ -28,6 +28,7 @@
 
 #define TILE 256
 #define BLOCK 32
+#define CHUNK 1024
 
 /* The larger of m and v, NaN if either is (as torch.amax): for the exact result after the fast loops. */
 static inline SCALAR FN(max_nan)(SCALAR m, SCALAR v) { return (v > m || v != v) ? v : m; }
@@ -41,10 +42,14 @@ void FN(pool_hw)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t planes, int
         const SCALAR *v = x + plane * count;
         double total = 0;
         SCALAR best = v[0];
-#pragma omp simd reduction(+ : total) reduction(max : best)
-        for (int64_t i = 0; i < count; ++i) {
-            total += v[i];
-            best = FN(max_fast)(best, v[i]);
+        for (int64_t start = 0; start < count; start += CHUNK) {  /* SCALAR sums per chunk, then double */
+            const int64_t end = start + CHUNK < count ? start + CHUNK : count;
+            SCALAR part = 0;
+#pragma omp simd reduction(+ : part)
+            for (int64_t i = start; i < end; ++i) part += v[i];
+#pragma omp simd reduction(max : best)
+            for (int64_t i = start; i < end; ++i) best = FN(max_fast)(best, v[i]);  /* the chunk is in L1 now */
+            total += part;
         }
         if (total != total)
             for (int64_t i = 0; i < count; ++i) best = FN(max_nan)(best, v[i]);
@@ -247,6 +252,7 @@ void FN(tap_conv)(const SCALAR *s, const SCALAR *w, const int64_t *taps, SCALAR 
             const int64_t j0 = dx < 0 ? -dx : 0, j1 = dx > 0 ? width - dx : width;
             const SCALAR *row = s + ((b * channels + c) * height + r) * width + dx;
             const SCALAR wt = w[b * ntaps + t];
+#pragma omp simd
             for (int64_t j = j0; j < j1; ++j) o[j] += wt * row[j];
         }
     }
@@ -267,6 +273,7 @@ void FN(tap_conv_grad_s)(const SCALAR *g, const SCALAR *w, const int64_t *taps, 
             const int64_t k0 = dx > 0 ? dx : 0, k1 = dx < 0 ? width + dx : width;
             const SCALAR *row = g + (b * height + i) * width - dx;
             const SCALAR wt = w[b * ntaps + t];
+#pragma omp simd
             for (int64_t k = k0; k < k1; ++k) o[k] += wt * row[k];
         }
     }

@@ -128,6 +128,11 @@ _SIGNATURES = {
 }
 
 
+def _ready(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` and contiguous (itself when it already is: ``.to`` costs a dispatch even then)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -167,7 +172,7 @@ class Kernels:
             - Output: :math:`(B, 2, H, W)`
         """
         b, c, h, w = x.shape
-        ca = ca.to(x.dtype).contiguous()  # kept alive through the call
+        ca = _ready(ca, x.dtype)  # kept alive through the call
         s = x.new_empty(b, 2, h, w)
         self._functions["pool_c", x.dtype](_ptr(x), _ptr(ca), _ptr(s), b, c, h * w, torch.get_num_threads())
         return s
@@ -180,7 +185,7 @@ class Kernels:
             - Output: :math:`(B, C, H, W)`
         """
         b, c, h, w = x.shape
-        ca, sa = ca.to(x.dtype).contiguous(), sa.to(x.dtype).contiguous()  # kept alive through the call
+        ca, sa = _ready(ca, x.dtype), _ready(sa, x.dtype)  # kept alive through the call
         out = torch.empty_like(x)
         use_alpha = alpha is not None
         self._functions["blend", x.dtype](
@@ -200,7 +205,7 @@ class Kernels:
         b, c, h, w = x.shape
         by_ca, by_sa = x.new_empty(b, 1, h, w), x.new_empty(b, c, 1, 1)
         plain = x.new_empty(b, c, 1, 1) if plain_sum else None
-        ca, sa = ca.to(x.dtype).contiguous(), sa.to(x.dtype).contiguous()  # kept alive through the call
+        ca, sa = _ready(ca, x.dtype), _ready(sa, x.dtype)  # kept alive through the call
         self._functions["blend_grad", x.dtype](
             _ptr(g), _ptr(x), _ptr(ca), _ptr(sa), _ptr(by_ca), _ptr(by_sa), _ptr(plain),
             b, c, h * w, torch.get_num_threads(),
@@ -217,7 +222,7 @@ class Kernels:
         """
         b, c, h, w = x.shape
         coef, grad_ca = x.new_empty(b, 1, h, w), x.new_empty(b, c, 1, 1)
-        ca, smax, cmean, gmax = (t.to(x.dtype).contiguous() for t in (ca, smax, cmean, gmax))  # kept alive
+        ca, smax, cmean, gmax = (_ready(t, x.dtype) for t in (ca, smax, cmean, gmax))  # kept alive
         self._functions["pool_c_grad", x.dtype](
             _ptr(x), _ptr(ca), _ptr(smax), _ptr(cmean), _ptr(gmax), _ptr(coef), _ptr(grad_ca), b, c, h * w,
             torch.get_num_threads(),
@@ -251,11 +256,9 @@ class Kernels:
         g, sa, alpha = blend if blend is not None else (None, None, None)
         cmean, coef, smax = pool_c if pool_c is not None else (None, None, None)
         hmean, hmax, at = pool_hw if pool_hw is not None else (None, None, None)
-        keep = [
-            t if t is None else t.to(x.dtype).contiguous() for t in (g, sa, cmean, coef, smax, hmean, hmax, at, base)
-        ]
+        keep = [t if t is None else _ready(t, x.dtype) for t in (g, sa, cmean, coef, smax, hmean, hmax, at, base)]
         g, sa, cmean, coef, smax, hmean, hmax, at, base = keep  # kept alive through the call
-        ca = None if ca is None else ca.to(x.dtype).contiguous()  # kept alive through the call
+        ca = None if ca is None else _ready(ca, x.dtype)  # kept alive through the call
         out = torch.empty_like(x)
         self._functions["grad_x", x.dtype](
             _ptr(g), _ptr(x), _ptr(ca), _ptr(sa), 1.0 if alpha is None else alpha, int(alpha is not None),
@@ -273,7 +276,7 @@ class Kernels:
             - Output: :math:`(B, 1, H, W)`
         """
         b, c, h, w = s.shape
-        weight = weight.to(s.dtype).contiguous()  # kept alive through the call
+        weight = _ready(weight, s.dtype)  # kept alive through the call
         out = s.new_empty(b, 1, h, w)
         self._functions["tap_conv", s.dtype](
             _ptr(s), _ptr(weight), _ptr(taps), _ptr(out), b, c, h, w, taps.shape[0], torch.get_num_threads()
@@ -288,7 +291,7 @@ class Kernels:
             - Output: :math:`(B, C, H, W)`
         """
         b, _, h, w = grad.shape
-        grad, weight = grad.contiguous(), weight.to(grad.dtype).contiguous()  # kept alive through the call
+        grad, weight = grad.contiguous(), _ready(weight, grad.dtype)  # kept alive through the call
         out = grad.new_empty(b, channels, h, w)
         self._functions["tap_conv_grad_s", grad.dtype](
             _ptr(grad), _ptr(weight), _ptr(taps), _ptr(out), b, channels, h, w, taps.shape[0], torch.get_num_threads()
@@ -303,7 +306,7 @@ class Kernels:
             - Output: :math:`(B, T)`
         """
         b, c, h, w = s.shape
-        grad = grad.to(s.dtype).contiguous()  # kept alive through the call
+        grad = _ready(grad, s.dtype)  # kept alive through the call
         out = s.new_empty(b, taps.shape[0])
         self._functions["tap_conv_grad_w", s.dtype](
             _ptr(grad), _ptr(s), _ptr(taps), _ptr(out), b, c, h, w, taps.shape[0], torch.get_num_threads()

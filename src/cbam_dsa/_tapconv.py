@@ -48,30 +48,41 @@ def tap_layout(specs: tuple[tuple[int, int], ...], channels: int) -> tuple[Tenso
 
 
 class TapConv(torch.autograd.Function):
-    """``out[b, i, j] = sum_t weight[b, t] * s[b, c_t, i + dy_t, j + dx_t]`` (zero padding) by the C kernels.
+    """``out[b, i, j] = sum_t w[b, t] * s[b, c_t, i + dy_t, j + dx_t]`` (zero padding) by the C kernels, with the
+    per-sample tap weights ``w = router @ mixing``.
 
-    Saves ``s`` and the weights only.
+    Saves ``s``, the router weights and the mixing matrix only (``w`` is recomputed: it is larger than both).
 
     Shape:
-        - s: :math:`(B, C, H, W)`; weight: :math:`(B, T)`; taps: :math:`(T, 3)` int64; all CPU, one float dtype
+        - s: :math:`(B, C, H, W)`; router: :math:`(B, K)`; mixing: :math:`(K, T)`; taps: :math:`(T, 3)` int64; all
+          CPU, one float dtype
         - Output: :math:`(B, 1, H, W)`
     """
 
     @staticmethod
-    def forward(ctx: Any, s: Tensor, weight: Tensor, taps: Tensor) -> Tensor:
-        ctx.save_for_backward(s, weight)
+    def forward(ctx: Any, s: Tensor, router: Tensor, mixing: Tensor, taps: Tensor) -> Tensor:
+        ctx.save_for_backward(s, router, mixing)
         ctx.taps, ctx.kernels = taps, _native.kernels()
-        return ctx.kernels.tap_conv(s, weight, taps)
+        return ctx.kernels.tap_conv(s, torch.mm(router, mixing), taps)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        s, weight = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        s, router, mixing = ctx.saved_tensors
+        need_s, need_router, need_mixing = ctx.needs_input_grad[:3]
+        weight = torch.mm(router, mixing)
+        grad_s = grad_weight = None
         if torch.is_grad_enabled():  # create_graph=True: the same adjoints as differentiable tensor operations
-            return *_differentiable_backward(ctx, grad, s, weight), None
-        kernels = ctx.kernels
-        grad_s = kernels.tap_conv_grad_s(grad, weight, ctx.taps, s.shape[1]) if ctx.needs_input_grad[0] else None
-        grad_w = kernels.tap_conv_grad_w(grad, s, ctx.taps) if ctx.needs_input_grad[1] else None
-        return grad_s, grad_w, None
+            grad_s, grad_weight = _differentiable_backward(
+                ctx.taps, grad, s, weight, need_s, need_router or need_mixing
+            )
+        else:
+            if need_s:
+                grad_s = ctx.kernels.tap_conv_grad_s(grad, weight, ctx.taps, s.shape[1])
+            if need_router or need_mixing:
+                grad_weight = ctx.kernels.tap_conv_grad_w(grad, s, ctx.taps)
+        grad_router = torch.mm(grad_weight, mixing.t()) if need_router else None
+        grad_mixing = torch.mm(router.t(), grad_weight) if need_mixing else None
+        return grad_s, grad_router, grad_mixing, None
 
 
 def dense_tap_conv(s: Tensor, weight: Tensor, taps: Tensor) -> Tensor:
@@ -90,8 +101,11 @@ def dense_tap_conv(s: Tensor, weight: Tensor, taps: Tensor) -> Tensor:
     return F.conv2d(s.reshape(1, b * c, h, w), dense, padding=reach, groups=b).view(b, 1, h, w)
 
 
-def _differentiable_backward(ctx: Any, grad: Tensor, s: Tensor, weight: Tensor) -> tuple[Tensor | None, ...]:
-    """:meth:`TapConv.backward` by autograd over :func:`dense_tap_conv`, for a backward pass that is differentiated.
+def _differentiable_backward(
+    taps: Tensor, grad: Tensor, s: Tensor, weight: Tensor, need_s: bool, need_weight: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """The adjoints of :class:`TapConv` by autograd over :func:`dense_tap_conv`, for a backward pass that is
+    differentiated.
 
     Each gradient is taken with respect to a detached stand-in of its input, so it keeps its dependence on the other
     input and on ``grad`` only: ``s`` and ``weight`` may depend on each other upstream (the router reads ``s``), and
@@ -99,14 +113,12 @@ def _differentiable_backward(ctx: Any, grad: Tensor, s: Tensor, weight: Tensor) 
     """
     grad_s = grad_w = None
     with torch.enable_grad():
-        if ctx.needs_input_grad[0]:
+        if need_s:
             stand_in = s.detach().requires_grad_()
-            (grad_s,) = torch.autograd.grad(
-                dense_tap_conv(stand_in, weight, ctx.taps), stand_in, grad, create_graph=True
-            )
-        if ctx.needs_input_grad[1]:
+            (grad_s,) = torch.autograd.grad(dense_tap_conv(stand_in, weight, taps), stand_in, grad, create_graph=True)
+        if need_weight:
             stand_in = weight.detach().requires_grad_()
-            (grad_w,) = torch.autograd.grad(dense_tap_conv(s, stand_in, ctx.taps), stand_in, grad, create_graph=True)
+            (grad_w,) = torch.autograd.grad(dense_tap_conv(s, stand_in, taps), stand_in, grad, create_graph=True)
     return grad_s, grad_w
 
 
@@ -128,4 +140,4 @@ def tap_branch_logit(
         mixing = flat.new_zeros(len(specs) * taps.shape[0]).index_add(0, index, flat).view(len(specs), -1)
         router = router.to(s.dtype)
         bias = torch.mv(router, torch.cat(branch_biases).to(s.dtype)).view(b, 1, 1, 1)
-        return TapConv.apply(s, torch.mm(router, mixing), taps) + bias
+        return TapConv.apply(s, router, mixing, taps) + bias
