@@ -135,6 +135,7 @@ def test_interleaved_rounds_rotate_the_order():
     ("argv", "message"),
     [
         (["--rounds", "0"], "--rounds must be an integer >= 1"),
+        (["--network-rounds", "-1"], "--network-rounds must be an integer >= 1, but got -1"),
         (["--threads", "0"], "--threads must be an integer >= 1"),
         (["--with-results", "missing.json", "--markdown", "x.md"], "cannot read a results file"),
     ],

@@ -106,7 +106,7 @@ class Settings:
     warmup: int = 2
     compile: bool = True
     network: bool = True
-    network_rounds: int = 5
+    network_rounds: int = 11
     network_batch: int = 8
     network_size: int = 160
     device: str = "cpu"

@@ -21,6 +21,9 @@ HELP = "Benchmark the block against timm's CbamModule and SEModule (time, saved 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds, no compilation (seconds)")
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds per figure (default: 15, quick: 2)")
+    parser.add_argument(
+        "--network-rounds", type=int, help="interleaved rounds of the resnet50 step (default: 11, quick: 1)"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
     parser.add_argument("--no-network", action="store_true", help="skip the resnet50 training-step comparison")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
@@ -63,8 +66,9 @@ def _load_results(paths: list[str]) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     from .cli import UserError
 
-    if args.rounds is not None and args.rounds < 1:
-        raise UserError(f"--rounds must be an integer >= 1, but got {args.rounds}")
+    for flag, value in (("--rounds", args.rounds), ("--network-rounds", args.network_rounds)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be an integer >= 1, but got {value}")
     threads = args.threads if args.threads is not None else (1 if args.quick else 2)
     if threads < 1:
         raise UserError(f"--threads must be an integer >= 1, but got {threads}")
@@ -96,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.rounds is not None:
         overrides["rounds"] = args.rounds
+    if args.network_rounds is not None:
+        overrides["network_rounds"] = args.network_rounds
     settings = bench.Settings.quick(**overrides) if args.quick else bench.Settings(**overrides)
     if not settings.extra["command"]:
         settings.extra["command"] = "cbam-dsa bench" + (" --quick" if args.quick else "")
