@@ -612,7 +612,20 @@ def routed_branch_logit(
 
 def _flat_linear(z: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """A 1x1 convolution of ``(N, C_in, 1, 1)`` descriptors as the matrix product it is: ``(N, C_in) -> (N, C_out)``."""
-    return F.linear(z, weight.to(z.dtype).flatten(1), bias.to(z.dtype))
+    if weight.dtype != z.dtype:
+        weight, bias = weight.to(z.dtype), bias.to(z.dtype)
+    return F.linear(z, weight.flatten(1), bias)
+
+
+def _gate(z: Tensor, gate: str, temperature: Tensor | float) -> Tensor:
+    """:func:`.functional.apply_gate`, skipping the division by a fixed temperature of one (``z / 1`` is ``z``)."""
+    fixed = not isinstance(temperature, Tensor) or (not temperature.requires_grad and temperature.device.type == "cpu")
+    if fixed and float(temperature) == 1.0 and gate in _GATES:
+        return _GATES[gate](z)
+    return FA.apply_gate(z, gate, temperature)
+
+
+_GATES = {"sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid}
 
 
 def channel_map(
@@ -642,7 +655,7 @@ def channel_map(
     hidden = FA.activation(_flat_linear(torch.cat([avg, mx]).view(2 * b, c), fc1_weight, fc1_bias), act)
     both = _flat_linear(hidden, fc2_weight, fc2_bias).view(2, b, c, 1, 1)
     fusion_w = fusion_w.to(both.dtype)
-    return FA.apply_gate(fusion_w[0] * both[0] + fusion_w[1] * both[1], gate, temperature)
+    return _gate(fusion_w[0] * both[0] + fusion_w[1] * both[1], gate, temperature)
 
 
 def router_weights(s: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor) -> Tensor:
@@ -670,7 +683,7 @@ def spatial_attention_map(sa_module: DynamicSpatialAttention, s: Tensor) -> tupl
     else:
         router_w = router_weights(s, *params)
     logit = routed_branch_logit(s, weights, biases, dilations, router_w)
-    return FA.apply_gate(logit, sa_module.gate, sa_module.effective_temperature()), router_w
+    return _gate(logit, sa_module.gate, sa_module.effective_temperature()), router_w
 
 
 # ----------------------------------------------------------------------------------------------------------
