@@ -7,7 +7,6 @@ evenly, as ``torch.amax`` does.
 
 from __future__ import annotations
 
-import contextlib
 import io
 
 import pytest
@@ -204,22 +203,11 @@ def test_backward_twice_with_retain_graph_gives_the_same_gradients():
 # Numerics, layout and safety.
 
 
-@contextlib.contextmanager
-def deterministic_algorithms():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-def test_deterministic_mode_gives_bitwise_equal_runs():
+def test_deterministic_mode_gives_bitwise_equal_runs(deterministic):
     block = randomize(CBAMResidualDynamicSA(16, min_hidden=2, learnable_alpha=True, alpha_init=0.7))
     x = make_input((2, 16, 9, 9), "relu", torch.float32, False)
-    with deterministic_algorithms():
-        first = run(block, x, fast=True)
-        second = run(block, x, fast=True)
+    first = run(block, x, fast=True)
+    second = run(block, x, fast=True)
     for a, b in zip(first[0], second[0], strict=True):
         assert torch.equal(a, b)
     assert torch.equal(first[1], second[1])

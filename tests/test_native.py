@@ -10,7 +10,6 @@ kernels cannot be built (no working C compiler, or ``CBAM_DSA_NATIVE=0``).
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import math
 import os
@@ -581,23 +580,12 @@ def test_activation_checkpointing_matches_the_reference(use_reentrant, kernel_ca
 # Determinism and safety.
 
 
-@contextlib.contextmanager
-def deterministic_algorithms():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_deterministic_mode_gives_bitwise_equal_runs(dtype, kernel_calls):
+def test_deterministic_mode_gives_bitwise_equal_runs(dtype, kernel_calls, deterministic):
     block = make_block("alpha_0.3_learnable", 37, dtype)
     x = make_x((2, 37, 28, 28), "relu", dtype)
-    with deterministic_algorithms():
-        first = run_block(block, x)
-        second = run_block(block, x)
+    first = run_block(block, x)
+    second = run_block(block, x)
     assert kernel_calls["grad_x"] == 2
     for a, b in zip(first[0], second[0], strict=True):
         assert torch.equal(a, b)

@@ -21,7 +21,7 @@ Each pass runs in one of two ways, with the same results (tested):
 The light networks are the math of :mod:`.functional` (activation, fusion weights, gates); the 1x1
 convolutions of the channel MLP and of the router run as the matrix products they are. The K spatial branches
 run as one convolution (:func:`routed_branch_logit`): over the merged taps of all branches on the C kernels
-(:mod:`._tapconv`), else as one matrix product on maps of a few pixels (:class:`ToeplitzConv`) or one FFT
+(:mod:`._tapconv`), else as one matrix product on maps of a few pixels (:class:`._toeplitz.ToeplitzConv`) or one FFT
 convolution (:mod:`._fftconv`).
 
 The max gradients follow ``torch.amax``: a gradient is split evenly among tied maxima (inputs after a ReLU have
@@ -32,14 +32,13 @@ and gradients (``tests/test_fast.py``, ``tests/test_native.py``).
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _fftconv, _native, _tapconv
+from . import _fftconv, _native, _tapconv, _toeplitz
 from . import functional as FA
 
 if TYPE_CHECKING:
@@ -481,94 +480,6 @@ def _fused_blend_backward(ctx: Any, g: Tensor, x: Tensor, ca: Tensor, sa: Tensor
 # Merged spatial branches.
 
 
-# Maps of at most this many pixels convolve as one matrix product with the kernels' Toeplitz matrices: a
-# depthwise convolution call costs more than the arithmetic on maps this small.
-TOEPLITZ_MAX_PIXELS = 49
-
-
-@functools.lru_cache(maxsize=32)
-def _toeplitz_index(height: int, width: int, size: int, dilation: int, device: torch.device) -> Tensor:
-    """Where each kernel tap lands in the convolution's matrix: ``index[p, q]`` is the tap (``c * k * k + a * k +
-    b``) that multiplies input ``q = (c, i', j')`` for output pixel ``p = (i, j)``, or ``2 * k * k`` (a zero)."""
-    with torch.inference_mode(False):  # a cached tensor must stay usable by autograd later
-        return _build_toeplitz_index(height, width, size, dilation).to(device)
-
-
-def _build_toeplitz_index(height: int, width: int, size: int, dilation: int) -> Tensor:
-    r = size // 2
-    i = torch.arange(height).view(height, 1, 1, 1)
-    j = torch.arange(width).view(1, width, 1, 1)
-    a = torch.arange(size).view(1, 1, size, 1)
-    b = torch.arange(size).view(1, 1, 1, size)
-    ii, jj = i + (a - r) * dilation, j + (b - r) * dilation
-    valid = (ii >= 0) & (ii < height) & (jj >= 0) & (jj < width)
-    full = (height, width, size, size)
-    p = (i * width + j).expand(full)[valid]
-    q = (ii * width + jj).expand(full)[valid]
-    tap = (a * size + b).expand(full)[valid]
-    pixels = height * width
-    index = torch.full((pixels, 2, pixels), 2 * size * size, dtype=torch.int32)
-    for c in range(2):
-        index[p, c, q] = (c * size * size + tap).to(torch.int32)
-    return index.view(pixels, 2 * pixels)
-
-
-def _toeplitz_matrix(weights: tuple[Tensor, ...], dilations: tuple[int, ...], height: int, width: int) -> Tensor:
-    """The stacked matrices ``(K * H * W, 2 * H * W)`` of the branches' 'same' convolutions on ``H x W`` maps."""
-    matrices = []
-    for weight, dilation in zip(weights, dilations, strict=True):
-        taps = torch.cat([weight.reshape(-1), weight.new_zeros(1)])
-        index = _toeplitz_index(height, width, int(weight.shape[-1]), int(dilation), weight.device)
-        matrices.append(taps[index])
-    return torch.stack(matrices).view(len(weights) * height * width, 2 * height * width)
-
-
-class ToeplitzConv(torch.autograd.Function):
-    """``sum_k r_k * conv_k(s)`` on small maps (no bias): every branch's 'same' convolution as one matrix
-    product with the stacked Toeplitz matrices of the kernels, mixed by the router weights. Saves ``s``, the
-    router weights and the kernels; backward rebuilds the matrices and the branch outputs.
-
-    Shape:
-        - s: :math:`(B, 2, H, W)`; router: :math:`(B, K)`; weights: ``(1, 2, k, k)`` each; all in one dtype
-        - Output: :math:`(B, 1, H, W)`
-    """
-
-    @staticmethod
-    def forward(ctx: Any, s: Tensor, router: Tensor, dilations: tuple[int, ...], *weights: Tensor) -> Tensor:
-        b, c, h, w = s.shape
-        ctx.dilations = dilations
-        ctx.save_for_backward(s, router, *weights)
-        branches = torch.mm(s.reshape(b, c * h * w), _toeplitz_matrix(weights, dilations, h, w).t())
-        ctx.compute_dtype = branches.dtype  # lower than s.dtype under autocast; backward runs in it too
-        mixed = torch.bmm(router.to(branches.dtype).unsqueeze(1), branches.view(b, len(weights), h * w))
-        return mixed.view(b, 1, h, w)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple:
-        s, router, *weights = (t.to(ctx.compute_dtype) for t in ctx.saved_tensors)
-        b, c, h, w = s.shape
-        k_count = len(weights)
-        flat_s = s.reshape(b, c * h * w)
-        grad = grad.to(ctx.compute_dtype).reshape(b, 1, h * w)
-        matrix = _toeplitz_matrix(tuple(weights), ctx.dilations, h, w)
-        grad_router = None
-        if ctx.needs_input_grad[1]:
-            branches = torch.mm(flat_s, matrix.t()).view(b, k_count, h * w)
-            grad_router = torch.bmm(branches, grad.transpose(1, 2)).view(b, k_count)
-        grad_branches = (router.unsqueeze(2) * grad).view(b, k_count * h * w)
-        grad_s = torch.mm(grad_branches, matrix).view(b, c, h, w) if ctx.needs_input_grad[0] else None
-        grad_weights: list[Tensor | None] = [None] * k_count
-        if any(ctx.needs_input_grad[3:]):
-            grad_matrix = torch.mm(grad_branches.t(), flat_s).view(k_count, h * w, c * h * w)
-            for k, weight in enumerate(weights):
-                if ctx.needs_input_grad[3 + k]:
-                    size = int(weight.shape[-1])
-                    index = _toeplitz_index(h, w, size, int(ctx.dilations[k]), s.device).reshape(-1).long()
-                    taps = grad_matrix.new_zeros(c * size * size + 1).index_add(0, index, grad_matrix[k].reshape(-1))
-                    grad_weights[k] = taps[:-1].view(weight.shape)
-        return grad_s, grad_router, None, *grad_weights
-
-
 def routed_branch_logit(
     s: Tensor,
     branch_weights: list[Tensor],
@@ -580,8 +491,8 @@ def routed_branch_logit(
 
     * Where the fused kernels run (:func:`._native.supports`): one convolution over the merged taps of all
       branches with a weight per sample and tap (:func:`._tapconv.tap_branch_logit`).
-    * Else maps of at most :data:`TOEPLITZ_MAX_PIXELS` pixels: one matrix product with the kernels' Toeplitz
-      matrices (:class:`ToeplitzConv`), mixed by the router.
+    * Else maps of at most :data:`._toeplitz.TOEPLITZ_MAX_PIXELS` pixels: one matrix product with the kernels' Toeplitz
+      matrices (:class:`._toeplitz.ToeplitzConv`), mixed by the router.
     * Else one FFT convolution with the per-sample kernel ``sum_k r_k * W_k``, every branch embedded at dilation 1
       (:func:`._fftconv.fft_branch_logit`).
 
@@ -602,12 +513,12 @@ def routed_branch_logit(
     if _native.supports(s):
         return _tapconv.tap_branch_logit(s, branch_weights, branch_biases, dilations, router)
     h, w = s.shape[-2:]
-    if h * w > TOEPLITZ_MAX_PIXELS:
+    if h * w > _toeplitz.TOEPLITZ_MAX_PIXELS:
         return _fftconv.fft_branch_logit(s, branch_weights, branch_biases, dilations, router)
     router = router.to(s.dtype)
     bias = torch.mv(router, torch.cat(branch_biases).to(s.dtype)).view(s.shape[0], 1, 1, 1)
     weights = [weight.to(s.dtype) for weight in branch_weights]
-    return ToeplitzConv.apply(s, router, tuple(int(d) for d in dilations), *weights) + bias
+    return _toeplitz.ToeplitzConv.apply(s, router, tuple(int(d) for d in dilations), *weights) + bias
 
 
 def _flat_linear(z: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
