@@ -210,26 +210,39 @@ void FN(grad_x)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR
             const SCALAR *xv = x + offset, *m = sa ? sa + b * count : 0;
             const SCALAR w = ca ? ca[plane] : 0;
             SCALAR *o = out + offset;
-            for (int64_t i = 0; i < count; ++i) o[i] = base ? base[offset + i] : 0;
+            if (base) {
+#pragma omp simd
+                for (int64_t i = 0; i < count; ++i) o[i] = base[offset + i];
+            } else {
+#pragma omp simd
+                for (int64_t i = 0; i < count; ++i) o[i] = 0;
+            }
             if (g) {
                 const SCALAR *gv = g + offset;
                 if (use_alpha) {
+#pragma omp simd
                     for (int64_t i = 0; i < count; ++i) scaled[i] = (SCALAR)alpha * m[i];
+#pragma omp simd
                     for (int64_t i = 0; i < count; ++i) o[i] += (gv[i] * w) * scaled[i] + gv[i] * keep;
                 } else {
+#pragma omp simd
                     for (int64_t i = 0; i < count; ++i) o[i] += (gv[i] * w) * m[i];
                 }
             }
             if (cmean) {
                 const SCALAR *mean = cmean + b * count, *k = coef + b * count, *top = smax + b * count;
+#pragma omp simd
                 for (int64_t i = 0; i < count; ++i) o[i] += (mean[i] + (SCALAR)(xv[i] * w == top[i]) * k[i]) * w;
             }
             if (hmean) {
                 const SCALAR at = hmax_at[plane];
-                int64_t ties = 0;
-                for (int64_t i = 0; i < count; ++i) ties += xv[i] == at;
-                const SCALAR share = hmax[plane] / (SCALAR)ties, mean = hmean[plane];
-                for (int64_t i = 0; i < count; ++i) o[i] += mean + (SCALAR)(xv[i] == at) * share;
+                SCALAR ties = 0;
+#pragma omp simd reduction(+ : ties)
+                for (int64_t i = 0; i < count; ++i) ties += (SCALAR)(xv[i] == at);
+                /* 0 * share is NaN when there is no tie (share = x / 0), as tie * share would give */
+                const SCALAR share = hmax[plane] / ties, elsewhere = 0 * share, mean = hmean[plane];
+#pragma omp simd
+                for (int64_t i = 0; i < count; ++i) o[i] += mean + (xv[i] == at ? share : elsewhere);
             }
         }
         free(scaled);
