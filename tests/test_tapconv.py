@@ -30,15 +30,19 @@ def branch_inputs(specs, batch, size, dtype):
 
 
 def test_tap_layout_merges_shared_offsets():
-    taps, index = _tapconv.tap_layout(((3, 1), (7, 1), (7, 2)), 2)
+    taps, gather = _tapconv.tap_layout(((3, 1), (7, 1), (7, 2)), 2)
     # 7x7 covers the 3x3; the dilated 7x7 shares its 3x3 centre grid (offsets -2, 0, 2) with the 7x7
-    assert taps.shape == (2 * (49 + 49 - 9), 3)
-    assert len({tuple(t) for t in taps.tolist()}) == taps.shape[0]
-    assert index.numel() == 2 * (9 + 49 + 49)
-    k, t = index // taps.shape[0], index % taps.shape[0]
-    assert k.tolist() == [0] * 18 + [1] * 98 + [2] * 98
-    assert taps[t[18 + 49 * 0 + 0]].tolist() == [0, -3, -3]  # first tap of the 7x7, channel 0
-    assert taps[t[18 + 98 + 49]].tolist() == [1, -6, -6]  # first tap of the dilated 7x7, channel 1
+    count = 2 * (49 + 49 - 9)
+    assert taps.shape == (count, 3)
+    assert len({tuple(t) for t in taps.tolist()}) == count
+    elements = 2 * (9 + 49 + 49)
+    assert gather.shape == (3 * count,)
+    placed = gather[gather < elements]
+    assert sorted(placed.tolist()) == list(range(elements))  # every weight lands once, the rest are zeros
+    where = {int(e): int(j) for j, e in enumerate(gather.tolist()) if e < elements}
+    assert [where[e] // count for e in range(elements)] == [0] * 18 + [1] * 98 + [2] * 98
+    assert taps[where[18] % count].tolist() == [0, -3, -3]  # first tap of the 7x7, channel 0
+    assert taps[where[18 + 98 + 49] % count].tolist() == [1, -6, -6]  # first tap of the dilated 7x7, channel 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

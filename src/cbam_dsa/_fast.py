@@ -565,8 +565,8 @@ def channel_map(
     b, c = avg.shape[:2]
     hidden = FA.activation(_flat_linear(torch.cat([avg, mx]).view(2 * b, c), fc1_weight, fc1_bias), act)
     both = _flat_linear(hidden, fc2_weight, fc2_bias).view(2, b, c, 1, 1)
-    fusion_w = fusion_w.to(both.dtype)
-    return _gate(fusion_w[0] * both[0] + fusion_w[1] * both[1], gate, temperature)
+    fusion_w = fusion_w if fusion_w.dtype == both.dtype else fusion_w.to(both.dtype)
+    return _gate((both * fusion_w.view(2, 1, 1, 1, 1)).sum(dim=0), gate, temperature)  # w0 * a + w1 * m
 
 
 def router_weights(s: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor) -> Tensor:
@@ -643,7 +643,8 @@ def block_forward(block: CBAMResidualDynamicSA, x: Tensor) -> tuple[Tensor, Tens
     if alpha is not None:
         alpha = alpha.to(x.dtype)
     part = block.ca
-    fusion_w = FA.fusion_weights(part.fusion_logits, x.new_empty((), dtype=FA.accumulation_dtype(x.dtype)))
+    acc = FA.accumulation_dtype(x.dtype)
+    fusion_w = FA.fusion_weights(part.fusion_logits, x if x.dtype == acc else x.new_empty((), dtype=acc))
     small = (*part.mlp_params(), fusion_w, part.effective_temperature())
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters()))):
         ca = channel_map(*channel_pool(x), *small[:5], part.act, part.gate, small[5]).to(x.dtype)

@@ -10,6 +10,7 @@ size, with no padding, no transform and no per-branch pass; its backward pass is
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -24,27 +25,29 @@ __all__ = ["TapConv", "dense_tap_conv", "tap_branch_logit", "tap_layout"]
 
 @functools.lru_cache(maxsize=64)
 def tap_layout(specs: tuple[tuple[int, int], ...], channels: int) -> tuple[Tensor, Tensor]:
-    """The merged tap list of the branches ``specs = ((size, dilation), ...)`` and where each weight lands in it.
+    """The merged tap list of the branches ``specs = ((size, dilation), ...)`` and how to fill the mixing matrix.
 
     Returns:
-        ``(taps, index)``: ``taps`` ``(T, 3)`` int64 rows ``(c, dy, dx)``; ``index`` (int64, one entry per element
-        of the branches' flattened ``(1, channels, size, size)`` kernels, branch after branch) holds
-        ``k * T + t``: the entry of the ``(K, T)`` mixing matrix that element goes to.
+        ``(taps, gather)``: ``taps`` ``(T, 3)`` int64 rows ``(c, dy, dx)``; ``gather`` ``(K * T,)`` int64: for entry
+        ``k * T + t`` of the ``(K, T)`` mixing matrix, the position of its weight in the branches' flattened
+        ``(1, channels, size, size)`` kernels concatenated branch after branch, or their total size (a zero
+        appended after them) where branch ``k`` has no such tap.
     """
     columns: dict[tuple[int, int, int], int] = {}
-    index = []
+    placed = []
     for k, (size, dilation) in enumerate(specs):
         r = size // 2
         for c in range(channels):
             for a in range(size):
                 for b in range(size):
                     tap = (c, (a - r) * dilation, (b - r) * dilation)
-                    index.append((k, columns.setdefault(tap, len(columns))))
+                    placed.append((k, columns.setdefault(tap, len(columns))))
     count = len(columns)
+    gather = [len(placed)] * (len(specs) * count)
+    for element, (k, t) in enumerate(placed):
+        gather[k * count + t] = element
     with torch.inference_mode(False):  # cached tensors must stay usable by autograd later
-        taps = torch.tensor(list(columns), dtype=torch.int64).reshape(count, 3)
-        flat = torch.tensor([k * count + t for k, t in index], dtype=torch.int64)
-    return taps, flat
+        return torch.tensor(list(columns), dtype=torch.int64).reshape(count, 3), torch.tensor(gather)
 
 
 class TapConv(torch.autograd.Function):
@@ -134,10 +137,21 @@ def tap_branch_logit(
     """
     b, c = s.shape[:2]
     specs = tuple((int(weight.shape[-1]), int(d)) for weight, d in zip(branch_weights, dilations, strict=True))
-    taps, index = tap_layout(specs, c)
-    with torch.autocast(s.device.type, enabled=False):  # the kernels compute in s.dtype: keep the weights in it too
-        flat = torch.cat([weight.reshape(-1) for weight in branch_weights]).to(s.dtype)
-        mixing = flat.new_zeros(len(specs) * taps.shape[0]).index_add(0, index, flat).view(len(specs), -1)
-        router = router.to(s.dtype)
-        bias = torch.mv(router, torch.cat(branch_biases).to(s.dtype)).view(b, 1, 1, 1)
+    taps, gather = tap_layout(specs, c)
+    with _no_autocast(s):  # the kernels compute in s.dtype: keep the weights in it too
+        flat = torch.cat([*(weight.reshape(-1) for weight in branch_weights), s.new_zeros(1)])
+        mixing = _in(flat, s.dtype)[gather].view(len(specs), -1)
+        router = _in(router, s.dtype)
+        bias = torch.mv(router, _in(torch.cat(branch_biases), s.dtype)).view(b, 1, 1, 1)
         return TapConv.apply(s, router, mixing, taps) + bias
+
+
+def _in(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _no_autocast(t: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off where it is on (entering a context costs a few microseconds on every call otherwise)."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
