@@ -15,17 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cbam_dsa import CBAMResidualDynamicSA, _fast
-
-TOLERANCES = {torch.float64: {"rtol": 1e-9, "atol": 1e-11}, torch.float32: {"rtol": 2e-4, "atol": 2e-5}}
-
-
-def randomize(block: CBAMResidualDynamicSA, scale: float = 0.5) -> CBAMResidualDynamicSA:
-    """Perturb every parameter, so that no gate saturates and every learned path carries a gradient."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in block.parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator).to(parameter))
-    return block
+from helpers import TOLERANCES, randomize
 
 
 def make_input(shape: tuple[int, ...], kind: str, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:

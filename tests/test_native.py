@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from cbam_dsa import CBAMResidualDynamicSA, _native
+from helpers import TOLERANCES, randomize
 
-TOLERANCES = {torch.float64: {"rtol": 1e-9, "atol": 1e-11}, torch.float32: {"rtol": 2e-4, "atol": 2e-5}}
 DTYPES = [torch.float32, torch.float64]
 KINDS = ["normal", "relu", "integers"]
 # 1x1 maps, C = 1, B = 1, odd sizes, C not a multiple of 4, C > 32 (blocked channel sums: 32 + 32 + 6 channels,
@@ -383,15 +383,6 @@ def test_grad_x_sums_any_set_of_terms(native, shape, kind, terms, dtype):
 
 # ----------------------------------------------------------------------------------------------------------
 # The whole block: kernels on, kernels off, and the reference path agree.
-
-
-def randomize(block: CBAMResidualDynamicSA, scale: float = 0.5) -> CBAMResidualDynamicSA:
-    """Perturb every parameter, so that no gate saturates and every learned path carries a gradient."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in block.parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator).to(parameter))
-    return block
 
 
 CONFIGS = {
