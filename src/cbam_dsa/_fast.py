@@ -169,8 +169,7 @@ def channel_pool(x: Tensor) -> tuple[Tensor, Tensor]:
         - x: :math:`(B, C, H, W)`
         - Output: mean and max, :math:`(B, C, 1, 1)` each
     """
-    kernels = _native.kernels() if _native.supports(x) else None
-    return kernels.pool_hw(x) if kernels is not None else FA.channel_pool(x)
+    return _native.kernels().pool_hw(x) if _native.supports(x) else FA.channel_pool(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
