@@ -76,7 +76,7 @@ def test_load_block_applies_overrides(tmp_path, suffix):
     loaded = load_block(path, return_maps=True)
     x = torch.randn(2, 16, 6, 6)
     out, ca, sa, fusion_w, router_w = loaded(x)
-    assert torch.equal(out, block(x))
+    torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-6)  # with maps: the same math, sums reordered
     assert (ca.shape, sa.shape, fusion_w.shape, router_w.shape) == ((2, 16, 1, 1), (2, 1, 6, 6), (2,), (2, 3))
 
 

@@ -275,13 +275,14 @@ def test_empty_batch_runs_the_reference():
 @pytest.fixture
 def fast_path_calls(monkeypatch):
     calls = []
-    original = _fast.block_forward
+    for name in ("block_forward", "block_output"):
+        original = getattr(_fast, name)
 
-    def spy(block, x):
-        calls.append(tuple(x.shape))
-        return original(block, x)
+        def spy(block, x, _original=original):
+            calls.append(tuple(x.shape))
+            return _original(block, x)
 
-    monkeypatch.setattr(_fast, "block_forward", spy)
+        monkeypatch.setattr(_fast, name, spy)
     return calls
 
 

@@ -1,5 +1,10 @@
 """The fast path of CBAMResidualDynamicSA: fused kernels or hand-written backward for the full-size passes.
 
+Where the fused C kernels run and only the output is asked for (:func:`block_output`), the block is one autograd
+Function with a hand-written backward (:mod:`._fused`). Everywhere else on the fast path (``return_maps=True``,
+channels_last, half precision, no C compiler) it runs as the three Functions below, which keep ``out`` a function
+of the maps in the autograd graph.
+
 The block's work splits into a few passes over the full ``(B, C, H, W)`` tensor and light work on small tensors.
 Each heavy pass is a :class:`torch.autograd.Function` that keeps only the input and small tensors for backward
 and recomputes the rest there:
@@ -38,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _fftconv, _native, _tapconv, _toeplitz
+from . import _fftconv, _fused, _native, _tapconv, _toeplitz
 from . import functional as FA
 
 if TYPE_CHECKING:
@@ -50,6 +55,7 @@ __all__ = [
     "ResidualBlend",
     "SpatialPool",
     "block_forward",
+    "block_output",
     "channel_map",
     "fast_path_applies",
     "routed_branch_logit",
@@ -628,6 +634,18 @@ def _alpha_for_blend(block: CBAMResidualDynamicSA) -> Tensor | None:
     if not alpha.requires_grad and alpha.device.type == "cpu" and float(alpha) == 1.0:
         return None
     return alpha
+
+
+def block_output(block: CBAMResidualDynamicSA, x: Tensor) -> Tensor:
+    """The block's output on ``x`` by the fast path: on the fused kernels as one :class:`._fused.FusedBlock` where they
+    run (:func:`._native.supports`), else by :func:`block_forward`.
+
+    Shape:
+        - x, output: :math:`(B, C, H, W)`
+    """
+    if _native.supports(x):
+        return _fused.block_forward(block, x, _alpha_for_blend(block))
+    return block_forward(block, x)[0]
 
 
 def block_forward(block: CBAMResidualDynamicSA, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

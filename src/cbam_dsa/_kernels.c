@@ -311,3 +311,211 @@ void FN(tap_conv_grad_w)(const SCALAR *g, const SCALAR *s, const int64_t *taps, 
         gw[task] = (SCALAR)total;
     }
 }
+
+/* ---------------------------------------------------------------------------------------------------------------
+   The block's light work after the channel MLP, forward and backward, around the heavy passes above.
+
+   dims = (B, C, H, W, router hidden Rh, branches K, taps T, ca gate hard, sa gate hard, has router, use alpha)
+   scal = (ca temperature, sa temperature, alpha). A temperature of exactly 1 skips its division.
+   Gates: sigmoid 1 / (1 + exp(-u)); hard: 0 for u <= -3, 1 for u >= 3, else u / 6 + 1 / 2 (PyTorch's). */
+
+/* exp in the scalar type (expf for float: the double exp costs several times more) */
+#define EXP(v) _Generic((v), float: expf, default: exp)(v)
+
+static inline SCALAR FN(gate)(SCALAR u, int64_t hard) {
+    if (hard) return u <= -3 ? 0 : u >= 3 ? 1 : u / 6 + (SCALAR)0.5;
+    return 1 / (1 + EXP(-u));
+}
+
+/* d gate / d u times grad, from u and the gate's value y, as PyTorch's sigmoid_backward and hardsigmoid_backward
+   compute it (the latter multiplies by 1/6 rounded to float, in every dtype). */
+static inline SCALAR FN(gate_grad)(SCALAR grad, SCALAR u, SCALAR y, int64_t hard) {
+    if (hard) return (u > -3 && u < 3) ? grad * (SCALAR)(1.0f / 6.0f) : 0;
+    return grad * ((1 - y) * y);
+}
+
+/* y = gate(z / t) over n values. */
+static void FN(gate_all)(const SCALAR *z, SCALAR *y, int64_t n, double t, int64_t hard) {
+    const SCALAR tt = (SCALAR)t;
+    for (int64_t i = 0; i < n; ++i) y[i] = FN(gate)(t == 1.0 ? z[i] : z[i] / tt, hard);
+}
+
+/* dz = d gate(z / t) / dz * grad over n values (in place of grad allowed); returns sum(grad_u * z) for the
+   temperature's gradient, -sum / t^2. */
+static double FN(gate_back)(const SCALAR *grad, const SCALAR *z, const SCALAR *y, SCALAR *dz, int64_t n, double t,
+                            int64_t hard) {
+    const SCALAR tt = (SCALAR)t;
+    double total = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const SCALAR u = t == 1.0 ? z[i] : z[i] / tt;
+        const SCALAR gu = FN(gate_grad)(grad[i], u, y[i], hard);
+        total += (double)gu * (double)z[i];
+        dz[i] = t == 1.0 ? gu : gu / tt;
+    }
+    return total;
+}
+
+/* Forward after the channel MLP's gate input z (B, C): ca = gate(z / T_ca); s = pool_c(x, ca); the router on
+   mean_hw(s) (Rh hidden units, ReLU, K logits, softmax; all ones without a router); tap weights router @ mixing;
+   logit = tap_conv(s) + router @ bias; sa = gate(logit / T_sa); out = blend(x, ca, sa). */
+void FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *r1w, const SCALAR *r1b, const SCALAR *r2w,
+                         const SCALAR *r2b, const SCALAR *mixing, const SCALAR *bias, const int64_t *taps,
+                         SCALAR *ca, SCALAR *s, SCALAR *rhid, SCALAR *router, SCALAR *logit, SCALAR *sa, SCALAR *out,
+                         const int64_t *dims, const double *scal, int threads) {
+    const int64_t B = dims[0], C = dims[1], H = dims[2], W = dims[3], P = H * W, Rh = dims[4], K = dims[5];
+    const int64_t T = dims[6];
+    FN(gate_all)(z, ca, B * C, scal[0], dims[7]);
+    FN(pool_c)(x, ca, s, B, C, P, threads);
+    SCALAR *tapw = malloc(sizeof(SCALAR) * (size_t)(B * T));
+    for (int64_t b = 0; b < B; ++b) {
+        SCALAR *r = router + b * K;
+        if (dims[9]) {
+            SCALAR pooled[2];
+            for (int64_t i = 0; i < 2; ++i) {
+                double total = 0;
+                for (int64_t p = 0; p < P; ++p) total += s[(b * 2 + i) * P + p];
+                pooled[i] = (SCALAR)(total / (double)P);
+            }
+            SCALAR *h = rhid + b * Rh;
+            for (int64_t j = 0; j < Rh; ++j) {
+                const SCALAR v = r1b[j] + r1w[2 * j] * pooled[0] + r1w[2 * j + 1] * pooled[1];
+                h[j] = v > 0 ? v : 0;
+            }
+            SCALAR top = -INFINITY;
+            for (int64_t k = 0; k < K; ++k) {
+                SCALAR v = r2b[k];
+                for (int64_t j = 0; j < Rh; ++j) v += r2w[k * Rh + j] * h[j];
+                r[k] = v;
+                top = v > top ? v : top;
+            }
+            double total = 0;
+            for (int64_t k = 0; k < K; ++k) total += (r[k] = EXP(r[k] - top));
+            for (int64_t k = 0; k < K; ++k) r[k] = (SCALAR)(r[k] / total);
+        } else {
+            for (int64_t k = 0; k < K; ++k) r[k] = 1;
+        }
+        for (int64_t t = 0; t < T; ++t) {
+            SCALAR v = 0;
+            for (int64_t k = 0; k < K; ++k) v += r[k] * mixing[k * T + t];
+            tapw[b * T + t] = v;
+        }
+    }
+    FN(tap_conv)(s, tapw, taps, logit, B, 2, H, W, T, threads);
+    free(tapw);
+    for (int64_t b = 0; b < B; ++b) {
+        SCALAR shift = 0;
+        for (int64_t k = 0; k < K; ++k) shift += router[b * K + k] * bias[k];
+        for (int64_t p = 0; p < P; ++p) logit[b * P + p] += shift;
+    }
+    FN(gate_all)(logit, sa, B * P, scal[1], dims[8]);
+    FN(blend)(x, ca, sa, out, B, C, P, scal[2], (int)dims[10], threads);
+}
+
+/* Backward of spatial_forward, from grad (the output's gradient) down to dz, the gradient of the channel gate's
+   input. Writes ca, sa (recomputed), dz (B, C), the terms of x's gradient from the pooling over C (cmean, coef and
+   smax, (B, P) each, for grad_x), the parameter gradients g_mixing (K, T), g_bias (K), g_r1w (Rh, 2), g_r1b (Rh),
+   g_r2w (K, Rh), g_r2b (K) (unused without a router), and g_scal = (alpha, T_ca, T_sa) (alpha's only if need_alpha). */
+void FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *z, const SCALAR *s, const SCALAR *logit,
+                          const SCALAR *router, const SCALAR *rhid, const SCALAR *r1w, const SCALAR *r2w,
+                          const SCALAR *mixing, const SCALAR *bias, const int64_t *taps, SCALAR *ca, SCALAR *sa,
+                          SCALAR *dz, SCALAR *cmean, SCALAR *coef, SCALAR *smax, SCALAR *g_mixing, SCALAR *g_bias,
+                          SCALAR *g_r1w, SCALAR *g_r1b, SCALAR *g_r2w, SCALAR *g_r2b, double *g_scal, int need_alpha,
+                          const int64_t *dims, const double *scal, int threads) {
+    const int64_t B = dims[0], C = dims[1], H = dims[2], W = dims[3], P = H * W, Rh = dims[4], K = dims[5];
+    const int64_t T = dims[6];
+    const double alpha = scal[2];
+    SCALAR *gsa = malloc(sizeof(SCALAR) * (size_t)(B * P)), *gmax = malloc(sizeof(SCALAR) * (size_t)(B * P));
+    SCALAR *gca = malloc(sizeof(SCALAR) * (size_t)(B * C)), *gpool = malloc(sizeof(SCALAR) * (size_t)(B * C));
+    SCALAR *gsum = need_alpha ? malloc(sizeof(SCALAR) * (size_t)(B * C)) : NULL;
+    SCALAR *tapw = malloc(sizeof(SCALAR) * (size_t)(B * T)), *gtaps = malloc(sizeof(SCALAR) * (size_t)(B * T));
+    SCALAR *gs = malloc(sizeof(SCALAR) * (size_t)(B * 2 * P)), *per_sample = malloc(sizeof(SCALAR) * (size_t)B);
+
+    FN(gate_all)(z, ca, B * C, scal[0], dims[7]);
+    FN(gate_all)(logit, sa, B * P, scal[1], dims[8]);
+    FN(blend_grad)(g, x, ca, sa, gsa, gca, gsum, B, C, P, threads);
+    if (need_alpha) {
+        double total = 0;
+        for (int64_t i = 0; i < B * C; ++i) total += (double)ca[i] * gca[i] - gsum[i];
+        g_scal[0] = total;
+    }
+    if (dims[10]) {
+        for (int64_t i = 0; i < B * P; ++i) gsa[i] = (SCALAR)(gsa[i] * alpha);
+        for (int64_t i = 0; i < B * C; ++i) gca[i] = (SCALAR)(gca[i] * alpha);
+    }
+    /* the spatial gate, in place: gsa becomes the logit's gradient */
+    g_scal[2] = -FN(gate_back)(gsa, logit, sa, gsa, B * P, scal[1], dims[8]) / (scal[1] * scal[1]);
+    for (int64_t b = 0; b < B; ++b) {
+        double total = 0;
+        for (int64_t p = 0; p < P; ++p) total += gsa[b * P + p];
+        per_sample[b] = (SCALAR)total;
+        for (int64_t t = 0; t < T; ++t) {
+            SCALAR v = 0;
+            for (int64_t k = 0; k < K; ++k) v += router[b * K + k] * mixing[k * T + t];
+            tapw[b * T + t] = v;
+        }
+    }
+    FN(tap_conv_grad_w)(gsa, s, taps, gtaps, B, 2, H, W, T, threads);
+    FN(tap_conv_grad_s)(gsa, tapw, taps, gs, B, 2, H, W, T, threads);
+    for (int64_t k = 0; k < K; ++k) {
+        double by_bias = 0;
+        for (int64_t b = 0; b < B; ++b) by_bias += (double)router[b * K + k] * per_sample[b];
+        g_bias[k] = (SCALAR)by_bias;
+        for (int64_t t = 0; t < T; ++t) {
+            double total = 0;
+            for (int64_t b = 0; b < B; ++b) total += (double)router[b * K + k] * gtaps[b * T + t];
+            g_mixing[k * T + t] = (SCALAR)total;
+        }
+    }
+    if (dims[9]) {
+        for (int64_t i = 0; i < Rh * 2; ++i) g_r1w[i] = 0;
+        for (int64_t j = 0; j < Rh; ++j) g_r1b[j] = 0;
+        for (int64_t i = 0; i < K * Rh; ++i) g_r2w[i] = 0;
+        for (int64_t k = 0; k < K; ++k) g_r2b[k] = 0;
+        for (int64_t b = 0; b < B; ++b) {
+            const SCALAR *r = router + b * K, *h = rhid + b * Rh;
+            SCALAR gr[K > 0 ? K : 1], dl[K > 0 ? K : 1], pooled[2], dm[2] = {0, 0};
+            SCALAR dot = 0;
+            for (int64_t k = 0; k < K; ++k) {
+                SCALAR v = per_sample[b] * bias[k];
+                for (int64_t t = 0; t < T; ++t) v += gtaps[b * T + t] * mixing[k * T + t];
+                gr[k] = v;
+                dot += v * r[k];
+            }
+            for (int64_t k = 0; k < K; ++k) {
+                dl[k] = r[k] * (gr[k] - dot);
+                g_r2b[k] += dl[k];
+                for (int64_t j = 0; j < Rh; ++j) g_r2w[k * Rh + j] += dl[k] * h[j];
+            }
+            for (int64_t i = 0; i < 2; ++i) {
+                double total = 0;
+                for (int64_t p = 0; p < P; ++p) total += s[(b * 2 + i) * P + p];
+                pooled[i] = (SCALAR)(total / (double)P);
+            }
+            for (int64_t j = 0; j < Rh; ++j) {
+                SCALAR dh = 0;
+                for (int64_t k = 0; k < K; ++k) dh += dl[k] * r2w[k * Rh + j];
+                if (!(h[j] > 0)) dh = 0;
+                g_r1b[j] += dh;
+                g_r1w[2 * j] += dh * pooled[0];
+                g_r1w[2 * j + 1] += dh * pooled[1];
+                dm[0] += dh * r1w[2 * j];
+                dm[1] += dh * r1w[2 * j + 1];
+            }
+            for (int64_t i = 0; i < 2; ++i) {
+                const SCALAR share = (SCALAR)(dm[i] / (double)P);
+                for (int64_t p = 0; p < P; ++p) gs[(b * 2 + i) * P + p] += share;
+            }
+        }
+    }
+    /* the pooling over C */
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t p = 0; p < P; ++p) {
+            cmean[b * P + p] = gs[b * 2 * P + p] / (SCALAR)C;
+            gmax[b * P + p] = gs[(b * 2 + 1) * P + p];
+            smax[b * P + p] = s[(b * 2 + 1) * P + p];
+        }
+    FN(pool_c_grad)(x, ca, smax, cmean, gmax, coef, gpool, B, C, P, threads);
+    for (int64_t i = 0; i < B * C; ++i) gca[i] += gpool[i];
+    g_scal[1] = -FN(gate_back)(gca, z, ca, dz, B * C, scal[0], dims[7]) / (scal[0] * scal[0]);
+    free(gsa), free(gmax), free(gca), free(gpool), free(gsum), free(tapw), free(gtaps), free(gs), free(per_sample);
+}

@@ -23,11 +23,12 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Kernels", "enabled", "kernels", "supports"]
+__all__ = ["Kernels", "Spatial", "SpatialBackward", "SpatialForward", "enabled", "kernels", "supports"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ _SIGNATURES = {
     "blend_grad": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT),
     "pool_c_grad": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT),
     "grad_x": (_PTR, _PTR, _PTR, _PTR, _DOUBLE, _INT, *(_PTR,) * 8, _I64, _I64, _I64, _INT),
+    "spatial_forward": (*(_PTR,) * 18, _INT),
+    "spatial_backward": (*(_PTR,) * 25, _INT, _PTR, _PTR, _INT),
     "tap_conv": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT),
     "tap_conv_grad_s": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT),
     "tap_conv_grad_w": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT),
@@ -312,3 +315,118 @@ class Kernels:
             _ptr(grad), _ptr(s), _ptr(taps), _ptr(out), b, c, h, w, taps.shape[0], torch.get_num_threads()
         )
         return out
+
+    def spatial_forward(self, x: Tensor, z: Tensor, params: Spatial) -> SpatialForward:
+        """The block's forward after the channel MLP: ``ca = gate(z / T_ca)``, the pooling over C, the router, the
+        merged branches (``router @ mixing`` over ``taps``), ``sa = gate(logit / T_sa)`` and the blend, in one call.
+
+        Shape:
+            - x: :math:`(B, C, H, W)`; z: :math:`(B, C)`
+            - Output: :class:`SpatialForward`
+        """
+        b, c, h, w = x.shape
+        k, rh = params.mixing.shape[0], params.router_hidden
+        new = x.new_empty
+        f = SpatialForward(new(b, c, 1, 1), new(b, 2, h, w), new(b, rh), new(b, k), new(b, 1, h, w), new(b, 1, h, w),
+                           torch.empty_like(x))  # fmt: skip
+        keep = [_ready(t, x.dtype) for t in (z, *params.tensors())]  # kept alive through the call
+        dims, scal = params.dims(x), params.scalars()
+        self._functions["spatial_forward", x.dtype](
+            _ptr(x), *(_ptr(t) for t in keep), _ptr(params.taps), *(_ptr(t) for t in f), _ptr(dims), _ptr(scal),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return f
+
+    def spatial_backward(
+        self, grad: Tensor, x: Tensor, z: Tensor, f: SpatialForward, params: Spatial, need_alpha: bool
+    ) -> SpatialBackward:
+        """:meth:`spatial_forward`'s backward pass from the output's gradient down to ``dz``, the gradient of the
+        channel gate's input; ``f`` holds the forward's ``s``, ``router``, ``router_hidden`` and ``logit``.
+
+        Shape:
+            - grad, x: :math:`(B, C, H, W)`; z: :math:`(B, C)`
+            - Output: :class:`SpatialBackward`
+        """
+        b, c, h, w = x.shape
+        k, rh, t = params.mixing.shape[0], params.router_hidden, params.taps.shape[0]
+        new = x.new_empty
+        out = SpatialBackward(
+            new(b, c, 1, 1), new(b, 1, h, w), new(b, c), new(b, 1, h, w), new(b, 1, h, w), new(b, 1, h, w),
+            new(k, t), new(k), new(rh, 2), new(rh), new(k, rh), new(k), torch.zeros(3, dtype=torch.float64),
+        )  # fmt: skip
+        r1w, _, r2w, _, mixing, bias = (_ready(t, x.dtype) for t in params.tensors())  # kept alive
+        z, s, logit, router, hidden = (_ready(t, x.dtype) for t in (z, f.s, f.logit, f.router, f.router_hidden))
+        dims, scal = params.dims(x), params.scalars()
+        self._functions["spatial_backward", x.dtype](
+            _ptr(grad), _ptr(x), _ptr(z), _ptr(s), _ptr(logit), _ptr(router), _ptr(hidden), _ptr(r1w), _ptr(r2w),
+            _ptr(mixing), _ptr(bias), _ptr(params.taps), *(_ptr(t) for t in out[:12]), _ptr(out.scalars),
+            int(need_alpha), _ptr(dims), _ptr(scal), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+
+class Spatial(NamedTuple):
+    """The light parameters of :meth:`Kernels.spatial_forward` (router tensors ``None`` without a router)."""
+
+    router_fc1_weight: Tensor | None  # (Rh, 2, 1, 1)
+    router_fc1_bias: Tensor | None  # (Rh,)
+    router_fc2_weight: Tensor | None  # (K, Rh, 1, 1)
+    router_fc2_bias: Tensor | None  # (K,)
+    mixing: Tensor  # (K, T)
+    bias: Tensor  # (K,)
+    taps: Tensor  # (T, 3) int64
+    ca_gate: str
+    sa_gate: str
+    ca_temperature: float
+    sa_temperature: float
+    alpha: float | None
+
+    @property
+    def router_hidden(self) -> int:
+        return 1 if self.router_fc1_weight is None else self.router_fc1_weight.shape[0]
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The six parameter tensors, a placeholder for each missing one of the router."""
+        dummy = self.mixing.new_zeros(1)
+        router = (dummy,) * 4 if self.router_fc1_weight is None else self[:4]
+        return (*router, self.mixing, self.bias)
+
+    def dims(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        flags = (self.ca_gate == "hardsigmoid", self.sa_gate == "hardsigmoid", self.router_fc1_weight is not None)
+        k, t = self.mixing.shape
+        return torch.tensor([b, c, h, w, self.router_hidden, k, t, *flags, self.alpha is not None], dtype=torch.int64)
+
+    def scalars(self) -> Tensor:
+        alpha = 1.0 if self.alpha is None else self.alpha
+        return torch.tensor([self.ca_temperature, self.sa_temperature, alpha], dtype=torch.float64)
+
+
+class SpatialForward(NamedTuple):
+    """The outputs of :meth:`Kernels.spatial_forward`."""
+
+    ca: Tensor  # (B, C, 1, 1)
+    s: Tensor  # (B, 2, H, W)
+    router_hidden: Tensor  # (B, Rh)
+    router: Tensor  # (B, K)
+    logit: Tensor  # (B, 1, H, W)
+    sa: Tensor  # (B, 1, H, W)
+    out: Tensor  # (B, C, H, W)
+
+
+class SpatialBackward(NamedTuple):
+    """The outputs of :meth:`Kernels.spatial_backward`."""
+
+    ca: Tensor  # (B, C, 1, 1), recomputed
+    sa: Tensor  # (B, 1, H, W), recomputed
+    dz: Tensor  # (B, C)
+    cmean: Tensor  # (B, 1, H, W): the terms of x's gradient from the pooling over C (see grad_x)
+    coef: Tensor
+    smax: Tensor
+    mixing: Tensor  # the parameters' gradients
+    bias: Tensor
+    router_fc1_weight: Tensor
+    router_fc1_bias: Tensor
+    router_fc2_weight: Tensor
+    router_fc2_bias: Tensor
+    scalars: Tensor  # float64 (alpha, T_ca, T_sa)

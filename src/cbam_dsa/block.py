@@ -214,8 +214,7 @@ class CBAMResidualDynamicSA(nn.Module):
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         check_input(x, self.channels)
         if self._fast_path and _fast.fast_path_applies(self, x):
-            outputs = _fast.block_forward(self, x)
-            return outputs if self._return_maps else outputs[0]
+            return _fast.block_forward(self, x) if self._return_maps else _fast.block_output(self, x)
         return self._reference_forward(x)
 
     def _reference_forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
