@@ -229,12 +229,10 @@ class FusedBlock(torch.autograd.Function):
         p = derive(raw, spec)
         f = fused_forward(p, spec)
         keep = p.x.shape[2] * p.x.shape[3] >= KEEP_POOLS_FROM_PIXELS
-        sf = f.spatial
-        ctx.save_for_backward(
-            *raw, *p, f.pools if keep else None, f.pre, f.z, sf.s, sf.router_hidden, sf.logit, sf.router
-        )
+        saved = _native.SpatialSaved.of(f.spatial)
+        ctx.save_for_backward(*raw, *p, f.pools if keep else None, f.pre, f.z, *saved)
         ctx.spec = spec
-        return sf.out
+        return f.spatial.out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
@@ -325,10 +323,7 @@ def _backward(
     pools: Tensor | None,
     pre: Tensor,
     z: Tensor,
-    s: Tensor,
-    router_hidden: Tensor,
-    logit: Tensor,
-    router: Tensor,
+    *saved: Tensor,
 ) -> Inputs:
     """The first-order gradients of :class:`FusedBlock`'s inputs: the blend and the spatial part in one kernel call
     (:meth:`._native.Kernels.spatial_backward`), the MLP's adjoints as matrix products, then x's gradient in one
@@ -337,8 +332,7 @@ def _backward(
     x = p.x
     b, c, h, w = x.shape
     grad_out = grad_out.contiguous()
-    forward = _native.SpatialForward(None, s, router_hidden, router, logit, None, None)
-    sb = kernels.spatial_backward(grad_out, x, z, forward, _spatial(p, spec), needs.alpha)
+    sb = kernels.spatial_backward(grad_out, x, z, _native.SpatialSaved(*saved), _spatial(p, spec), needs.alpha)
     scalars = sb.scalars.to(x.dtype)
     g: dict[str, Tensor | None] = {
         "alpha": None if p.alpha is None else scalars[0].reshape(p.alpha.shape),

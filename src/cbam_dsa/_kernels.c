@@ -355,6 +355,25 @@ static double FN(gate_back)(const SCALAR *grad, const SCALAR *z, const SCALAR *y
     return total;
 }
 
+/* pooled[i] = mean over the P pixels of s[b, i], for i = 0, 1 (the router's input). */
+static void FN(router_input)(const SCALAR *s, int64_t b, int64_t P, SCALAR *pooled) {
+    for (int64_t i = 0; i < 2; ++i) {
+        double total = 0;
+        for (int64_t p = 0; p < P; ++p) total += s[(b * 2 + i) * P + p];
+        pooled[i] = (SCALAR)(total / (double)P);
+    }
+}
+
+/* The tap weights of sample b: tapw[b, t] = sum_k router[b, k] * mixing[k, t]. */
+static void FN(tap_weights)(const SCALAR *router, const SCALAR *mixing, int64_t b, int64_t K, int64_t T,
+                            SCALAR *tapw) {
+    for (int64_t t = 0; t < T; ++t) {
+        SCALAR v = 0;
+        for (int64_t k = 0; k < K; ++k) v += router[b * K + k] * mixing[k * T + t];
+        tapw[b * T + t] = v;
+    }
+}
+
 /* Forward after the channel MLP's gate input z (B, C): ca = gate(z / T_ca); s = pool_c(x, ca); the router on
    mean_hw(s) (Rh hidden units, ReLU, K logits, softmax; all ones without a router); tap weights router @ mixing;
    logit = tap_conv(s) + router @ bias; sa = gate(logit / T_sa); out = blend(x, ca, sa). */
@@ -371,11 +390,7 @@ void FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *r1w, co
         SCALAR *r = router + b * K;
         if (dims[9]) {
             SCALAR pooled[2];
-            for (int64_t i = 0; i < 2; ++i) {
-                double total = 0;
-                for (int64_t p = 0; p < P; ++p) total += s[(b * 2 + i) * P + p];
-                pooled[i] = (SCALAR)(total / (double)P);
-            }
+            FN(router_input)(s, b, P, pooled);
             SCALAR *h = rhid + b * Rh;
             for (int64_t j = 0; j < Rh; ++j) {
                 const SCALAR v = r1b[j] + r1w[2 * j] * pooled[0] + r1w[2 * j + 1] * pooled[1];
@@ -394,11 +409,7 @@ void FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *r1w, co
         } else {
             for (int64_t k = 0; k < K; ++k) r[k] = 1;
         }
-        for (int64_t t = 0; t < T; ++t) {
-            SCALAR v = 0;
-            for (int64_t k = 0; k < K; ++k) v += r[k] * mixing[k * T + t];
-            tapw[b * T + t] = v;
-        }
+        FN(tap_weights)(router, mixing, b, K, T, tapw);
     }
     FN(tap_conv)(s, tapw, taps, logit, B, 2, H, W, T, threads);
     free(tapw);
@@ -448,11 +459,7 @@ void FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *z, con
         double total = 0;
         for (int64_t p = 0; p < P; ++p) total += gsa[b * P + p];
         per_sample[b] = (SCALAR)total;
-        for (int64_t t = 0; t < T; ++t) {
-            SCALAR v = 0;
-            for (int64_t k = 0; k < K; ++k) v += router[b * K + k] * mixing[k * T + t];
-            tapw[b * T + t] = v;
-        }
+        FN(tap_weights)(router, mixing, b, K, T, tapw);
     }
     FN(tap_conv_grad_w)(gsa, s, taps, gtaps, B, 2, H, W, T, threads);
     FN(tap_conv_grad_s)(gsa, tapw, taps, gs, B, 2, H, W, T, threads);
@@ -486,11 +493,7 @@ void FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *z, con
                 g_r2b[k] += dl[k];
                 for (int64_t j = 0; j < Rh; ++j) g_r2w[k * Rh + j] += dl[k] * h[j];
             }
-            for (int64_t i = 0; i < 2; ++i) {
-                double total = 0;
-                for (int64_t p = 0; p < P; ++p) total += s[(b * 2 + i) * P + p];
-                pooled[i] = (SCALAR)(total / (double)P);
-            }
+            FN(router_input)(s, b, P, pooled);
             for (int64_t j = 0; j < Rh; ++j) {
                 SCALAR dh = 0;
                 for (int64_t k = 0; k < K; ++k) dh += dl[k] * r2w[k * Rh + j];

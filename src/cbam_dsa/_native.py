@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Kernels", "Spatial", "SpatialBackward", "SpatialForward", "enabled", "kernels", "supports"]
+__all__ = ["Kernels", "Spatial", "SpatialBackward", "SpatialForward", "SpatialSaved", "enabled", "kernels", "supports"]
 
 logger = logging.getLogger(__name__)
 
@@ -338,10 +338,10 @@ class Kernels:
         return f
 
     def spatial_backward(
-        self, grad: Tensor, x: Tensor, z: Tensor, f: SpatialForward, params: Spatial, need_alpha: bool
+        self, grad: Tensor, x: Tensor, z: Tensor, saved: SpatialSaved, params: Spatial, need_alpha: bool
     ) -> SpatialBackward:
         """:meth:`spatial_forward`'s backward pass from the output's gradient down to ``dz``, the gradient of the
-        channel gate's input; ``f`` holds the forward's ``s``, ``router``, ``router_hidden`` and ``logit``.
+        channel gate's input, from what the forward pass kept (``saved``).
 
         Shape:
             - grad, x: :math:`(B, C, H, W)`; z: :math:`(B, C)`
@@ -355,7 +355,7 @@ class Kernels:
             new(k, t), new(k), new(rh, 2), new(rh), new(k, rh), new(k), torch.zeros(3, dtype=torch.float64),
         )  # fmt: skip
         r1w, _, r2w, _, mixing, bias = (_ready(t, x.dtype) for t in params.tensors())  # kept alive
-        z, s, logit, router, hidden = (_ready(t, x.dtype) for t in (z, f.s, f.logit, f.router, f.router_hidden))
+        z, s, logit, router, hidden = (_ready(t, x.dtype) for t in (z, *saved))
         dims, scal = params.dims(x), params.scalars()
         self._functions["spatial_backward", x.dtype](
             _ptr(grad), _ptr(x), _ptr(z), _ptr(s), _ptr(logit), _ptr(router), _ptr(hidden), _ptr(r1w), _ptr(r2w),
@@ -412,6 +412,19 @@ class SpatialForward(NamedTuple):
     logit: Tensor  # (B, 1, H, W)
     sa: Tensor  # (B, 1, H, W)
     out: Tensor  # (B, C, H, W)
+
+
+class SpatialSaved(NamedTuple):
+    """What :meth:`Kernels.spatial_backward` needs of :meth:`Kernels.spatial_forward`'s outputs."""
+
+    s: Tensor
+    logit: Tensor
+    router: Tensor
+    router_hidden: Tensor
+
+    @classmethod
+    def of(cls, forward: SpatialForward) -> SpatialSaved:
+        return cls(forward.s, forward.logit, forward.router, forward.router_hidden)
 
 
 class SpatialBackward(NamedTuple):
