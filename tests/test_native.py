@@ -335,10 +335,11 @@ TERMS = ("blend", "pool_c", "pool_hw", "base")
 TERM_SETS = [subset for n in range(1, 5) for subset in itertools.combinations(TERMS, n)]
 
 
+@pytest.mark.parametrize("alpha", [None, 0.6])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("terms", TERM_SETS, ids="+".join)
 @pytest.mark.parametrize(("shape", "kind"), [((2, 37, 5, 3), "integers"), ((1, 34, 17, 19), "relu")])
-def test_grad_x_sums_any_set_of_terms(native, shape, kind, terms, dtype):
+def test_grad_x_sums_any_set_of_terms(native, shape, kind, terms, dtype, alpha):
     b, c, h, w = shape
     x = make_x(shape, kind, dtype)
     ca, sa = make_maps(shape, kind, dtype)
@@ -350,7 +351,6 @@ def test_grad_x_sums_any_set_of_terms(native, shape, kind, terms, dtype):
         randn_like(planes, 8),
         randn_like(planes, 9),
     )
-    alpha = 0.6
 
     def loss(v):
         total = (v * base.double()).sum() if "base" in terms else v.sum() * 0

@@ -210,6 +210,21 @@ void FN(grad_x)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR
             const SCALAR *xv = x + offset, *m = sa ? sa + b * count : 0;
             const SCALAR w = ca ? ca[plane] : 0;
             SCALAR *o = out + offset;
+            if (!base && g && cmean && hmean) {  /* the usual case: every term, in one loop, in the same order */
+                const SCALAR *gv = g + offset, *mean = cmean + b * count, *k = coef + b * count;
+                const SCALAR *top = smax + b * count, at = hmax_at[plane], a = (SCALAR)alpha;
+                SCALAR ties = 0;
+#pragma omp simd reduction(+ : ties)
+                for (int64_t i = 0; i < count; ++i) ties += (SCALAR)(xv[i] == at);
+                const SCALAR share = hmax[plane] / ties, elsewhere = 0 * share, hm = hmean[plane];
+#pragma omp simd
+                for (int64_t i = 0; i < count; ++i) {
+                    SCALAR v = use_alpha ? (gv[i] * w) * (a * m[i]) + gv[i] * keep : (gv[i] * w) * m[i];
+                    v += (mean[i] + (SCALAR)(xv[i] * w == top[i]) * k[i]) * w;
+                    o[i] = v + (hm + (xv[i] == at ? share : elsewhere));
+                }
+                continue;
+            }
             if (base) {
 #pragma omp simd
                 for (int64_t i = 0; i < count; ++i) o[i] = base[offset + i];
