@@ -35,7 +35,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _native, _tapconv
@@ -120,14 +119,6 @@ class Inputs(NamedTuple):
 # Forward.
 
 
-def _act(z: Tensor, act: str) -> Tensor:
-    return F.relu(z) if act == "relu" else F.silu(z)
-
-
-def _act_backward(grad: Tensor, z: Tensor, out: Tensor, act: str) -> Tensor:
-    return _aten.threshold_backward(grad, out, 0) if act == "relu" else _aten.silu_backward(grad, z)
-
-
 def _alpha(p: Inputs) -> float | None:
     return None if p.alpha is None else float(p.alpha)
 
@@ -150,36 +141,16 @@ def _spatial(p: Inputs, spec: Spec) -> _native.Spatial:
     )
 
 
-def _pools(kernels: _native.Kernels, x: Tensor) -> Tensor:
-    """``[mean_hw(x); max_hw(x)]`` as ``(2B, C)`` rows."""
-    b, c = x.shape[:2]
-    avg, mx = kernels.pool_hw(x)
-    return torch.cat([avg.view(b, c), mx.view(b, c)])
+def _mlp(p: Inputs, spec: Spec) -> _native.Mlp:
+    """The channel MLP's parameters, for :meth:`._native.Kernels.block_forward`."""
+    return _native.Mlp(p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias, p.fusion_w, spec.act)
 
 
-def _mixed_hidden(p: Inputs, pre: Tensor, act: str) -> tuple[Tensor, Tensor]:
-    """``(hidden, w0 * h_avg + w1 * h_max)``: the MLP's hidden activations, ``(2B, Rh)``, and their fused rows."""
-    hidden = _act(pre, act)
-    return hidden, torch.mm(p.fusion_w.view(1, 2), hidden.view(2, -1)).view(pre.shape[0] // 2, -1)
-
-
-class _Forward(NamedTuple):
-    pools: Tensor  # (2B, C): [avg; max]
-    pre: Tensor  # (2B, hidden): the MLP's first layer, before the activation
-    z: Tensor  # (B, C): the channel gate's input
-    spatial: _native.SpatialForward
-
-
-def fused_forward(p: Inputs, spec: Spec) -> _Forward:
-    """The block on the kernels, with everything its backward pass needs: pooling over H, W; the MLP on both
-    descriptors, fused on its hidden layer; then :meth:`._native.Kernels.spatial_forward`."""
-    kernels = _native.kernels()
-    c = p.x.shape[1]
-    pools = _pools(kernels, p.x)
-    pre = torch.addmm(p.fc1_bias, pools, p.fc1_weight.view(-1, c).t())
-    _, mixed = _mixed_hidden(p, pre, spec.act)
-    z = torch.addmm(p.fc2_bias * p.fusion_w.sum(), mixed, p.fc2_weight.view(c, -1).t())
-    return _Forward(pools, pre, z, kernels.spatial_forward(p.x, z, _spatial(p, spec)))
+def fused_forward(p: Inputs, spec: Spec) -> _native.BlockForward:
+    """The block on the kernels, in one call (:meth:`._native.Kernels.block_forward`: pooling over H, W; the MLP on
+    both descriptors, fused on its hidden layer; then everything after it), with everything its backward pass
+    needs."""
+    return _native.kernels().block_forward(p.x, _mlp(p, spec), _spatial(p, spec))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -229,10 +200,10 @@ class FusedBlock(torch.autograd.Function):
         p = derive(raw, spec)
         f = fused_forward(p, spec)
         keep = p.x.shape[2] * p.x.shape[3] >= KEEP_POOLS_FROM_PIXELS
-        saved = _native.SpatialSaved.of(f.spatial)
-        ctx.save_for_backward(*raw, *p, f.pools if keep else None, f.pre, f.z, *saved)
+        saved = _native.BlockSaved(f.z, f.s, f.logit, f.router, f.router_hidden, f.pre, f.pools if keep else None)
+        ctx.save_for_backward(*raw, *p, *saved)
         ctx.spec = spec
-        return f.spatial.out
+        return f.out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
@@ -242,7 +213,7 @@ class FusedBlock(torch.autograd.Function):
         needs = ctx.needs_input_grad[1:]
         if torch.is_grad_enabled():
             return (None, *_differentiable_backward(raw, needs, ctx.spec, grad_out))
-        grads = _backward(p, _derived_needs(needs, ctx.spec), ctx.spec, grad_out, *rest)
+        grads = _backward(p, _derived_needs(needs, ctx.spec), ctx.spec, grad_out, _native.BlockSaved(*rest))
         return (None, *_raw_grads(raw, needs, ctx.spec, p, grads))
 
 
@@ -315,72 +286,32 @@ def _like(grad: Tensor | None, t: Tensor | None) -> Tensor | None:
     return grad if grad.shape == t.shape else grad.reshape(t.shape)
 
 
-def _backward(
-    p: Inputs,
-    needs: Inputs,
-    spec: Spec,
-    grad_out: Tensor,
-    pools: Tensor | None,
-    pre: Tensor,
-    z: Tensor,
-    *saved: Tensor,
-) -> Inputs:
-    """The first-order gradients of :class:`FusedBlock`'s inputs: the blend and the spatial part in one kernel call
-    (:meth:`._native.Kernels.spatial_backward`), the MLP's adjoints as matrix products, then x's gradient in one
-    pass."""
-    kernels = _native.kernels()
-    x = p.x
-    b, c, h, w = x.shape
-    grad_out = grad_out.contiguous()
-    sb = kernels.spatial_backward(grad_out, x, z, _native.SpatialSaved(*saved), _spatial(p, spec), needs.alpha)
-    scalars = sb.scalars.to(x.dtype)
+def _backward(p: Inputs, needs: Inputs, spec: Spec, grad_out: Tensor, saved: _native.BlockSaved) -> Inputs:
+    """The first-order gradients of :class:`FusedBlock`'s inputs, in one kernel call
+    (:meth:`._native.Kernels.block_backward`: the blend and the spatial part, the MLP's adjoints, then x's gradient
+    in one pass)."""
+    wanted = _native.BlockNeeds(
+        needs.fc1_weight, needs.fc1_bias, needs.fc2_weight, needs.fc2_bias, needs.fusion_w, needs.x, needs.alpha
+    )
+    gb = _native.kernels().block_backward(grad_out.contiguous(), p.x, saved, _mlp(p, spec), _spatial(p, spec), wanted)
+    scalars = gb.scalars.to(p.x.dtype)
     g: dict[str, Tensor | None] = {
+        "x": gb.x,
+        "fc1_weight": _like(gb.fc1_weight, p.fc1_weight),
+        "fc1_bias": gb.fc1_bias,
+        "fc2_weight": _like(gb.fc2_weight, p.fc2_weight),
+        "fc2_bias": gb.fc2_bias,
+        "fusion_w": gb.fusion,
         "alpha": None if p.alpha is None else scalars[0].reshape(p.alpha.shape),
         "ca_temperature": scalars[1].reshape(p.ca_temperature.shape),
         "sa_temperature": scalars[2].reshape(p.sa_temperature.shape),
-        "mixing": sb.mixing,
-        "branch_bias": sb.bias,
+        "mixing": gb.mixing,
+        "branch_bias": gb.bias,
     }
     if p.router_fc1_weight is not None:
         for name in ("router_fc1_weight", "router_fc1_bias", "router_fc2_weight", "router_fc2_bias"):
-            g[name] = getattr(sb, name).view_as(getattr(p, name))
-    if pools is None:
-        pools = _pools(kernels, x)
-    grad_pools = _channel_backward(p, needs, spec, g, sb.dz, pre, pools)
-    if needs.x:
-        g["x"] = kernels.grad_x(
-            x,
-            sb.ca,
-            (grad_out, sb.sa, _alpha(p)),
-            (sb.cmean, sb.coef, sb.smax),
-            ((grad_pools[:b] / (h * w)).view(b, c, 1, 1), grad_pools[b:].view(b, c, 1, 1), pools[b:].view(b, c, 1, 1)),
-            None,
-        )
+            g[name] = getattr(gb, name).view_as(getattr(p, name))
     return Inputs(*(g.get(name) if need else None for name, need in zip(Inputs._fields, needs, strict=True)))
-
-
-def _channel_backward(
-    p: Inputs, needs: Inputs, spec: Spec, g: dict, grad_z: Tensor, pre: Tensor, pools: Tensor
-) -> Tensor | None:
-    """The MLP's and the fusion's gradients (into ``g``) from the channel gate input's, and those of the pooled
-    descriptors, ``(2B, C)`` (``None`` when x needs no gradient)."""
-    b, c = grad_z.shape
-    hidden, mixed = _mixed_hidden(p, pre, spec.act)
-    if needs.fc2_weight:
-        g["fc2_weight"] = torch.mm(grad_z.t(), mixed).view_as(p.fc2_weight)
-    column = grad_z.sum(0)
-    if needs.fc2_bias:
-        g["fc2_bias"] = column * p.fusion_w.sum()
-    grad_mixed = torch.mm(grad_z, p.fc2_weight.view(c, -1))  # (B, hidden)
-    if needs.fusion_w:  # d z / d w_k = h_k @ W2^T + b2
-        g["fusion_w"] = (hidden.view(2, b, -1) * grad_mixed).sum(dim=(1, 2)) + torch.dot(column, p.fc2_bias)
-    grad_hidden = (p.fusion_w.view(2, 1, 1) * grad_mixed).view(2 * b, -1)
-    grad_pre = _act_backward(grad_hidden, pre, hidden, spec.act)
-    if needs.fc1_weight:
-        g["fc1_weight"] = torch.mm(grad_pre.t(), pools).view_as(p.fc1_weight)
-    if needs.fc1_bias:
-        g["fc1_bias"] = grad_pre.sum(0)
-    return torch.mm(grad_pre, p.fc1_weight.view(-1, c)) if needs.x else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -454,4 +385,4 @@ def block_forward(block: CBAMResidualDynamicSA, x: Tensor, alpha: Tensor | None)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in raw):
             return FusedBlock.apply(spec, *raw)
         with torch.no_grad():
-            return fused_forward(derive(raw, spec), spec).spatial.out
+            return fused_forward(derive(raw, spec), spec).out

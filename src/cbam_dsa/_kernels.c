@@ -537,3 +537,195 @@ void FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *z, con
     g_scal[1] = -FN(gate_back)(gca, z, ca, dz, B * C, scal[0], dims[7]) / (scal[0] * scal[0]);
     free(gsa), free(gmax), free(gca), free(gpool), free(gsum), free(tapw), free(gtaps), free(gs), free(per_sample);
 }
+
+/* ---------------------------------------------------------------------------------------------------------------
+   The channel MLP, forward and backward, as small matrix products (row-major; each output element is summed by one
+   thread in a fixed order, so results do not depend on the thread count), and the whole block around it.
+
+   mdims = (MLP hidden Rm, activation: 0 relu, 1 silu). fusion = (w0, w1): the weights of the avg and max rows. */
+
+/* out[m, n] = sum_k a[m, k] * b[n, k]   (a: M x K, b: N x K). Four rows of a at a time: four accumulators. */
+static void FN(gemm_nt)(const SCALAR *a, const SCALAR *b, SCALAR *out, int64_t M, int64_t N, int64_t K,
+                        int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const SCALAR *bn = b + n * K;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) {
+            const SCALAR *a0 = a + m * K, *a1 = a0 + K, *a2 = a1 + K, *a3 = a2 + K;
+            SCALAR s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+            for (int64_t k = 0; k < K; ++k) {
+                s0 += a0[k] * bn[k];
+                s1 += a1[k] * bn[k];
+                s2 += a2[k] * bn[k];
+                s3 += a3[k] * bn[k];
+            }
+            out[m * N + n] = s0, out[(m + 1) * N + n] = s1, out[(m + 2) * N + n] = s2, out[(m + 3) * N + n] = s3;
+        }
+        for (; m < M; ++m) {
+            const SCALAR *am = a + m * K;
+            SCALAR s0 = 0;
+#pragma omp simd reduction(+ : s0)
+            for (int64_t k = 0; k < K; ++k) s0 += am[k] * bn[k];
+            out[m * N + n] = s0;
+        }
+    }
+}
+
+/* out[m, n] = sum_k a[m, k] * b[k, n]   (a: M x K, b: K x N), by column chunks of out. */
+static void FN(gemm_nn)(const SCALAR *a, const SCALAR *b, SCALAR *out, int64_t M, int64_t N, int64_t K,
+                        int threads) {
+    const int64_t width = 128, chunks = (N + width - 1) / width;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const int64_t n0 = chunk * width, n = N - n0 < width ? N - n0 : width;
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t j = 0; j < n; ++j) out[m * N + n0 + j] = 0;
+        for (int64_t k = 0; k < K; ++k) {
+            const SCALAR *bk = b + k * N + n0;
+            for (int64_t m = 0; m < M; ++m) {
+                const SCALAR v = a[m * K + k];
+                SCALAR *o = out + m * N + n0;
+#pragma omp simd
+                for (int64_t j = 0; j < n; ++j) o[j] += v * bk[j];
+            }
+        }
+    }
+}
+
+/* out[m, n] = sum_k a[k, m] * b[k, n]   (a: K x M, b: K x N). */
+static void FN(gemm_tn)(const SCALAR *a, const SCALAR *b, SCALAR *out, int64_t M, int64_t N, int64_t K,
+                        int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+        SCALAR *o = out + m * N;
+        for (int64_t j = 0; j < N; ++j) o[j] = 0;
+        for (int64_t k = 0; k < K; ++k) {
+            const SCALAR v = a[k * M + m];
+            const SCALAR *bk = b + k * N;
+#pragma omp simd
+            for (int64_t j = 0; j < N; ++j) o[j] += v * bk[j];
+        }
+    }
+}
+
+static inline SCALAR FN(act)(SCALAR v, int64_t silu) { return silu ? v / (1 + EXP(-v)) : (v > 0 ? v : 0); }
+
+/* d act / d v times grad, as PyTorch's threshold_backward (relu, from the output) and silu_backward compute it. */
+static inline SCALAR FN(act_grad)(SCALAR grad, SCALAR v, SCALAR y, int64_t silu) {
+    if (!silu) return y <= 0 ? 0 : grad;
+    const SCALAR sig = 1 / (1 + EXP(-v));
+    return grad * sig * (1 + v * (1 - sig));
+}
+
+/* pre = pools @ w1^T + b1 (2B x Rm); hidden = act(pre); mixed = w0 * hidden[:B] + w1 * hidden[B:];
+   z = mixed @ w2^T + (w0 + w1) * b2 (B x C). */
+static void FN(mlp_forward)(const SCALAR *pools, const SCALAR *w1, const SCALAR *b1, const SCALAR *w2,
+                            const SCALAR *b2, const SCALAR *fusion, SCALAR *pre, SCALAR *z, int64_t B, int64_t C,
+                            int64_t Rm, int64_t silu, int threads) {
+    FN(gemm_nt)(pools, w1, pre, 2 * B, Rm, C, threads);
+    SCALAR *mixed = malloc(sizeof(SCALAR) * (size_t)(B * Rm));
+    for (int64_t r = 0; r < 2 * B; ++r)
+        for (int64_t j = 0; j < Rm; ++j) pre[r * Rm + j] += b1[j];
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < Rm; ++j)
+            mixed[b * Rm + j] = fusion[0] * FN(act)(pre[b * Rm + j], silu) +
+                                fusion[1] * FN(act)(pre[(B + b) * Rm + j], silu);
+    FN(gemm_nt)(mixed, w2, z, B, C, Rm, threads);
+    const SCALAR both = fusion[0] + fusion[1];
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t c = 0; c < C; ++c) z[b * C + c] += both * b2[c];
+    free(mixed);
+}
+
+/* The MLP's backward from dz (B x C), the gradient of z. Writes, each if its pointer is not NULL: g_w2 (C x Rm),
+   g_b2 (C), g_fusion (2), g_w1 (Rm x C), g_b1 (Rm), g_pools (2B x C). */
+static void FN(mlp_backward)(const SCALAR *dz, const SCALAR *pools, const SCALAR *pre, const SCALAR *w1,
+                             const SCALAR *w2, const SCALAR *b2, const SCALAR *fusion, SCALAR *g_w1, SCALAR *g_b1,
+                             SCALAR *g_w2, SCALAR *g_b2, SCALAR *g_fusion, SCALAR *g_pools, int64_t B, int64_t C,
+                             int64_t Rm, int64_t silu, int threads) {
+    SCALAR *hidden = malloc(sizeof(SCALAR) * (size_t)(2 * B * Rm)), *mixed = malloc(sizeof(SCALAR) * (size_t)(B * Rm));
+    SCALAR *g_mixed = malloc(sizeof(SCALAR) * (size_t)(B * Rm)), *g_pre = malloc(sizeof(SCALAR) * (size_t)(2 * B * Rm));
+    for (int64_t i = 0; i < 2 * B * Rm; ++i) hidden[i] = FN(act)(pre[i], silu);
+    for (int64_t i = 0; i < B * Rm; ++i) mixed[i] = fusion[0] * hidden[i] + fusion[1] * hidden[B * Rm + i];
+    if (g_w2) FN(gemm_tn)(dz, mixed, g_w2, C, Rm, B, threads);
+    SCALAR *column = malloc(sizeof(SCALAR) * (size_t)C);
+    for (int64_t c = 0; c < C; ++c) {
+        SCALAR v = 0;
+        for (int64_t b = 0; b < B; ++b) v += dz[b * C + c];
+        column[c] = v;
+    }
+    if (g_b2)
+        for (int64_t c = 0; c < C; ++c) g_b2[c] = column[c] * (fusion[0] + fusion[1]);
+    FN(gemm_nn)(dz, w2, g_mixed, B, Rm, C, threads);
+    if (g_fusion) { /* d z / d w_k = hidden_k @ w2^T + b2 */
+        double bias = 0;
+        for (int64_t c = 0; c < C; ++c) bias += (double)column[c] * b2[c];
+        for (int64_t k = 0; k < 2; ++k) {
+            double total = 0;
+            for (int64_t i = 0; i < B * Rm; ++i) total += (double)hidden[k * B * Rm + i] * g_mixed[i];
+            g_fusion[k] = (SCALAR)(total + bias);
+        }
+    }
+    for (int64_t k = 0; k < 2; ++k)
+        for (int64_t i = 0; i < B * Rm; ++i) {
+            const int64_t at = k * B * Rm + i;
+            g_pre[at] = FN(act_grad)(fusion[k] * g_mixed[i], pre[at], hidden[at], silu);
+        }
+    if (g_w1) FN(gemm_tn)(g_pre, pools, g_w1, Rm, C, 2 * B, threads);
+    if (g_b1)
+        for (int64_t j = 0; j < Rm; ++j) {
+            SCALAR v = 0;
+            for (int64_t r = 0; r < 2 * B; ++r) v += g_pre[r * Rm + j];
+            g_b1[j] = v;
+        }
+    if (g_pools) FN(gemm_nn)(g_pre, w1, g_pools, 2 * B, C, Rm, threads);
+    free(hidden), free(mixed), free(g_mixed), free(g_pre), free(column);
+}
+
+/* The whole block's forward: pools = [mean_hw(x); max_hw(x)] (2B x C), the MLP (pre, z), then spatial_forward.
+   mlp = (w1, b1, w2, b2, fusion); spatial = (r1w, r1b, r2w, r2b, mixing, bias); outputs pools, pre, z, then
+   spatial_forward's (ca, s, rhid, router, logit, sa, out). dims as spatial_forward's, then mdims. */
+void FN(block_forward)(const SCALAR *x, const SCALAR *const *mlp, const SCALAR *const *spatial, const int64_t *taps,
+                       SCALAR *const *outs, const int64_t *dims, const double *scal, int threads) {
+    const int64_t B = dims[0], C = dims[1], P = dims[2] * dims[3], Rm = dims[11], silu = dims[12];
+    SCALAR *pools = outs[0], *pre = outs[1], *z = outs[2];
+    FN(pool_hw)(x, pools, pools + B * C, B * C, P, threads);
+    FN(mlp_forward)(pools, mlp[0], mlp[1], mlp[2], mlp[3], mlp[4], pre, z, B, C, Rm, silu, threads);
+    FN(spatial_forward)(x, z, spatial[0], spatial[1], spatial[2], spatial[3], spatial[4], spatial[5], taps, outs[3],
+                        outs[4], outs[5], outs[6], outs[7], outs[8], outs[9], dims, scal, threads);
+}
+
+/* The whole block's backward from g, the output's gradient. saved = (z, s, logit, router, rhid, pre, pools; pools
+   NULL: recomputed); mlp = (w1, w2, b2, fusion); spatial = (r1w, r2w, mixing, bias). grads = (mixing, bias, r1w,
+   r1b, r2w, r2b, w1, b1, w2, b2, fusion, x): the gradients, each skipped where its pointer is NULL (x: NULL skips
+   the pass over x); g_scal = (alpha, T_ca, T_sa). */
+void FN(block_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *const *saved, const SCALAR *const *mlp,
+                        const SCALAR *const *spatial, const int64_t *taps, SCALAR *const *grads, double *g_scal,
+                        int need_alpha, const int64_t *dims, const double *scal, int threads) {
+    const int64_t B = dims[0], C = dims[1], P = dims[2] * dims[3], Rm = dims[11], silu = dims[12];
+    const int64_t BC = B * C, BP = B * P;
+    SCALAR *ca = malloc(sizeof(SCALAR) * (size_t)BC), *dz = malloc(sizeof(SCALAR) * (size_t)BC);
+    SCALAR *sa = malloc(sizeof(SCALAR) * (size_t)BP), *cmean = malloc(sizeof(SCALAR) * (size_t)BP);
+    SCALAR *coef = malloc(sizeof(SCALAR) * (size_t)BP), *smax = malloc(sizeof(SCALAR) * (size_t)BP);
+    FN(spatial_backward)(g, x, saved[0], saved[1], saved[2], saved[3], saved[4], spatial[0], spatial[1], spatial[2],
+                         spatial[3], taps, ca, sa, dz, cmean, coef, smax, grads[0], grads[1], grads[2], grads[3],
+                         grads[4], grads[5], g_scal, need_alpha, dims, scal, threads);
+    SCALAR *own = NULL;
+    const SCALAR *pools = saved[6];
+    if (!pools) {
+        own = malloc(sizeof(SCALAR) * (size_t)(2 * BC));
+        FN(pool_hw)(x, own, own + BC, BC, P, threads);
+        pools = own;
+    }
+    SCALAR *g_pools = grads[11] ? malloc(sizeof(SCALAR) * (size_t)(2 * BC)) : NULL;
+    FN(mlp_backward)(dz, pools, saved[5], mlp[0], mlp[1], mlp[2], mlp[3], grads[6], grads[7], grads[8], grads[9],
+                     grads[10], g_pools, B, C, Rm, silu, threads);
+    if (grads[11]) {
+        for (int64_t i = 0; i < BC; ++i) g_pools[i] /= (SCALAR)P;
+        FN(grad_x)(g, x, ca, sa, scal[2], (int)dims[10], cmean, coef, smax, g_pools, g_pools + BC, pools + BC, NULL,
+                   grads[11], B, C, P, threads);
+    }
+    free(ca), free(dz), free(sa), free(cmean), free(coef), free(smax), free(own), free(g_pools);
+}

@@ -22,13 +22,28 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Kernels", "Spatial", "SpatialBackward", "SpatialForward", "SpatialSaved", "enabled", "kernels", "supports"]
+__all__ = [
+    "BlockBackward",
+    "BlockForward",
+    "BlockNeeds",
+    "BlockSaved",
+    "Kernels",
+    "Mlp",
+    "Spatial",
+    "SpatialBackward",
+    "SpatialForward",
+    "SpatialSaved",
+    "enabled",
+    "kernels",
+    "supports",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +140,8 @@ _SIGNATURES = {
     "grad_x": (_PTR, _PTR, _PTR, _PTR, _DOUBLE, _INT, *(_PTR,) * 8, _I64, _I64, _I64, _INT),
     "spatial_forward": (*(_PTR,) * 18, _INT),
     "spatial_backward": (*(_PTR,) * 25, _INT, _PTR, _PTR, _INT),
+    "block_forward": (*(_PTR,) * 7, _INT),
+    "block_backward": (*(_PTR,) * 8, _INT, _PTR, _PTR, _INT),
     "tap_conv": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT),
     "tap_conv_grad_s": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT),
     "tap_conv_grad_w": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT),
@@ -138,6 +155,11 @@ def _ready(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
+    """A C array of the tensors' data pointers (NULL for ``None``)."""
+    return (ctypes.c_void_p * len(tensors))(*(_ptr(t) for t in tensors))
 
 
 class Kernels:
@@ -364,6 +386,75 @@ class Kernels:
         )  # fmt: skip
         return out
 
+    def block_forward(self, x: Tensor, mlp: Mlp, params: Spatial) -> BlockForward:
+        """The whole block's forward in one call: the pooling over H, W, the channel MLP (fused on its hidden
+        layer: ``z = (w0 * act(pre_avg) + w1 * act(pre_max)) @ W2^T + (w0 + w1) * b2``), then
+        :meth:`spatial_forward`'s work.
+
+        Shape:
+            - x: :math:`(B, C, H, W)`
+            - Output: :class:`BlockForward`
+        """
+        b, c = x.shape[:2]
+        new = x.new_empty
+        f = BlockForward(new(2 * b, c), new(2 * b, mlp.hidden), new(b, c), *self._spatial_outputs(x, params))
+        mlp_tensors = [_ready(t, x.dtype) for t in mlp.tensors()]  # kept alive through the call
+        spatial = [_ready(t, x.dtype) for t in params.tensors()]
+        self._functions["block_forward", x.dtype](
+            _ptr(x), ctypes.addressof(m := _pointers(mlp_tensors)), ctypes.addressof(sp := _pointers(spatial)),
+            _ptr(params.taps), ctypes.addressof(o := _pointers(f)), _ptr(dims := params.dims(x, mlp)),
+            _ptr(scal := params.scalars()), torch.get_num_threads(),
+        )  # fmt: skip
+        del m, sp, o, dims, scal
+        return f
+
+    def _spatial_outputs(self, x: Tensor, params: Spatial) -> SpatialForward:
+        b, c, h, w = x.shape
+        k, rh = params.mixing.shape[0], params.router_hidden
+        new = x.new_empty
+        return SpatialForward(new(b, c, 1, 1), new(b, 2, h, w), new(b, rh), new(b, k), new(b, 1, h, w),
+                              new(b, 1, h, w), torch.empty_like(x))  # fmt: skip
+
+    def block_backward(
+        self,
+        grad: Tensor,
+        x: Tensor,
+        saved: BlockSaved,
+        mlp: Mlp,
+        params: Spatial,
+        needs: BlockNeeds,
+    ) -> BlockBackward:
+        """:meth:`block_forward`'s backward pass from the output's gradient, from what the forward pass kept
+        (``saved``; ``saved.pools`` may be ``None``: then recomputed), in one call. Gradients not in ``needs`` are
+        ``None`` (those of the spatial parameters and the scalars are always computed).
+
+        Shape:
+            - grad, x: :math:`(B, C, H, W)`
+            - Output: :class:`BlockBackward`
+        """
+        c = x.shape[1]
+        k, rh, t, rm = params.mixing.shape[0], params.router_hidden, params.taps.shape[0], mlp.hidden
+        new = x.new_empty
+        out = BlockBackward(
+            new(k, t), new(k), new(rh, 2), new(rh), new(k, rh), new(k),
+            new(rm, c) if needs.fc1_weight else None, new(rm) if needs.fc1_bias else None,
+            new(c, rm) if needs.fc2_weight else None, new(c) if needs.fc2_bias else None,
+            new(2) if needs.fusion else None, torch.empty_like(x) if needs.x else None,
+            torch.zeros(3, dtype=torch.float64),
+        )  # fmt: skip
+        keep = [None if v is None else _ready(v, x.dtype) for v in saved]  # kept alive through the call
+        mlp_tensors = [_ready(v, x.dtype) for v in mlp.tensors()]
+        r1w, _, r2w, _, mixing, bias = (_ready(v, x.dtype) for v in params.tensors())
+        self._functions["block_backward", x.dtype](
+            _ptr(grad), _ptr(x), ctypes.addressof(sv := _pointers(keep)),
+            ctypes.addressof(m := _pointers([mlp_tensors[0], mlp_tensors[2], mlp_tensors[3], mlp_tensors[4]])),
+            ctypes.addressof(sp := _pointers([r1w, r2w, mixing, bias])), _ptr(params.taps),
+            ctypes.addressof(gr := _pointers(out[:12])), _ptr(out.scalars), int(needs.alpha),
+            _ptr(dims := params.dims(x, mlp)), _ptr(scal := params.scalars()), torch.get_num_threads(),
+        )  # fmt: skip
+        del sv, m, sp, gr, dims, scal
+        return out
+
 
 class Spatial(NamedTuple):
     """The light parameters of :meth:`Kernels.spatial_forward` (router tensors ``None`` without a router)."""
@@ -391,11 +482,14 @@ class Spatial(NamedTuple):
         router = (dummy,) * 4 if self.router_fc1_weight is None else self[:4]
         return (*router, self.mixing, self.bias)
 
-    def dims(self, x: Tensor) -> Tensor:
+    def dims(self, x: Tensor, mlp: Mlp | None = None) -> Tensor:
         b, c, h, w = x.shape
         flags = (self.ca_gate == "hardsigmoid", self.sa_gate == "hardsigmoid", self.router_fc1_weight is not None)
         k, t = self.mixing.shape
-        return torch.tensor([b, c, h, w, self.router_hidden, k, t, *flags, self.alpha is not None], dtype=torch.int64)
+        extra = () if mlp is None else (mlp.hidden, mlp.act == "silu")
+        return torch.tensor(
+            [b, c, h, w, self.router_hidden, k, t, *flags, self.alpha is not None, *extra], dtype=torch.int64
+        )
 
     def scalars(self) -> Tensor:
         alpha = 1.0 if self.alpha is None else self.alpha
@@ -442,4 +536,81 @@ class SpatialBackward(NamedTuple):
     router_fc1_bias: Tensor
     router_fc2_weight: Tensor
     router_fc2_bias: Tensor
+    scalars: Tensor  # float64 (alpha, T_ca, T_sa)
+
+
+class Mlp(NamedTuple):
+    """The channel MLP's parameters for :meth:`Kernels.block_forward`: two layers (``1x1`` convolution weights or
+    matrices), the activation between them, and the fusion weights of the avg and max rows."""
+
+    fc1_weight: Tensor  # (Rm, C, ...)
+    fc1_bias: Tensor  # (Rm,)
+    fc2_weight: Tensor  # (C, Rm, ...)
+    fc2_bias: Tensor  # (C,)
+    fusion: Tensor  # (2,)
+    act: str  # "relu" or "silu"
+
+    @property
+    def hidden(self) -> int:
+        return self.fc1_weight.shape[0]
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self[:5]
+
+
+class BlockForward(NamedTuple):
+    """The outputs of :meth:`Kernels.block_forward`: the pooled rows, the MLP's, then :class:`SpatialForward`'s."""
+
+    pools: Tensor  # (2B, C): [avg; max]
+    pre: Tensor  # (2B, Rm): the MLP's first layer, before the activation
+    z: Tensor  # (B, C): the channel gate's input
+    ca: Tensor  # (B, C, 1, 1)
+    s: Tensor  # (B, 2, H, W)
+    router_hidden: Tensor  # (B, Rh)
+    router: Tensor  # (B, K)
+    logit: Tensor  # (B, 1, H, W)
+    sa: Tensor  # (B, 1, H, W)
+    out: Tensor  # (B, C, H, W)
+
+
+class BlockSaved(NamedTuple):
+    """What :meth:`Kernels.block_backward` needs of :meth:`Kernels.block_forward`'s outputs (``pools`` may be
+    ``None``: recomputed)."""
+
+    z: Tensor
+    s: Tensor
+    logit: Tensor
+    router: Tensor
+    router_hidden: Tensor
+    pre: Tensor
+    pools: Tensor | None
+
+
+class BlockNeeds(NamedTuple):
+    """Which gradients :meth:`Kernels.block_backward` computes."""
+
+    fc1_weight: bool
+    fc1_bias: bool
+    fc2_weight: bool
+    fc2_bias: bool
+    fusion: bool
+    x: bool
+    alpha: bool
+
+
+class BlockBackward(NamedTuple):
+    """The outputs of :meth:`Kernels.block_backward` (``None`` where not asked for)."""
+
+    mixing: Tensor
+    bias: Tensor
+    router_fc1_weight: Tensor
+    router_fc1_bias: Tensor
+    router_fc2_weight: Tensor
+    router_fc2_bias: Tensor
+    fc1_weight: Tensor | None
+    fc1_bias: Tensor | None
+    fc2_weight: Tensor | None
+    fc2_bias: Tensor | None
+    fusion: Tensor | None
+    x: Tensor | None
     scalars: Tensor  # float64 (alpha, T_ca, T_sa)
