@@ -7,6 +7,8 @@ configuration, with ties in both max pools, on maps on both sides of ``KEEP_POOL
 
 from __future__ import annotations
 
+import unittest.mock
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -85,13 +87,48 @@ def assert_paths_agree(block: CBAMResidualDynamicSA, x: Tensor, x_requires_grad:
 # Equality with the reference.
 
 
+@pytest.fixture(params=["per_sample", "whole_batch"])
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the kernels split the work: one sample per thread, or each stage over the whole batch."""
+    monkeypatch.setattr(_native, "one_sample_per_thread", lambda *args: request.param == "per_sample")
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["normal", "relu"])
 @pytest.mark.parametrize("size", [(1, 1), (7, 7), (9, 13)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_fused_block_equals_reference(config, dtype, size, kind):
+def test_fused_block_equals_reference(config, dtype, size, kind, mode):
     block = randomize(CBAMResidualDynamicSA(37, min_hidden=2, dtype=dtype, **CONFIGS[config]))
     assert_paths_agree(block, make_x((2, 37, *size), kind, dtype))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_every_split_of_the_batch_over_threads_equals_reference(batch, threads, mode):
+    block = randomize(CBAMResidualDynamicSA(40, min_hidden=2, learnable_alpha=True, alpha_init=0.4))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_paths_agree(block, make_x((batch, 40, 9, 13), "relu", torch.float32))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("batch", "pixels", "hidden", "threads", "expected"),
+    [(8, 1600, 16, 2, True), (8, 25, 128, 2, False), (1, 1600, 16, 2, False), (2, 64, 32, 2, True),
+     (2, 63, 32, 2, False), (3, 1600, 16, 4, False)],
+)  # fmt: skip
+def test_one_sample_per_thread_where_the_batch_fills_the_threads_and_maps_outweigh_the_mlp(
+    batch, pixels, hidden, threads, expected
+):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert _native.one_sample_per_thread(batch, pixels, hidden) is expected
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_both_sides_of_the_pools_threshold_are_covered():
@@ -115,10 +152,11 @@ def test_both_sides_of_the_pools_threshold_are_covered():
     alpha=st.tuples(st.sampled_from([1.0, 0.0, 0.4, -0.5]), st.booleans()),
     dtype=st.sampled_from(DTYPES),
     kind=st.sampled_from(["normal", "relu"]),
+    per_sample=st.booleans(),
 )
 def test_property_fused_equals_reference(
     batch, channels, height, width, fusion, gates, act, temperatures, learnable_temperature, kernels, dilated,
-    residual, alpha, dtype, kind,
+    residual, alpha, dtype, kind, per_sample,
 ):  # fmt: skip
     use_dilated, dilated_kernel, dilated_d = dilated
     if not kernels and not use_dilated:
@@ -142,17 +180,19 @@ def test_property_fused_equals_reference(
         learnable_alpha=alpha[1] and residual,
         dtype=dtype,
     )
-    assert_paths_agree(randomize(block, 0.3), make_x((batch, channels, height, width), kind, dtype))
+    with unittest.mock.patch.object(_native, "one_sample_per_thread", lambda *args: per_sample):
+        assert_paths_agree(randomize(block, 0.3), make_x((batch, channels, height, width), kind, dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # What needs a gradient, and what does not.
 
 
+@pytest.mark.parametrize("size", [(7, 7), (9, 13)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_input_without_grad_still_trains_the_parameters(dtype):
+def test_input_without_grad_still_trains_the_parameters(dtype, size, mode):
     block = randomize(CBAMResidualDynamicSA(37, min_hidden=2, learnable_alpha=True, alpha_init=0.5, dtype=dtype))
-    assert_paths_agree(block, make_x((2, 37, 9, 13), "relu", dtype), x_requires_grad=False)
+    assert_paths_agree(block, make_x((2, 37, *size), "relu", dtype), x_requires_grad=False)
 
 
 @pytest.mark.parametrize("frozen", ["ca", "sa", "alpha_and_router"])

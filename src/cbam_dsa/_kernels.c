@@ -686,46 +686,131 @@ static void FN(mlp_backward)(const SCALAR *dz, const SCALAR *pools, const SCALAR
 
 /* The whole block's forward: pools = [mean_hw(x); max_hw(x)] (2B x C), the MLP (pre, z), then spatial_forward.
    mlp = (w1, b1, w2, b2, fusion); spatial = (r1w, r1b, r2w, r2b, mixing, bias); outputs pools, pre, z, then
-   spatial_forward's (ca, s, rhid, router, logit, sa, out). dims as spatial_forward's, then mdims. */
+   spatial_forward's (ca, s, rhid, router, logit, sa, out). dims as spatial_forward's, then mdims, then the mode:
+   dims[13] = 1 runs one sample per thread from start to end (the sample's slice of x is read from memory once and
+   then from the cache), 0 runs each stage over the whole batch on all threads (for batches smaller than the thread
+   count). The results are the same either way up to rounding. */
 void FN(block_forward)(const SCALAR *x, const SCALAR *const *mlp, const SCALAR *const *spatial, const int64_t *taps,
                        SCALAR *const *outs, const int64_t *dims, const double *scal, int threads) {
     const int64_t B = dims[0], C = dims[1], P = dims[2] * dims[3], Rm = dims[11], silu = dims[12];
+    const int64_t Rh = dims[4], K = dims[5];
     SCALAR *pools = outs[0], *pre = outs[1], *z = outs[2];
-    FN(pool_hw)(x, pools, pools + B * C, B * C, P, threads);
-    FN(mlp_forward)(pools, mlp[0], mlp[1], mlp[2], mlp[3], mlp[4], pre, z, B, C, Rm, silu, threads);
-    FN(spatial_forward)(x, z, spatial[0], spatial[1], spatial[2], spatial[3], spatial[4], spatial[5], taps, outs[3],
-                        outs[4], outs[5], outs[6], outs[7], outs[8], outs[9], dims, scal, threads);
+    if (!dims[13]) {
+        FN(pool_hw)(x, pools, pools + B * C, B * C, P, threads);
+        FN(mlp_forward)(pools, mlp[0], mlp[1], mlp[2], mlp[3], mlp[4], pre, z, B, C, Rm, silu, threads);
+        FN(spatial_forward)(x, z, spatial[0], spatial[1], spatial[2], spatial[3], spatial[4], spatial[5], taps,
+                            outs[3], outs[4], outs[5], outs[6], outs[7], outs[8], outs[9], dims, scal, threads);
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+        int64_t one[14];
+        for (int i = 0; i < 14; ++i) one[i] = dims[i];
+        one[0] = 1;
+        const SCALAR *xb = x + b * C * P;
+        SCALAR *rows = malloc(sizeof(SCALAR) * (size_t)(2 * C + 2 * Rm)), *pre2 = rows + 2 * C;
+        FN(pool_hw)(xb, rows, rows + C, C, P, 1);
+        FN(mlp_forward)(rows, mlp[0], mlp[1], mlp[2], mlp[3], mlp[4], pre2, z + b * C, 1, C, Rm, silu, 1);
+        for (int64_t c = 0; c < C; ++c) pools[b * C + c] = rows[c], pools[(B + b) * C + c] = rows[C + c];
+        for (int64_t j = 0; j < Rm; ++j) pre[b * Rm + j] = pre2[j], pre[(B + b) * Rm + j] = pre2[Rm + j];
+        FN(spatial_forward)(xb, z + b * C, spatial[0], spatial[1], spatial[2], spatial[3], spatial[4], spatial[5],
+                            taps, outs[3] + b * C, outs[4] + b * 2 * P, outs[5] + b * Rh, outs[6] + b * K,
+                            outs[7] + b * P, outs[8] + b * P, outs[9] + b * C * P, one, scal, 1);
+        free(rows);
+    }
 }
 
 /* The whole block's backward from g, the output's gradient. saved = (z, s, logit, router, rhid, pre, pools; pools
    NULL: recomputed); mlp = (w1, w2, b2, fusion); spatial = (r1w, r2w, mixing, bias). grads = (mixing, bias, r1w,
    r1b, r2w, r2b, w1, b1, w2, b2, fusion, x): the gradients, each skipped where its pointer is NULL (x: NULL skips
-   the pass over x); g_scal = (alpha, T_ca, T_sa). */
+   the pass over x); g_scal = (alpha, T_ca, T_sa). dims as block_forward's (dims[13]: one sample per thread). */
 void FN(block_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *const *saved, const SCALAR *const *mlp,
                         const SCALAR *const *spatial, const int64_t *taps, SCALAR *const *grads, double *g_scal,
                         int need_alpha, const int64_t *dims, const double *scal, int threads) {
     const int64_t B = dims[0], C = dims[1], P = dims[2] * dims[3], Rm = dims[11], silu = dims[12];
-    const int64_t BC = B * C, BP = B * P;
+    const int64_t Rh = dims[4], K = dims[5], T = dims[6], BC = B * C, BP = B * P;
     SCALAR *ca = malloc(sizeof(SCALAR) * (size_t)BC), *dz = malloc(sizeof(SCALAR) * (size_t)BC);
     SCALAR *sa = malloc(sizeof(SCALAR) * (size_t)BP), *cmean = malloc(sizeof(SCALAR) * (size_t)BP);
     SCALAR *coef = malloc(sizeof(SCALAR) * (size_t)BP), *smax = malloc(sizeof(SCALAR) * (size_t)BP);
-    FN(spatial_backward)(g, x, saved[0], saved[1], saved[2], saved[3], saved[4], spatial[0], spatial[1], spatial[2],
-                         spatial[3], taps, ca, sa, dz, cmean, coef, smax, grads[0], grads[1], grads[2], grads[3],
-                         grads[4], grads[5], g_scal, need_alpha, dims, scal, threads);
     SCALAR *own = NULL;
     const SCALAR *pools = saved[6];
-    if (!pools) {
-        own = malloc(sizeof(SCALAR) * (size_t)(2 * BC));
-        FN(pool_hw)(x, own, own + BC, BC, P, threads);
-        pools = own;
+    if (!pools) own = malloc(sizeof(SCALAR) * (size_t)(2 * BC));
+    if (!dims[13]) {
+        FN(spatial_backward)(g, x, saved[0], saved[1], saved[2], saved[3], saved[4], spatial[0], spatial[1],
+                             spatial[2], spatial[3], taps, ca, sa, dz, cmean, coef, smax, grads[0], grads[1],
+                             grads[2], grads[3], grads[4], grads[5], g_scal, need_alpha, dims, scal, threads);
+        if (own) {
+            FN(pool_hw)(x, own, own + BC, BC, P, threads);
+            pools = own;
+        }
+        SCALAR *g_pools = grads[11] ? malloc(sizeof(SCALAR) * (size_t)(2 * BC)) : NULL;
+        FN(mlp_backward)(dz, pools, saved[5], mlp[0], mlp[1], mlp[2], mlp[3], grads[6], grads[7], grads[8],
+                         grads[9], grads[10], g_pools, B, C, Rm, silu, threads);
+        if (grads[11]) {
+            for (int64_t i = 0; i < BC; ++i) g_pools[i] /= (SCALAR)P;
+            FN(grad_x)(g, x, ca, sa, scal[2], (int)dims[10], cmean, coef, smax, g_pools, g_pools + BC, pools + BC,
+                       NULL, grads[11], B, C, P, threads);
+        }
+        free(g_pools);
+    } else {
+        /* One sample per thread: the spatial part, the MLP's adjoints for the sample's rows (the weights' gradients
+           come after, over the whole batch) and x's gradient. The parameters' gradients of each sample are summed
+           after the loop, in sample order. */
+        const int64_t per = K * T + K + 3 * Rh + K * Rh + K;
+        SCALAR *parts = calloc((size_t)(B * per), sizeof(SCALAR));
+        double *scal_parts = malloc(sizeof(double) * (size_t)(B * 3));
+        if (own) pools = own;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t b = 0; b < B; ++b) {
+            int64_t one[14];
+            for (int i = 0; i < 14; ++i) one[i] = dims[i];
+            one[0] = 1;
+            const SCALAR *gb = g + b * C * P, *xb = x + b * C * P;
+            SCALAR *part = parts + b * per;
+            double *sp = scal_parts + b * 3;
+            sp[0] = sp[1] = sp[2] = 0;
+            FN(spatial_backward)(gb, xb, saved[0] + b * C, saved[1] + b * 2 * P, saved[2] + b * P,
+                                 saved[3] + b * K, saved[4] + b * Rh, spatial[0], spatial[1], spatial[2], spatial[3],
+                                 taps, ca + b * C, sa + b * P, dz + b * C, cmean + b * P, coef + b * P, smax + b * P,
+                                 part, part + K * T, part + K * T + K, part + K * T + K + 2 * Rh,
+                                 part + K * T + K + 3 * Rh, part + K * T + K + 3 * Rh + K * Rh, sp, need_alpha, one,
+                                 scal, 1);
+            if (grads[11]) {
+                SCALAR *rows = malloc(sizeof(SCALAR) * (size_t)(4 * C + 2 * Rm)), *g_rows = rows + 2 * C;
+                SCALAR *pre2 = rows + 4 * C;
+                if (own) {
+                    FN(pool_hw)(xb, rows, rows + C, C, P, 1);
+                    for (int64_t c = 0; c < C; ++c) own[b * C + c] = rows[c], own[BC + b * C + c] = rows[C + c];
+                } else {
+                    for (int64_t c = 0; c < C; ++c) rows[c] = pools[b * C + c], rows[C + c] = pools[BC + b * C + c];
+                }
+                for (int64_t j = 0; j < Rm; ++j) pre2[j] = saved[5][b * Rm + j], pre2[Rm + j] = saved[5][(B + b) * Rm + j];
+                FN(mlp_backward)(dz + b * C, rows, pre2, mlp[0], mlp[1], mlp[2], mlp[3], NULL, NULL, NULL, NULL, NULL,
+                                 g_rows, 1, C, Rm, silu, 1);
+                for (int64_t c = 0; c < C; ++c) g_rows[c] /= (SCALAR)P;
+                FN(grad_x)(gb, xb, ca + b * C, sa + b * P, scal[2], (int)dims[10], cmean + b * P, coef + b * P,
+                           smax + b * P, g_rows, g_rows + C, rows + C, NULL, grads[11] + b * C * P, 1, C, P, 1);
+                free(rows);
+            } else if (own) {
+                FN(pool_hw)(xb, own + b * C, own + BC + b * C, C, P, 1);
+            }
+        }
+        const int64_t sizes[6] = {K * T, K, 2 * Rh, Rh, K * Rh, K};
+        for (int64_t j = 0, at = 0; j < (dims[9] ? 6 : 2); at += sizes[j], ++j)
+            for (int64_t i = 0; i < sizes[j]; ++i) {
+                SCALAR total = 0;
+                for (int64_t b = 0; b < B; ++b) total += parts[b * per + at + i];
+                grads[j][i] = total;
+            }
+        for (int i = 0; i < 3; ++i) {
+            double total = 0;
+            for (int64_t b = 0; b < B; ++b) total += scal_parts[b * 3 + i];
+            g_scal[i] = total;
+        }
+        free(parts), free(scal_parts);
+        /* the MLP weights' gradients, over the whole batch */
+        FN(mlp_backward)(dz, pools, saved[5], mlp[0], mlp[1], mlp[2], mlp[3], grads[6], grads[7], grads[8], grads[9],
+                         grads[10], NULL, B, C, Rm, silu, threads);
     }
-    SCALAR *g_pools = grads[11] ? malloc(sizeof(SCALAR) * (size_t)(2 * BC)) : NULL;
-    FN(mlp_backward)(dz, pools, saved[5], mlp[0], mlp[1], mlp[2], mlp[3], grads[6], grads[7], grads[8], grads[9],
-                     grads[10], g_pools, B, C, Rm, silu, threads);
-    if (grads[11]) {
-        for (int64_t i = 0; i < BC; ++i) g_pools[i] /= (SCALAR)P;
-        FN(grad_x)(g, x, ca, sa, scal[2], (int)dims[10], cmean, coef, smax, g_pools, g_pools + BC, pools + BC, NULL,
-                   grads[11], B, C, P, threads);
-    }
-    free(ca), free(dz), free(sa), free(cmean), free(coef), free(smax), free(own), free(g_pools);
+    free(ca), free(dz), free(sa), free(cmean), free(coef), free(smax), free(own);
 }

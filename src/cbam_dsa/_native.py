@@ -42,6 +42,7 @@ __all__ = [
     "SpatialSaved",
     "enabled",
     "kernels",
+    "one_sample_per_thread",
     "supports",
 ]
 
@@ -62,6 +63,16 @@ def enabled() -> bool:
 def supports(x: Tensor) -> bool:
     """Whether the kernels can run on ``x``: a contiguous float32/float64 tensor on the CPU, and they are loaded."""
     return x.dtype in _SUFFIXES and x.device.type == "cpu" and x.is_contiguous() and kernels() is not None
+
+
+def one_sample_per_thread(batch: int, pixels: int, hidden: int) -> bool:
+    """Whether :meth:`Kernels.block_forward` and :meth:`Kernels.block_backward` run each sample on one thread from
+    start to end, so that its slice of the input is read from memory once and from the cache after that.
+
+    That needs at least as many samples as threads, and pays off where a sample's maps are larger than the channel
+    MLP's weights, which each sample then reads again (``pixels >= 2 * hidden``: the two layers hold ``2 * C *
+    hidden`` numbers, a sample ``C * pixels``). Otherwise each stage runs over the whole batch on all threads."""
+    return batch >= torch.get_num_threads() and pixels >= 2 * hidden
 
 
 def _cache_dir() -> Path:
@@ -486,7 +497,7 @@ class Spatial(NamedTuple):
         b, c, h, w = x.shape
         flags = (self.ca_gate == "hardsigmoid", self.sa_gate == "hardsigmoid", self.router_fc1_weight is not None)
         k, t = self.mixing.shape
-        extra = () if mlp is None else (mlp.hidden, mlp.act == "silu")
+        extra = () if mlp is None else (mlp.hidden, mlp.act == "silu", one_sample_per_thread(b, h * w, mlp.hidden))
         return torch.tensor(
             [b, c, h, w, self.router_hidden, k, t, *flags, self.alpha is not None, *extra], dtype=torch.int64
         )
