@@ -128,41 +128,72 @@ void FN(blend)(const SCALAR *x, const SCALAR *ca, const SCALAR *sa, SCALAR *out,
 }
 
 /* Backward of blend, the reductions: t = g * x; gsa[b, p] = sum_c t * ca; gca[b, c] = sum_p t * sa; and, if gsum
-   is given, gsum[b, c] = sum_p t. */
-void FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *sa, SCALAR *gsa, SCALAR *gca,
-                    SCALAR *gsum, int64_t batch, int64_t channels, int64_t count, int threads) {
+   is given, gsum[b, c] = sum_p t. If top (B, P) is given, also ties[b, p] = #c with x * ca == top[b, p] (for
+   pool_c_grad, in the same pass). Sums run in SCALAR over blocks of BLOCK channels or CHUNK pixels, then in double. */
+void FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *sa, const SCALAR *top,
+                    SCALAR *gsa, SCALAR *gca, SCALAR *gsum, SCALAR *ties, int64_t batch, int64_t channels,
+                    int64_t count, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         double *acc = malloc(sizeof(double) * (size_t)count);
+        SCALAR *part = malloc(sizeof(SCALAR) * (size_t)count);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < batch; ++b) {
-            const SCALAR *m = sa + b * count;
+            const SCALAR *m = sa + b * count, *best = top ? top + b * count : NULL;
+            SCALAR *tie = top ? ties + b * count : NULL;
             for (int64_t i = 0; i < count; ++i) acc[i] = 0;
-            for (int64_t c = 0; c < channels; ++c) {
-                const int64_t plane = b * channels + c;
-                const SCALAR *gv = g + plane * count, *xv = x + plane * count;
-                const SCALAR w = ca[plane];
-                double by_sa = 0, plain = 0;
-#pragma omp simd reduction(+ : by_sa, plain)
-                for (int64_t i = 0; i < count; ++i) {
-                    const SCALAR t = gv[i] * xv[i];
-                    acc[i] += t * w;
-                    by_sa += t * m[i];
-                    plain += t;
+            if (tie)
+                for (int64_t i = 0; i < count; ++i) tie[i] = 0;
+            for (int64_t c0 = 0; c0 < channels; c0 += BLOCK) {
+                const int64_t end = c0 + BLOCK < channels ? c0 + BLOCK : channels;
+                for (int64_t i = 0; i < count; ++i) part[i] = 0;
+                for (int64_t c = c0; c < end; ++c) {
+                    const int64_t plane = b * channels + c;
+                    const SCALAR *gv = g + plane * count, *xv = x + plane * count;
+                    const SCALAR w = ca[plane];
+                    double by_sa = 0, plain = 0;
+                    for (int64_t start = 0; start < count; start += CHUNK) {
+                        const int64_t stop = start + CHUNK < count ? start + CHUNK : count;
+                        SCALAR s_sa = 0, s_plain = 0;
+                        if (tie) {
+#pragma omp simd reduction(+ : s_sa, s_plain)
+                            for (int64_t i = start; i < stop; ++i) {
+                                const SCALAR t = gv[i] * xv[i];
+                                part[i] += t * w;
+                                s_sa += t * m[i];
+                                s_plain += t;
+                                tie[i] += xv[i] * w == best[i] ? 1 : 0;
+                            }
+                        } else {
+#pragma omp simd reduction(+ : s_sa, s_plain)
+                            for (int64_t i = start; i < stop; ++i) {
+                                const SCALAR t = gv[i] * xv[i];
+                                part[i] += t * w;
+                                s_sa += t * m[i];
+                                s_plain += t;
+                            }
+                        }
+                        by_sa += s_sa;
+                        plain += s_plain;
+                    }
+                    gca[plane] = (SCALAR)by_sa;
+                    if (gsum) gsum[plane] = (SCALAR)plain;
                 }
-                gca[plane] = (SCALAR)by_sa;
-                if (gsum) gsum[plane] = (SCALAR)plain;
+                for (int64_t i = 0; i < count; ++i) acc[i] += part[i];
             }
             for (int64_t i = 0; i < count; ++i) gsa[b * count + i] = (SCALAR)acc[i];
         }
         free(acc);
+        free(part);
     }
 }
 
-/* Backward of pool_c, the reductions. With y = x * ca, count[p] = #c with y == smax[p] and
-   coef[b, p] = gmax[b, p] / count[p] (written out); gca[b, c] = sum_p (cmean[b, p] + (y == smax) * coef) * x. */
+/* Backward of pool_c, the reductions. With y = x * ca, count[p] = #c with y == smax[p] (counted here, or given as
+   counted, (B, P)) and coef[b, p] = gmax[b, p] / count[p] (written out); gca[b, c] = sum_p (cmean[b, p] + (y == smax)
+   * coef) * x. */
 void FN(pool_c_grad)(const SCALAR *x, const SCALAR *ca, const SCALAR *smax, const SCALAR *cmean, const SCALAR *gmax,
-                     SCALAR *coef, SCALAR *gca, int64_t batch, int64_t channels, int64_t count, int threads) {
+                     const SCALAR *counted, SCALAR *coef, SCALAR *gca, int64_t batch, int64_t channels, int64_t count,
+                     int threads) {
 #pragma omp parallel num_threads(threads)
     {
         SCALAR *ties = malloc(sizeof(SCALAR) * (size_t)count);
@@ -170,12 +201,16 @@ void FN(pool_c_grad)(const SCALAR *x, const SCALAR *ca, const SCALAR *smax, cons
         for (int64_t b = 0; b < batch; ++b) {
             const SCALAR *top = smax + b * count, *mean = cmean + b * count;
             SCALAR *k = coef + b * count;
-            for (int64_t i = 0; i < count; ++i) ties[i] = 0;
-            for (int64_t c = 0; c < channels; ++c) {
-                const SCALAR *xv = x + (b * channels + c) * count;
-                const SCALAR w = ca[b * channels + c];
+            if (counted) {
+                for (int64_t i = 0; i < count; ++i) ties[i] = counted[b * count + i];
+            } else {
+                for (int64_t i = 0; i < count; ++i) ties[i] = 0;
+                for (int64_t c = 0; c < channels; ++c) {
+                    const SCALAR *xv = x + (b * channels + c) * count;
+                    const SCALAR w = ca[b * channels + c];
 #pragma omp simd
-                for (int64_t i = 0; i < count; ++i) ties[i] += xv[i] * w == top[i] ? 1 : 0;
+                    for (int64_t i = 0; i < count; ++i) ties[i] += xv[i] * w == top[i] ? 1 : 0;
+                }
             }
             for (int64_t i = 0; i < count; ++i) k[i] = gmax[b * count + i] / ties[i];
             for (int64_t c = 0; c < channels; ++c) {
@@ -456,9 +491,12 @@ void FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *z, con
     SCALAR *tapw = malloc(sizeof(SCALAR) * (size_t)(B * T)), *gtaps = malloc(sizeof(SCALAR) * (size_t)(B * T));
     SCALAR *gs = malloc(sizeof(SCALAR) * (size_t)(B * 2 * P)), *per_sample = malloc(sizeof(SCALAR) * (size_t)B);
 
+    SCALAR *ties = malloc(sizeof(SCALAR) * (size_t)(B * P));
     FN(gate_all)(z, ca, B * C, scal[0], dims[7]);
     FN(gate_all)(logit, sa, B * P, scal[1], dims[8]);
-    FN(blend_grad)(g, x, ca, sa, gsa, gca, gsum, B, C, P, threads);
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t p = 0; p < P; ++p) smax[b * P + p] = s[(b * 2 + 1) * P + p];
+    FN(blend_grad)(g, x, ca, sa, smax, gsa, gca, gsum, ties, B, C, P, threads);
     if (need_alpha) {
         double total = 0;
         for (int64_t i = 0; i < B * C; ++i) total += (double)ca[i] * gca[i] - gsum[i];
@@ -530,12 +568,12 @@ void FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *z, con
         for (int64_t p = 0; p < P; ++p) {
             cmean[b * P + p] = gs[b * 2 * P + p] / (SCALAR)C;
             gmax[b * P + p] = gs[(b * 2 + 1) * P + p];
-            smax[b * P + p] = s[(b * 2 + 1) * P + p];
         }
-    FN(pool_c_grad)(x, ca, smax, cmean, gmax, coef, gpool, B, C, P, threads);
+    FN(pool_c_grad)(x, ca, smax, cmean, gmax, ties, coef, gpool, B, C, P, threads);
     for (int64_t i = 0; i < B * C; ++i) gca[i] += gpool[i];
     g_scal[1] = -FN(gate_back)(gca, z, ca, dz, B * C, scal[0], dims[7]) / (scal[0] * scal[0]);
     free(gsa), free(gmax), free(gca), free(gpool), free(gsum), free(tapw), free(gtaps), free(gs), free(per_sample);
+    free(ties);
 }
 
 /* ---------------------------------------------------------------------------------------------------------------

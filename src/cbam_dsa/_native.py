@@ -146,8 +146,8 @@ _SIGNATURES = {
     "pool_hw": (_PTR, _PTR, _PTR, _I64, _I64, _INT),
     "pool_c": (_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT),
     "blend": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _DOUBLE, _INT, _INT),
-    "blend_grad": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT),
-    "pool_c_grad": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT),
+    "blend_grad": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT),
+    "pool_c_grad": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT),
     "grad_x": (_PTR, _PTR, _PTR, _PTR, _DOUBLE, _INT, *(_PTR,) * 8, _I64, _I64, _I64, _INT),
     "spatial_forward": (*(_PTR,) * 18, _INT),
     "spatial_backward": (*(_PTR,) * 25, _INT, _PTR, _PTR, _INT),
@@ -243,7 +243,7 @@ class Kernels:
         plain = x.new_empty(b, c, 1, 1) if plain_sum else None
         ca, sa = _ready(ca, x.dtype), _ready(sa, x.dtype)  # kept alive through the call
         self._functions["blend_grad", x.dtype](
-            _ptr(g), _ptr(x), _ptr(ca), _ptr(sa), _ptr(by_ca), _ptr(by_sa), _ptr(plain),
+            _ptr(g), _ptr(x), _ptr(ca), _ptr(sa), None, _ptr(by_ca), _ptr(by_sa), _ptr(plain), None,
             b, c, h * w, torch.get_num_threads(),
         )  # fmt: skip
         return (by_ca, by_sa) if plain is None else (by_ca, by_sa, plain)
@@ -260,7 +260,7 @@ class Kernels:
         coef, grad_ca = x.new_empty(b, 1, h, w), x.new_empty(b, c, 1, 1)
         ca, smax, cmean, gmax = (_ready(t, x.dtype) for t in (ca, smax, cmean, gmax))  # kept alive
         self._functions["pool_c_grad", x.dtype](
-            _ptr(x), _ptr(ca), _ptr(smax), _ptr(cmean), _ptr(gmax), _ptr(coef), _ptr(grad_ca), b, c, h * w,
+            _ptr(x), _ptr(ca), _ptr(smax), _ptr(cmean), _ptr(gmax), None, _ptr(coef), _ptr(grad_ca), b, c, h * w,
             torch.get_num_threads(),
         )  # fmt: skip
         return coef, grad_ca
