@@ -31,7 +31,7 @@ KINDS = ["normal", "relu", "integers"]
 # then four rows at a time and a remainder), H * W > 256 (several 256-pixel tiles), exactly one full tile.
 SHAPES = [(1, 1, 1, 1), (2, 3, 1, 1), (1, 5, 3, 7), (2, 37, 5, 3), (1, 70, 17, 19), (2, 8, 16, 16)]
 KERNEL_NAMES = (
-    "pool_hw", "pool_c", "blend", "blend_grad", "pool_c_grad", "grad_x", "spatial_forward", "spatial_backward",
+    "pool_hw", "pool_c", "blend", "blend_grad", "pool_c_grad", "grad_x",
     "block_forward", "block_backward",
 )  # fmt: skip
 

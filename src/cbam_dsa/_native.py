@@ -37,9 +37,6 @@ __all__ = [
     "Kernels",
     "Mlp",
     "Spatial",
-    "SpatialBackward",
-    "SpatialForward",
-    "SpatialSaved",
     "enabled",
     "kernels",
     "one_sample_per_thread",
@@ -149,8 +146,6 @@ _SIGNATURES = {
     "blend_grad": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT),
     "pool_c_grad": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT),
     "grad_x": (_PTR, _PTR, _PTR, _PTR, _DOUBLE, _INT, *(_PTR,) * 8, _I64, _I64, _I64, _INT),
-    "spatial_forward": (*(_PTR,) * 18, _INT),
-    "spatial_backward": (*(_PTR,) * 25, _INT, _PTR, _PTR, _INT),
     "block_forward": (*(_PTR,) * 7, _INT),
     "block_backward": (*(_PTR,) * 8, _INT, _PTR, _PTR, _INT),
     "tap_conv": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT),
@@ -349,82 +344,34 @@ class Kernels:
         )
         return out
 
-    def spatial_forward(self, x: Tensor, z: Tensor, params: Spatial) -> SpatialForward:
-        """The block's forward after the channel MLP: ``ca = gate(z / T_ca)``, the pooling over C, the router, the
-        merged branches (``router @ mixing`` over ``taps``), ``sa = gate(logit / T_sa)`` and the blend, in one call.
-
-        Shape:
-            - x: :math:`(B, C, H, W)`; z: :math:`(B, C)`
-            - Output: :class:`SpatialForward`
-        """
-        b, c, h, w = x.shape
-        k, rh = params.mixing.shape[0], params.router_hidden
-        new = x.new_empty
-        f = SpatialForward(new(b, c, 1, 1), new(b, 2, h, w), new(b, rh), new(b, k), new(b, 1, h, w), new(b, 1, h, w),
-                           torch.empty_like(x))  # fmt: skip
-        keep = [_ready(t, x.dtype) for t in (z, *params.tensors())]  # kept alive through the call
-        dims, scal = params.dims(x), params.scalars()
-        self._functions["spatial_forward", x.dtype](
-            _ptr(x), *(_ptr(t) for t in keep), _ptr(params.taps), *(_ptr(t) for t in f), _ptr(dims), _ptr(scal),
-            torch.get_num_threads(),
-        )  # fmt: skip
-        return f
-
-    def spatial_backward(
-        self, grad: Tensor, x: Tensor, z: Tensor, saved: SpatialSaved, params: Spatial, need_alpha: bool
-    ) -> SpatialBackward:
-        """:meth:`spatial_forward`'s backward pass from the output's gradient down to ``dz``, the gradient of the
-        channel gate's input, from what the forward pass kept (``saved``).
-
-        Shape:
-            - grad, x: :math:`(B, C, H, W)`; z: :math:`(B, C)`
-            - Output: :class:`SpatialBackward`
-        """
-        b, c, h, w = x.shape
-        k, rh, t = params.mixing.shape[0], params.router_hidden, params.taps.shape[0]
-        new = x.new_empty
-        out = SpatialBackward(
-            new(b, c, 1, 1), new(b, 1, h, w), new(b, c), new(b, 1, h, w), new(b, 1, h, w), new(b, 1, h, w),
-            new(k, t), new(k), new(rh, 2), new(rh), new(k, rh), new(k), torch.zeros(3, dtype=torch.float64),
-        )  # fmt: skip
-        r1w, _, r2w, _, mixing, bias = (_ready(t, x.dtype) for t in params.tensors())  # kept alive
-        z, s, logit, router, hidden = (_ready(t, x.dtype) for t in (z, *saved))
-        dims, scal = params.dims(x), params.scalars()
-        self._functions["spatial_backward", x.dtype](
-            _ptr(grad), _ptr(x), _ptr(z), _ptr(s), _ptr(logit), _ptr(router), _ptr(hidden), _ptr(r1w), _ptr(r2w),
-            _ptr(mixing), _ptr(bias), _ptr(params.taps), *(_ptr(t) for t in out[:12]), _ptr(out.scalars),
-            int(need_alpha), _ptr(dims), _ptr(scal), torch.get_num_threads(),
-        )  # fmt: skip
-        return out
-
     def block_forward(self, x: Tensor, mlp: Mlp, params: Spatial) -> BlockForward:
-        """The whole block's forward in one call: the pooling over H, W, the channel MLP (fused on its hidden
-        layer: ``z = (w0 * act(pre_avg) + w1 * act(pre_max)) @ W2^T + (w0 + w1) * b2``), then
-        :meth:`spatial_forward`'s work.
+        """The whole block's forward in one call: the pooling over H, W; the channel MLP, fused on its hidden layer
+        (``z = (w0 * act(pre_avg) + w1 * act(pre_max)) @ W2^T + (w0 + w1) * b2``); the channel gate ``ca =
+        gate(z / T_ca)``; the pooling over C of ``x * ca``; the router; the merged branches (``router @ mixing`` over
+        ``taps``); ``sa = gate(logit / T_sa)``; and the blend.
 
         Shape:
             - x: :math:`(B, C, H, W)`
             - Output: :class:`BlockForward`
         """
-        b, c = x.shape[:2]
-        new = x.new_empty
-        f = BlockForward(new(2 * b, c), new(2 * b, mlp.hidden), new(b, c), *self._spatial_outputs(x, params))
-        mlp_tensors = [_ready(t, x.dtype) for t in mlp.tensors()]  # kept alive through the call
-        spatial = [_ready(t, x.dtype) for t in params.tensors()]
-        self._functions["block_forward", x.dtype](
-            _ptr(x), ctypes.addressof(m := _pointers(mlp_tensors)), ctypes.addressof(sp := _pointers(spatial)),
-            _ptr(params.taps), ctypes.addressof(o := _pointers(f)), _ptr(dims := params.dims(x, mlp)),
-            _ptr(scal := params.scalars()), torch.get_num_threads(),
-        )  # fmt: skip
-        del m, sp, o, dims, scal
-        return f
-
-    def _spatial_outputs(self, x: Tensor, params: Spatial) -> SpatialForward:
         b, c, h, w = x.shape
-        k, rh = params.mixing.shape[0], params.router_hidden
-        new = x.new_empty
-        return SpatialForward(new(b, c, 1, 1), new(b, 2, h, w), new(b, rh), new(b, k), new(b, 1, h, w),
-                              new(b, 1, h, w), torch.empty_like(x))  # fmt: skip
+        new, dtype = x.new_empty, x.dtype
+        f = BlockForward(
+            new(2 * b, c), new(2 * b, mlp.fc1_weight.shape[0]), new(b, c), new(b, c, 1, 1), new(b, 2, h, w),
+            new(b, params.router_hidden), new(b, params.mixing.shape[0]), new(b, 1, h, w), new(b, 1, h, w),
+            torch.empty_like(x),
+        )  # fmt: skip
+        inputs = [_ready(t, dtype) for t in mlp[:5]]  # kept alive through the call
+        inputs += [None if t is None else _ready(t, dtype) for t in params[:6]]
+        pointers = _pointers([x, *inputs, params.taps, *f])  # x, mlp (5), spatial (6), taps, outputs (10)
+        at = ctypes.addressof(pointers)
+        self._functions["block_forward", dtype](
+            x.data_ptr(), at + 8, at + 48, params.taps.data_ptr(), at + 104,
+            ctypes.addressof(dims := params.dims(x, mlp)), ctypes.addressof(scal := params.scalars()),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        del dims, scal
+        return f
 
     def block_backward(
         self,
@@ -444,8 +391,8 @@ class Kernels:
             - Output: :class:`BlockBackward`
         """
         c = x.shape[1]
-        k, rh, t, rm = params.mixing.shape[0], params.router_hidden, params.taps.shape[0], mlp.hidden
-        new = x.new_empty
+        k, rh, t, rm = params.mixing.shape[0], params.router_hidden, params.taps.shape[0], mlp.fc1_weight.shape[0]
+        new, dtype = x.new_empty, x.dtype
         out = BlockBackward(
             new(k, t), new(k), new(rh, 2), new(rh), new(k, rh), new(k),
             new(rm, c) if needs.fc1_weight else None, new(rm) if needs.fc1_bias else None,
@@ -453,22 +400,25 @@ class Kernels:
             new(2) if needs.fusion else None, torch.empty_like(x) if needs.x else None,
             torch.zeros(3, dtype=torch.float64),
         )  # fmt: skip
-        keep = [None if v is None else _ready(v, x.dtype) for v in saved]  # kept alive through the call
-        mlp_tensors = [_ready(v, x.dtype) for v in mlp.tensors()]
-        r1w, _, r2w, _, mixing, bias = (_ready(v, x.dtype) for v in params.tensors())
-        self._functions["block_backward", x.dtype](
-            _ptr(grad), _ptr(x), ctypes.addressof(sv := _pointers(keep)),
-            ctypes.addressof(m := _pointers([mlp_tensors[0], mlp_tensors[2], mlp_tensors[3], mlp_tensors[4]])),
-            ctypes.addressof(sp := _pointers([r1w, r2w, mixing, bias])), _ptr(params.taps),
-            ctypes.addressof(gr := _pointers(out[:12])), _ptr(out.scalars), int(needs.alpha),
-            _ptr(dims := params.dims(x, mlp)), _ptr(scal := params.scalars()), torch.get_num_threads(),
+        inputs = [None if v is None else _ready(v, dtype) for v in saved]  # kept alive through the call
+        inputs += [_ready(v, dtype) for v in (mlp.fc1_weight, mlp.fc2_weight, mlp.fc2_bias, mlp.fusion)]
+        spatial = (params.router_fc1_weight, params.router_fc2_weight, params.mixing, params.bias)
+        inputs += [None if v is None else _ready(v, dtype) for v in spatial]
+        # saved (7), mlp (4), spatial (4), gradients (12)
+        pointers = _pointers([*inputs, *out[:12]])
+        at = ctypes.addressof(pointers)
+        self._functions["block_backward", dtype](
+            grad.data_ptr(), x.data_ptr(), at, at + 56, at + 88, params.taps.data_ptr(), at + 120,
+            out.scalars.data_ptr(), int(needs.alpha), ctypes.addressof(dims := params.dims(x, mlp)),
+            ctypes.addressof(scal := params.scalars()), torch.get_num_threads(),
         )  # fmt: skip
-        del sv, m, sp, gr, dims, scal
+        del dims, scal
         return out
 
 
 class Spatial(NamedTuple):
-    """The light parameters of :meth:`Kernels.spatial_forward` (router tensors ``None`` without a router)."""
+    """The light parameters after the channel MLP, for :meth:`Kernels.block_forward` (router tensors ``None`` without
+    a router)."""
 
     router_fc1_weight: Tensor | None  # (Rh, 2, 1, 1)
     router_fc1_bias: Tensor | None  # (Rh,)
@@ -487,67 +437,23 @@ class Spatial(NamedTuple):
     def router_hidden(self) -> int:
         return 1 if self.router_fc1_weight is None else self.router_fc1_weight.shape[0]
 
-    def tensors(self) -> tuple[Tensor, ...]:
-        """The six parameter tensors, a placeholder for each missing one of the router."""
-        dummy = self.mixing.new_zeros(1)
-        router = (dummy,) * 4 if self.router_fc1_weight is None else self[:4]
-        return (*router, self.mixing, self.bias)
-
-    def dims(self, x: Tensor, mlp: Mlp | None = None) -> Tensor:
+    def dims(self, x: Tensor, mlp: Mlp) -> ctypes.Array:
+        """The kernels' ``dims`` array: ``(B, C, H, W, router hidden, K, T, ca gate hard, sa gate hard, has router,
+        use alpha, MLP hidden, MLP activation silu, one sample per thread)``."""
         b, c, h, w = x.shape
-        flags = (self.ca_gate == "hardsigmoid", self.sa_gate == "hardsigmoid", self.router_fc1_weight is not None)
         k, t = self.mixing.shape
-        extra = () if mlp is None else (mlp.hidden, mlp.act == "silu", one_sample_per_thread(b, h * w, mlp.hidden))
-        return torch.tensor(
-            [b, c, h, w, self.router_hidden, k, t, *flags, self.alpha is not None, *extra], dtype=torch.int64
+        rm = mlp.fc1_weight.shape[0]
+        return (ctypes.c_int64 * 14)(
+            b, c, h, w, self.router_hidden, k, t, self.ca_gate == "hardsigmoid", self.sa_gate == "hardsigmoid",
+            self.router_fc1_weight is not None, self.alpha is not None, rm, mlp.act == "silu",
+            one_sample_per_thread(b, h * w, rm),
+        )  # fmt: skip
+
+    def scalars(self) -> ctypes.Array:
+        """The kernels' ``scal`` array: ``(T_ca, T_sa, alpha)``."""
+        return (ctypes.c_double * 3)(
+            self.ca_temperature, self.sa_temperature, 1.0 if self.alpha is None else self.alpha
         )
-
-    def scalars(self) -> Tensor:
-        alpha = 1.0 if self.alpha is None else self.alpha
-        return torch.tensor([self.ca_temperature, self.sa_temperature, alpha], dtype=torch.float64)
-
-
-class SpatialForward(NamedTuple):
-    """The outputs of :meth:`Kernels.spatial_forward`."""
-
-    ca: Tensor  # (B, C, 1, 1)
-    s: Tensor  # (B, 2, H, W)
-    router_hidden: Tensor  # (B, Rh)
-    router: Tensor  # (B, K)
-    logit: Tensor  # (B, 1, H, W)
-    sa: Tensor  # (B, 1, H, W)
-    out: Tensor  # (B, C, H, W)
-
-
-class SpatialSaved(NamedTuple):
-    """What :meth:`Kernels.spatial_backward` needs of :meth:`Kernels.spatial_forward`'s outputs."""
-
-    s: Tensor
-    logit: Tensor
-    router: Tensor
-    router_hidden: Tensor
-
-    @classmethod
-    def of(cls, forward: SpatialForward) -> SpatialSaved:
-        return cls(forward.s, forward.logit, forward.router, forward.router_hidden)
-
-
-class SpatialBackward(NamedTuple):
-    """The outputs of :meth:`Kernels.spatial_backward`."""
-
-    ca: Tensor  # (B, C, 1, 1), recomputed
-    sa: Tensor  # (B, 1, H, W), recomputed
-    dz: Tensor  # (B, C)
-    cmean: Tensor  # (B, 1, H, W): the terms of x's gradient from the pooling over C (see grad_x)
-    coef: Tensor
-    smax: Tensor
-    mixing: Tensor  # the parameters' gradients
-    bias: Tensor
-    router_fc1_weight: Tensor
-    router_fc1_bias: Tensor
-    router_fc2_weight: Tensor
-    router_fc2_bias: Tensor
-    scalars: Tensor  # float64 (alpha, T_ca, T_sa)
 
 
 class Mlp(NamedTuple):
@@ -561,16 +467,9 @@ class Mlp(NamedTuple):
     fusion: Tensor  # (2,)
     act: str  # "relu" or "silu"
 
-    @property
-    def hidden(self) -> int:
-        return self.fc1_weight.shape[0]
-
-    def tensors(self) -> tuple[Tensor, ...]:
-        return self[:5]
-
 
 class BlockForward(NamedTuple):
-    """The outputs of :meth:`Kernels.block_forward`: the pooled rows, the MLP's, then :class:`SpatialForward`'s."""
+    """The outputs of :meth:`Kernels.block_forward`."""
 
     pools: Tensor  # (2B, C): [avg; max]
     pre: Tensor  # (2B, Rm): the MLP's first layer, before the activation
