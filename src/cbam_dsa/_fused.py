@@ -32,6 +32,7 @@ Everything here is tested equal to the reference path, outputs and gradients (``
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -71,6 +72,7 @@ class Spec(NamedTuple):
     taps: Tensor
     gather: Tensor
     branches: int
+    layout: Tensor  # the taps, gather and kernel sizes packed for the kernels (:func:`._native.block_layout`)
 
 
 RAW_FIELDS = (
@@ -119,38 +121,37 @@ class Inputs(NamedTuple):
 # Forward.
 
 
-def _alpha(p: Inputs) -> float | None:
-    return None if p.alpha is None else float(p.alpha)
+# The positions in RAW_FIELDS of the kernels' inputs (the temperatures go to them as numbers), the branch kernels and
+# biases after them.
+_KERNEL_FIELDS = (0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14)
 
 
-def _spatial(p: Inputs, spec: Spec) -> _native.Spatial:
-    """The light parameters after the channel MLP, for :meth:`._native.Kernels.spatial_forward`."""
-    return _native.Spatial(
-        p.router_fc1_weight,
-        p.router_fc1_bias,
-        p.router_fc2_weight,
-        p.router_fc2_bias,
-        p.mixing,
-        p.branch_bias,
-        spec.taps,
-        spec.ca_gate,
-        spec.sa_gate,
-        float(p.ca_temperature),
-        float(p.sa_temperature),
-        _alpha(p),
+def _ready(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or (t.dtype == dtype and t.is_contiguous()) else t.to(dtype).contiguous()
+
+
+def _kernel_inputs(raw: tuple[Tensor | None, ...]) -> list[Tensor | None]:
+    """The kernels' inputs from the block's own tensors, in ``x``'s dtype, contiguous."""
+    dtype, n = raw[0].dtype, len(RAW_FIELDS)
+    return [_ready(raw[i], dtype) for i in _KERNEL_FIELDS] + [_ready(t, dtype) for t in raw[n:]]
+
+
+def _temperatures(raw: tuple[Tensor | None, ...]) -> tuple[float, float]:
+    """The effective temperatures ``(T_ca, T_sa)``."""
+    return float(_temperature(raw[6], raw[7])), float(_temperature(raw[8], raw[9]))
+
+
+def _dims(inputs: list[Tensor | None], spec: Spec) -> Any:
+    return _native.block_dims(
+        inputs[0], inputs, spec.branches, spec.taps.shape[0], (spec.ca_gate, spec.sa_gate), spec.act
     )
 
 
-def _mlp(p: Inputs, spec: Spec) -> _native.Mlp:
-    """The channel MLP's parameters, for :meth:`._native.Kernels.block_forward`."""
-    return _native.Mlp(p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias, p.fusion_w, spec.act)
-
-
-def fused_forward(p: Inputs, spec: Spec) -> _native.BlockForward:
-    """The block on the kernels, in one call (:meth:`._native.Kernels.block_forward`: pooling over H, W; the MLP on
-    both descriptors, fused on its hidden layer; then everything after it), with everything its backward pass
-    needs."""
-    return _native.kernels().block_forward(p.x, _mlp(p, spec), _spatial(p, spec))
+def fused_forward(raw: tuple[Tensor | None, ...], spec: Spec) -> _native.BlockForward:
+    """The block on the kernels from its own tensors (:data:`RAW_FIELDS`), in one call
+    (:meth:`._native.Kernels.block_forward`), with everything its backward pass needs."""
+    inputs = _kernel_inputs(raw)
+    return _native.kernels().block_forward(inputs, spec.layout, _dims(inputs, spec), _temperatures(raw))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,24 +198,21 @@ class FusedBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, spec: Spec, *raw: Tensor | None) -> Tensor:
-        p = derive(raw, spec)
-        f = fused_forward(p, spec)
-        keep = p.x.shape[2] * p.x.shape[3] >= KEEP_POOLS_FROM_PIXELS
+        f = fused_forward(raw, spec)
+        keep = raw[0].shape[2] * raw[0].shape[3] >= KEEP_POOLS_FROM_PIXELS
         saved = _native.BlockSaved(f.z, f.s, f.logit, f.router, f.router_hidden, f.pre, f.pools if keep else None)
-        ctx.save_for_backward(*raw, *p, *saved)
+        ctx.save_for_backward(*raw, *saved)
         ctx.spec = spec
         return f.out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
-        n, m = len(ctx.needs_input_grad) - 1, len(Inputs._fields)
-        raw, p, rest = saved[:n], Inputs(*saved[n : n + m]), saved[n + m :]
-        needs = ctx.needs_input_grad[1:]
+        n = len(ctx.needs_input_grad) - 1
+        raw, needs = saved[:n], ctx.needs_input_grad[1:]
         if torch.is_grad_enabled():
             return (None, *_differentiable_backward(raw, needs, ctx.spec, grad_out))
-        grads = _backward(p, _derived_needs(needs, ctx.spec), ctx.spec, grad_out, _native.BlockSaved(*rest))
-        return (None, *_raw_grads(raw, needs, ctx.spec, p, grads))
+        return (None, *_backward(raw, needs, ctx.spec, grad_out, _native.BlockSaved(*saved[n:])))
 
 
 def _differentiable_backward(raw: tuple, needs: tuple[bool, ...], spec: Spec, grad_out: Tensor) -> tuple:
@@ -227,57 +225,6 @@ def _differentiable_backward(raw: tuple, needs: tuple[bool, ...], spec: Spec, gr
     return tuple(next(found) if need else None for need in needs)
 
 
-def _derived_needs(needs: tuple[bool, ...], spec: Spec) -> Inputs:
-    """Which of :class:`Inputs` need a gradient, given which raw inputs do."""
-    n, k = len(RAW_FIELDS), spec.branches
-    raw = dict(zip(RAW_FIELDS, needs[:n], strict=True))
-    return Inputs(
-        *(raw[name] for name in RAW_FIELDS[:5]),
-        raw["fusion_logits"],
-        raw["ca_temperature"] or raw["ca_temperature_log_scale"],
-        any(needs[n : n + k]),
-        any(needs[n + k :]),
-        *(raw[name] for name in RAW_FIELDS[11:]),
-        raw["sa_temperature"] or raw["sa_temperature_log_scale"],
-        raw["alpha"],
-    )
-
-
-def _raw_grads(raw: tuple, needs: tuple[bool, ...], spec: Spec, p: Inputs, g: Inputs) -> list[Tensor | None]:
-    """The gradients of the raw inputs from those of :class:`Inputs` (the chain rule through :func:`derive`)."""
-    n, k = len(RAW_FIELDS), spec.branches
-    named = dict(zip(RAW_FIELDS, raw[:n], strict=True))
-    grads: dict[str, Tensor | None] = {name: getattr(g, name) for name in RAW_FIELDS[:5] + RAW_FIELDS[10:]}
-    if needs[5]:
-        grads["fusion_logits"] = _aten._softmax_backward_data(g.fusion_w, p.fusion_w, 0, p.fusion_w.dtype)
-    for part in ("ca", "sa"):
-        grad_t, base, log_scale = (
-            getattr(g, f"{part}_temperature"),
-            f"{part}_temperature",
-            f"{part}_temperature_log_scale",
-        )
-        if grad_t is not None:  # T = base * exp(log_scale)
-            if named[log_scale] is not None:
-                grads[log_scale] = grad_t * getattr(p, base)
-            grads[base] = grad_t if named[log_scale] is None else grad_t * torch.exp(named[log_scale])
-    out: list[Tensor | None] = [
-        _like(grads.get(name), named[name]) if need else None for name, need in zip(RAW_FIELDS, needs[:n], strict=True)
-    ]
-    weights, biases = raw[n : n + k], raw[n + k :]
-    if any(needs[n : n + k]):
-        flat = g.mixing.new_zeros(sum(w.numel() for w in weights) + 1).index_add_(0, spec.gather, g.mixing.reshape(-1))
-        parts = flat.split([w.numel() for w in weights] + [1])
-        out += [
-            _like(part.view_as(w), w) if need else None
-            for part, w, need in zip(parts, weights, needs[n : n + k], strict=False)
-        ]
-    else:
-        out += [None] * k
-    parts = g.branch_bias.split([b.numel() for b in biases]) if any(needs[n + k :]) else [None] * k
-    out += [_like(part, b) if need else None for part, b, need in zip(parts, biases, needs[n + k :], strict=True)]
-    return out
-
-
 def _like(grad: Tensor | None, t: Tensor | None) -> Tensor | None:
     """``grad`` in ``t``'s dtype and shape."""
     if grad is None or t is None:
@@ -286,32 +233,33 @@ def _like(grad: Tensor | None, t: Tensor | None) -> Tensor | None:
     return grad if grad.shape == t.shape else grad.reshape(t.shape)
 
 
-def _backward(p: Inputs, needs: Inputs, spec: Spec, grad_out: Tensor, saved: _native.BlockSaved) -> Inputs:
+def _backward(
+    raw: tuple[Tensor | None, ...], needs: tuple[bool, ...], spec: Spec, grad_out: Tensor, saved: _native.BlockSaved
+) -> list[Tensor | None]:
     """The first-order gradients of :class:`FusedBlock`'s inputs, in one kernel call
-    (:meth:`._native.Kernels.block_backward`: the blend and the spatial part, the MLP's adjoints, then x's gradient
-    in one pass)."""
-    wanted = _native.BlockNeeds(
-        needs.fc1_weight, needs.fc1_bias, needs.fc2_weight, needs.fc2_bias, needs.fusion_w, needs.x, needs.alpha
+    (:meth:`._native.Kernels.block_backward`: the blend and the spatial part, the MLP's adjoints, x's gradient in one
+    pass, and the chain rule to the fusion logits and the branch kernels); the temperatures' chain rule here."""
+    n = len(RAW_FIELDS)
+    inputs = _kernel_inputs(raw)
+    wanted = [needs[i] for i in _KERNEL_FIELDS] + list(needs[n:])
+    grads, scalars = _native.kernels().block_backward(
+        grad_out.contiguous(), inputs, saved, spec.layout, wanted, _dims(inputs, spec), _temperatures(raw)
     )
-    gb = _native.kernels().block_backward(grad_out.contiguous(), p.x, saved, _mlp(p, spec), _spatial(p, spec), wanted)
-    scalars = gb.scalars.to(p.x.dtype)
-    g: dict[str, Tensor | None] = {
-        "x": gb.x,
-        "fc1_weight": _like(gb.fc1_weight, p.fc1_weight),
-        "fc1_bias": gb.fc1_bias,
-        "fc2_weight": _like(gb.fc2_weight, p.fc2_weight),
-        "fc2_bias": gb.fc2_bias,
-        "fusion_w": gb.fusion,
-        "alpha": None if p.alpha is None else scalars[0].reshape(p.alpha.shape),
-        "ca_temperature": scalars[1].reshape(p.ca_temperature.shape),
-        "sa_temperature": scalars[2].reshape(p.sa_temperature.shape),
-        "mixing": gb.mixing,
-        "branch_bias": gb.bias,
-    }
-    if p.router_fc1_weight is not None:
-        for name in ("router_fc1_weight", "router_fc1_bias", "router_fc2_weight", "router_fc2_bias"):
-            g[name] = getattr(gb, name).view_as(getattr(p, name))
-    return Inputs(*(g.get(name) if need else None for name, need in zip(Inputs._fields, needs, strict=True)))
+    out: list[Tensor | None] = [None] * len(raw)
+    for grad, i in zip(grads, [*_KERNEL_FIELDS, *range(n, len(raw))], strict=True):
+        out[i] = _like(grad, raw[i])
+    scalars = scalars.to(raw[0].dtype)
+    if needs[10]:
+        out[10] = _like(scalars[0], raw[10])
+    for grad_t, base, log_scale in ((scalars[1], 6, 7), (scalars[2], 8, 9)):  # T = base * exp(log_scale)
+        if raw[log_scale] is None:
+            out[base] = _like(grad_t, raw[base]) if needs[base] else None
+            continue
+        if needs[log_scale]:
+            out[log_scale] = _like(grad_t * _temperature(raw[base], raw[log_scale]).to(grad_t.dtype), raw[log_scale])
+        if needs[base]:
+            out[base] = _like(grad_t * torch.exp(raw[log_scale]).to(grad_t.dtype), raw[base])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -354,7 +302,7 @@ def block_inputs(block: CBAMResidualDynamicSA, x: Tensor, alpha: Tensor | None) 
     part, spatial = block.ca, block.sa
     weights, biases, dilations = spatial.branch_params()
     specs = tuple((int(weight.shape[-1]), int(d)) for weight, d in zip(weights, dilations, strict=True))
-    taps, gather = _tapconv.tap_layout(specs, 2)
+    taps, gather, layout = _layout(specs)
     raw = (
         x,
         *part.mlp_params(),
@@ -368,7 +316,15 @@ def block_inputs(block: CBAMResidualDynamicSA, x: Tensor, alpha: Tensor | None) 
         *weights,
         *biases,
     )
-    return raw, Spec(part.act, part.gate, spatial.gate, taps, gather, len(specs))
+    return raw, Spec(part.act, part.gate, spatial.gate, taps, gather, len(specs), layout)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(specs: tuple[tuple[int, int], ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(taps, gather, layout)`` of the branches ``specs = ((size, dilation), ...)`` on 2 descriptor maps."""
+    taps, gather = _tapconv.tap_layout(specs, 2)
+    with torch.inference_mode(False):  # cached tensors must stay usable by autograd later
+        return taps, gather, _native.block_layout(taps, gather, [2 * size * size for size, _ in specs])
 
 
 def block_forward(block: CBAMResidualDynamicSA, x: Tensor, alpha: Tensor | None) -> Tensor:
@@ -385,4 +341,4 @@ def block_forward(block: CBAMResidualDynamicSA, x: Tensor, alpha: Tensor | None)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in raw):
             return FusedBlock.apply(spec, *raw)
         with torch.no_grad():
-            return fused_forward(derive(raw, spec), spec).out
+            return fused_forward(raw, spec).out

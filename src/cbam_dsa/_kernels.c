@@ -722,14 +722,16 @@ static void FN(mlp_backward)(const SCALAR *dz, const SCALAR *pools, const SCALAR
     free(hidden), free(mixed), free(g_mixed), free(g_pre), free(column);
 }
 
-/* The whole block's forward: pools = [mean_hw(x); max_hw(x)] (2B x C), the MLP (pre, z), then spatial_forward.
-   mlp = (w1, b1, w2, b2, fusion); spatial = (r1w, r1b, r2w, r2b, mixing, bias); outputs pools, pre, z, then
+/* The whole block's forward after derive_light: pools = [mean_hw(x); max_hw(x)] (2B x C), the MLP (pre, z), then
+   spatial_forward. mlp = (w1, b1, w2, b2, fusion); spatial = (r1w, r1b, r2w, r2b, mixing, bias); outputs pools, pre,
+   z, then
    spatial_forward's (ca, s, rhid, router, logit, sa, out). dims as spatial_forward's, then mdims, then the mode:
    dims[13] = 1 runs one sample per thread from start to end (the sample's slice of x is read from memory once and
    then from the cache), 0 runs each stage over the whole batch on all threads (for batches smaller than the thread
    count). The results are the same either way up to rounding. */
-void FN(block_forward)(const SCALAR *x, const SCALAR *const *mlp, const SCALAR *const *spatial, const int64_t *taps,
-                       SCALAR *const *outs, const int64_t *dims, const double *scal, int threads) {
+static void FN(forward_core)(const SCALAR *x, const SCALAR *const *mlp, const SCALAR *const *spatial,
+                             const int64_t *taps, SCALAR *const *outs, const int64_t *dims, const double *scal,
+                             int threads) {
     const int64_t B = dims[0], C = dims[1], P = dims[2] * dims[3], Rm = dims[11], silu = dims[12];
     const int64_t Rh = dims[4], K = dims[5];
     SCALAR *pools = outs[0], *pre = outs[1], *z = outs[2];
@@ -758,13 +760,15 @@ void FN(block_forward)(const SCALAR *x, const SCALAR *const *mlp, const SCALAR *
     }
 }
 
-/* The whole block's backward from g, the output's gradient. saved = (z, s, logit, router, rhid, pre, pools; pools
+/* The whole block's backward after derive_light, from g, the output's gradient. saved = (z, s, logit, router, rhid,
+   pre, pools; pools
    NULL: recomputed); mlp = (w1, w2, b2, fusion); spatial = (r1w, r2w, mixing, bias). grads = (mixing, bias, r1w,
    r1b, r2w, r2b, w1, b1, w2, b2, fusion, x): the gradients, each skipped where its pointer is NULL (x: NULL skips
    the pass over x); g_scal = (alpha, T_ca, T_sa). dims as block_forward's (dims[13]: one sample per thread). */
-void FN(block_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *const *saved, const SCALAR *const *mlp,
-                        const SCALAR *const *spatial, const int64_t *taps, SCALAR *const *grads, double *g_scal,
-                        int need_alpha, const int64_t *dims, const double *scal, int threads) {
+static void FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *const *saved,
+                              const SCALAR *const *mlp, const SCALAR *const *spatial, const int64_t *taps,
+                              SCALAR *const *grads, double *g_scal, int need_alpha, const int64_t *dims,
+                              const double *scal, int threads) {
     const int64_t B = dims[0], C = dims[1], P = dims[2] * dims[3], Rm = dims[11], silu = dims[12];
     const int64_t Rh = dims[4], K = dims[5], T = dims[6], BC = B * C, BP = B * P;
     SCALAR *ca = malloc(sizeof(SCALAR) * (size_t)BC), *dz = malloc(sizeof(SCALAR) * (size_t)BC);
@@ -851,4 +855,88 @@ void FN(block_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *const *s
                          grads[10], NULL, B, C, Rm, silu, threads);
     }
     free(ca), free(dz), free(sa), free(cmean), free(coef), free(smax), free(own);
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+   The block from its own tensors. raw = (x, fc1 weight, fc1 bias, fc2 weight, fc2 bias, fusion logits (NULL: sum
+   fusion), alpha (NULL: no blend), router fc1 weight, fc1 bias, fc2 weight, fc2 bias (NULL without a router), the K
+   branch kernels, the K branch biases), all in x's type. layout = (sizes: the K kernels' element counts; gather:
+   (K, T), for each entry of the mixing matrix the position of its weight in the kernels concatenated, or their total
+   count for none; taps: (T, 3)). scal = (T_ca, T_sa): the effective temperatures. dims as forward_core's, then
+   dims[14] = has fusion logits. */
+
+enum { R_X, R_W1, R_B1, R_W2, R_B2, R_FUSION, R_ALPHA, R_R1W, R_R1B, R_R2W, R_R2B, R_BRANCH };
+
+/* The derived light parameters: the fusion weights (softmax of the logits, or (1, 1)), the mixing matrix (K, T),
+   the stacked branch biases (K) and (T_ca, T_sa, alpha). */
+static void FN(derive_light)(const SCALAR *const *raw, const int64_t *layout, const int64_t *dims,
+                             const double *scal, SCALAR *fusion, SCALAR *mixing, SCALAR *bias, double *scal3) {
+    const int64_t K = dims[5], T = dims[6];
+    const int64_t *sizes = layout, *gather = layout + K;
+    if (dims[14]) {
+        const SCALAR *l = raw[R_FUSION], top = l[0] > l[1] ? l[0] : l[1];
+        const SCALAR e0 = EXP(l[0] - top), e1 = EXP(l[1] - top), total = e0 + e1;
+        fusion[0] = e0 / total, fusion[1] = e1 / total;
+    } else {
+        fusion[0] = fusion[1] = 1;
+    }
+    for (int64_t i = 0; i < K * T; ++i) {
+        int64_t at = gather[i], k = 0;
+        while (k < K && at >= sizes[k]) at -= sizes[k++];
+        mixing[i] = k < K ? raw[R_BRANCH + k][at] : 0;
+    }
+    for (int64_t k = 0; k < K; ++k) bias[k] = raw[R_BRANCH + K + k][0];
+    scal3[0] = scal[0], scal3[1] = scal[1], scal3[2] = raw[R_ALPHA] ? (double)raw[R_ALPHA][0] : 1.0;
+}
+
+/* outs as forward_core's. */
+void FN(block_forward)(const SCALAR *const *raw, const int64_t *layout, SCALAR *const *outs, const int64_t *dims,
+                       const double *scal, int threads) {
+    const int64_t K = dims[5], T = dims[6];
+    SCALAR fusion[2], *mixing = malloc(sizeof(SCALAR) * (size_t)(K * T + K));
+    double scal3[3];
+    FN(derive_light)(raw, layout, dims, scal, fusion, mixing, mixing + K * T, scal3);
+    const SCALAR *mlp[5] = {raw[R_W1], raw[R_B1], raw[R_W2], raw[R_B2], fusion};
+    const SCALAR *spatial[6] = {raw[R_R1W], raw[R_R1B], raw[R_R2W], raw[R_R2B], mixing, mixing + K * T};
+    FN(forward_core)(raw[R_X], mlp, spatial, layout + K + K * T, outs, dims, scal3, threads);
+    free(mixing);
+}
+
+/* grads: one per raw tensor (x's first), each skipped where NULL (the router's and the branches' gradients are
+   computed either way); g_scal = (alpha, T_ca, T_sa): alpha's only if need_alpha. */
+void FN(block_backward)(const SCALAR *g, const SCALAR *const *raw, const SCALAR *const *saved, const int64_t *layout,
+                        SCALAR *const *grads, double *g_scal, int need_alpha, const int64_t *dims,
+                        const double *scal, int threads) {
+    const int64_t K = dims[5], T = dims[6], Rh = dims[4];
+    const int64_t *sizes = layout, *gather = layout + K;
+    SCALAR fusion[2], g_fusion[2];
+    SCALAR *mixing = malloc(sizeof(SCALAR) * (size_t)(2 * (K * T + K) + 2 * Rh + Rh + K * Rh + K));
+    SCALAR *g_mixing = mixing + K * T + K, *g_bias = g_mixing + K * T, *scratch = g_bias + K;
+    double scal3[3];
+    FN(derive_light)(raw, layout, dims, scal, fusion, mixing, mixing + K * T, scal3);
+    const SCALAR *mlp[4] = {raw[R_W1], raw[R_W2], raw[R_B2], fusion};
+    const SCALAR *spatial[4] = {raw[R_R1W], raw[R_R2W], mixing, mixing + K * T};
+    SCALAR *router[4] = {scratch, scratch + 2 * Rh, scratch + 3 * Rh, scratch + 3 * Rh + K * Rh};
+    for (int i = 0; i < 4; ++i)
+        if (grads[R_R1W + i]) router[i] = grads[R_R1W + i];
+    SCALAR *core[12] = {g_mixing, g_bias, router[0], router[1], router[2], router[3], grads[R_W1], grads[R_B1],
+                        grads[R_W2], grads[R_B2], grads[R_FUSION] ? g_fusion : NULL, grads[R_X]};
+    FN(backward_core)(g, raw[R_X], saved, mlp, spatial, layout + K + K * T, core, g_scal, need_alpha, dims, scal3,
+                      threads);
+    if (grads[R_FUSION]) { /* softmax backward */
+        const SCALAR dot = g_fusion[0] * fusion[0] + g_fusion[1] * fusion[1];
+        grads[R_FUSION][0] = fusion[0] * (g_fusion[0] - dot);
+        grads[R_FUSION][1] = fusion[1] * (g_fusion[1] - dot);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+        if (grads[R_BRANCH + k])
+            for (int64_t i = 0; i < sizes[k]; ++i) grads[R_BRANCH + k][i] = 0;
+        if (grads[R_BRANCH + K + k]) grads[R_BRANCH + K + k][0] = g_bias[k];
+    }
+    for (int64_t i = 0; i < K * T; ++i) { /* in the order of index_add_ over the mixing matrix */
+        int64_t at = gather[i], k = 0;
+        while (k < K && at >= sizes[k]) at -= sizes[k++];
+        if (k < K && grads[R_BRANCH + k]) grads[R_BRANCH + k][at] += g_mixing[i];
+    }
+    free(mixing);
 }

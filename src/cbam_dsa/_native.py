@@ -30,13 +30,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "BlockBackward",
     "BlockForward",
-    "BlockNeeds",
     "BlockSaved",
     "Kernels",
-    "Mlp",
-    "Spatial",
+    "block_dims",
+    "block_layout",
     "enabled",
     "kernels",
     "one_sample_per_thread",
@@ -146,8 +144,8 @@ _SIGNATURES = {
     "blend_grad": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT),
     "pool_c_grad": (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT),
     "grad_x": (_PTR, _PTR, _PTR, _PTR, _DOUBLE, _INT, *(_PTR,) * 8, _I64, _I64, _I64, _INT),
-    "block_forward": (*(_PTR,) * 7, _INT),
-    "block_backward": (*(_PTR,) * 8, _INT, _PTR, _PTR, _INT),
+    "block_forward": (*(_PTR,) * 5, _INT),
+    "block_backward": (*(_PTR,) * 6, _INT, _PTR, _PTR, _INT),
     "tap_conv": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT),
     "tap_conv_grad_s": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT),
     "tap_conv_grad_w": (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT),
@@ -344,128 +342,93 @@ class Kernels:
         )
         return out
 
-    def block_forward(self, x: Tensor, mlp: Mlp, params: Spatial) -> BlockForward:
-        """The whole block's forward in one call: the pooling over H, W; the channel MLP, fused on its hidden layer
-        (``z = (w0 * act(pre_avg) + w1 * act(pre_max)) @ W2^T + (w0 + w1) * b2``); the channel gate ``ca =
-        gate(z / T_ca)``; the pooling over C of ``x * ca``; the router; the merged branches (``router @ mixing`` over
-        ``taps``); ``sa = gate(logit / T_sa)``; and the blend.
+    def block_forward(
+        self, raw: Sequence[Tensor | None], layout: Tensor, dims: ctypes.Array, temperatures: tuple[float, float]
+    ) -> BlockForward:
+        """The whole block's forward in one call, from its own tensors: the pooling over H, W; the channel MLP, fused
+        on its hidden layer (``z = (w0 * act(pre_avg) + w1 * act(pre_max)) @ W2^T + (w0 + w1) * b2``, ``w`` the
+        softmax of the fusion logits or ``(1, 1)``); ``ca = gate(z / T_ca)``; the pooling over C of ``x * ca``; the
+        router; the merged branches (``router @ mixing`` over the taps, the mixing matrix gathered from the branch
+        kernels); ``sa = gate(logit / T_sa)``; and the blend.
+
+        Args:
+            raw: ``(x, fc1 weight, fc1 bias, fc2 weight, fc2 bias, fusion logits, alpha, router fc1 weight, fc1 bias,
+                fc2 weight, fc2 bias, *branch kernels, *branch biases)``, contiguous, in ``x``'s dtype (``None``
+                where the block has no such part).
+            layout: the packed int64 layout of the merged branches (:func:`block_layout`).
+            dims: from :func:`block_dims`.
+            temperatures: ``(T_ca, T_sa)``, the effective temperatures.
 
         Shape:
             - x: :math:`(B, C, H, W)`
             - Output: :class:`BlockForward`
         """
+        x, fc1_weight = raw[0], raw[1]
         b, c, h, w = x.shape
-        new, dtype = x.new_empty, x.dtype
+        new = x.new_empty
         f = BlockForward(
-            new(2 * b, c), new(2 * b, mlp.fc1_weight.shape[0]), new(b, c), new(b, c, 1, 1), new(b, 2, h, w),
-            new(b, params.router_hidden), new(b, params.mixing.shape[0]), new(b, 1, h, w), new(b, 1, h, w),
-            torch.empty_like(x),
+            new(2 * b, c), new(2 * b, fc1_weight.shape[0]), new(b, c), new(b, c, 1, 1), new(b, 2, h, w),
+            new(b, dims[4]), new(b, dims[5]), new(b, 1, h, w), new(b, 1, h, w), torch.empty_like(x),
         )  # fmt: skip
-        inputs = [_ready(t, dtype) for t in mlp[:5]]  # kept alive through the call
-        inputs += [None if t is None else _ready(t, dtype) for t in params[:6]]
-        pointers = _pointers([x, *inputs, params.taps, *f])  # x, mlp (5), spatial (6), taps, outputs (10)
+        pointers, scal = _pointers([*raw, *f]), (ctypes.c_double * 2)(*temperatures)
         at = ctypes.addressof(pointers)
-        self._functions["block_forward", dtype](
-            x.data_ptr(), at + 8, at + 48, params.taps.data_ptr(), at + 104,
-            ctypes.addressof(dims := params.dims(x, mlp)), ctypes.addressof(scal := params.scalars()),
+        self._functions["block_forward", x.dtype](
+            at, layout.data_ptr(), at + 8 * len(raw), ctypes.addressof(dims), ctypes.addressof(scal),
             torch.get_num_threads(),
         )  # fmt: skip
-        del dims, scal
         return f
 
     def block_backward(
         self,
         grad: Tensor,
-        x: Tensor,
+        raw: Sequence[Tensor | None],
         saved: BlockSaved,
-        mlp: Mlp,
-        params: Spatial,
-        needs: BlockNeeds,
-    ) -> BlockBackward:
+        layout: Tensor,
+        wanted: Sequence[bool],
+        dims: ctypes.Array,
+        temperatures: tuple[float, float],
+    ) -> tuple[list[Tensor | None], Tensor]:
         """:meth:`block_forward`'s backward pass from the output's gradient, from what the forward pass kept
-        (``saved``; ``saved.pools`` may be ``None``: then recomputed), in one call. Gradients not in ``needs`` are
-        ``None`` (those of the spatial parameters and the scalars are always computed).
+        (``saved``; ``saved.pools`` may be ``None``: then recomputed), in one call.
 
-        Shape:
-            - grad, x: :math:`(B, C, H, W)`
-            - Output: :class:`BlockBackward`
+        Returns:
+            ``(grads, scalars)``: the gradient of each ``raw`` tensor where ``wanted`` (else ``None``; alpha's is
+            ``None`` either way), and float64 ``(alpha, T_ca, T_sa)``: the gradients of alpha (if wanted) and of the
+            two effective temperatures.
         """
-        c = x.shape[1]
-        k, rh, t, rm = params.mixing.shape[0], params.router_hidden, params.taps.shape[0], mlp.fc1_weight.shape[0]
-        new, dtype = x.new_empty, x.dtype
-        out = BlockBackward(
-            new(k, t), new(k), new(rh, 2), new(rh), new(k, rh), new(k),
-            new(rm, c) if needs.fc1_weight else None, new(rm) if needs.fc1_bias else None,
-            new(c, rm) if needs.fc2_weight else None, new(c) if needs.fc2_bias else None,
-            new(2) if needs.fusion else None, torch.empty_like(x) if needs.x else None,
-            torch.zeros(3, dtype=torch.float64),
+        grads = [
+            None if t is None or not need or i == 6 else torch.empty_like(t)
+            for i, (t, need) in enumerate(zip(raw, wanted, strict=True))
+        ]
+        scalars, scal = torch.zeros(3, dtype=torch.float64), (ctypes.c_double * 2)(*temperatures)
+        pointers = _pointers([*raw, *saved, *grads])
+        at, n = ctypes.addressof(pointers), len(raw)
+        self._functions["block_backward", grad.dtype](
+            grad.data_ptr(), at, at + 8 * n, layout.data_ptr(), at + 8 * (n + 7), scalars.data_ptr(),
+            int(wanted[6]), ctypes.addressof(dims), ctypes.addressof(scal), torch.get_num_threads(),
         )  # fmt: skip
-        inputs = [None if v is None else _ready(v, dtype) for v in saved]  # kept alive through the call
-        inputs += [_ready(v, dtype) for v in (mlp.fc1_weight, mlp.fc2_weight, mlp.fc2_bias, mlp.fusion)]
-        spatial = (params.router_fc1_weight, params.router_fc2_weight, params.mixing, params.bias)
-        inputs += [None if v is None else _ready(v, dtype) for v in spatial]
-        # saved (7), mlp (4), spatial (4), gradients (12)
-        pointers = _pointers([*inputs, *out[:12]])
-        at = ctypes.addressof(pointers)
-        self._functions["block_backward", dtype](
-            grad.data_ptr(), x.data_ptr(), at, at + 56, at + 88, params.taps.data_ptr(), at + 120,
-            out.scalars.data_ptr(), int(needs.alpha), ctypes.addressof(dims := params.dims(x, mlp)),
-            ctypes.addressof(scal := params.scalars()), torch.get_num_threads(),
-        )  # fmt: skip
-        del dims, scal
-        return out
+        return grads, scalars
 
 
-class Spatial(NamedTuple):
-    """The light parameters after the channel MLP, for :meth:`Kernels.block_forward` (router tensors ``None`` without
-    a router)."""
-
-    router_fc1_weight: Tensor | None  # (Rh, 2, 1, 1)
-    router_fc1_bias: Tensor | None  # (Rh,)
-    router_fc2_weight: Tensor | None  # (K, Rh, 1, 1)
-    router_fc2_bias: Tensor | None  # (K,)
-    mixing: Tensor  # (K, T)
-    bias: Tensor  # (K,)
-    taps: Tensor  # (T, 3) int64
-    ca_gate: str
-    sa_gate: str
-    ca_temperature: float
-    sa_temperature: float
-    alpha: float | None
-
-    @property
-    def router_hidden(self) -> int:
-        return 1 if self.router_fc1_weight is None else self.router_fc1_weight.shape[0]
-
-    def dims(self, x: Tensor, mlp: Mlp) -> ctypes.Array:
-        """The kernels' ``dims`` array: ``(B, C, H, W, router hidden, K, T, ca gate hard, sa gate hard, has router,
-        use alpha, MLP hidden, MLP activation silu, one sample per thread)``."""
-        b, c, h, w = x.shape
-        k, t = self.mixing.shape
-        rm = mlp.fc1_weight.shape[0]
-        return (ctypes.c_int64 * 14)(
-            b, c, h, w, self.router_hidden, k, t, self.ca_gate == "hardsigmoid", self.sa_gate == "hardsigmoid",
-            self.router_fc1_weight is not None, self.alpha is not None, rm, mlp.act == "silu",
-            one_sample_per_thread(b, h * w, rm),
-        )  # fmt: skip
-
-    def scalars(self) -> ctypes.Array:
-        """The kernels' ``scal`` array: ``(T_ca, T_sa, alpha)``."""
-        return (ctypes.c_double * 3)(
-            self.ca_temperature, self.sa_temperature, 1.0 if self.alpha is None else self.alpha
-        )
+def block_layout(taps: Tensor, gather: Tensor, sizes: Sequence[int]) -> Tensor:
+    """The merged branches' layout for :meth:`Kernels.block_forward`, packed into one int64 tensor: the K kernels'
+    element counts, ``gather`` (``(K, T)``: for each entry of the mixing matrix the position of its weight in the
+    kernels concatenated, or their total count for none; :func:`._tapconv.tap_layout`), then ``taps`` (``(T, 3)``)."""
+    return torch.cat([torch.tensor(list(sizes), dtype=torch.int64), gather.reshape(-1), taps.reshape(-1)])
 
 
-class Mlp(NamedTuple):
-    """The channel MLP's parameters for :meth:`Kernels.block_forward`: two layers (``1x1`` convolution weights or
-    matrices), the activation between them, and the fusion weights of the avg and max rows."""
-
-    fc1_weight: Tensor  # (Rm, C, ...)
-    fc1_bias: Tensor  # (Rm,)
-    fc2_weight: Tensor  # (C, Rm, ...)
-    fc2_bias: Tensor  # (C,)
-    fusion: Tensor  # (2,)
-    act: str  # "relu" or "silu"
+def block_dims(
+    x: Tensor, raw: Sequence[Tensor | None], branches: int, taps: int, gates: tuple[str, str], act: str
+) -> ctypes.Array:
+    """The ``dims`` array of :meth:`Kernels.block_forward`: ``(B, C, H, W, router hidden, K, T, ca gate hard, sa gate
+    hard, has router, uses alpha, MLP hidden, MLP activation silu, one sample per thread, has fusion logits)``."""
+    b, c, h, w = x.shape
+    hidden, router = raw[1].shape[0], raw[7]
+    return (ctypes.c_int64 * 15)(
+        b, c, h, w, 1 if router is None else router.shape[0], branches, taps, gates[0] == "hardsigmoid",
+        gates[1] == "hardsigmoid", router is not None, raw[6] is not None, hidden, act == "silu",
+        one_sample_per_thread(b, h * w, hidden), raw[5] is not None,
+    )  # fmt: skip
 
 
 class BlockForward(NamedTuple):
@@ -494,33 +457,3 @@ class BlockSaved(NamedTuple):
     router_hidden: Tensor
     pre: Tensor
     pools: Tensor | None
-
-
-class BlockNeeds(NamedTuple):
-    """Which gradients :meth:`Kernels.block_backward` computes."""
-
-    fc1_weight: bool
-    fc1_bias: bool
-    fc2_weight: bool
-    fc2_bias: bool
-    fusion: bool
-    x: bool
-    alpha: bool
-
-
-class BlockBackward(NamedTuple):
-    """The outputs of :meth:`Kernels.block_backward` (``None`` where not asked for)."""
-
-    mixing: Tensor
-    bias: Tensor
-    router_fc1_weight: Tensor
-    router_fc1_bias: Tensor
-    router_fc2_weight: Tensor
-    router_fc2_bias: Tensor
-    fc1_weight: Tensor | None
-    fc1_bias: Tensor | None
-    fc2_weight: Tensor | None
-    fc2_bias: Tensor | None
-    fusion: Tensor | None
-    x: Tensor | None
-    scalars: Tensor  # float64 (alpha, T_ca, T_sa)
