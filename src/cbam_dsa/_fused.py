@@ -1,18 +1,20 @@
 """The whole block as one autograd Function on the fused C kernels, with a hand-written backward.
 
 Where the kernels run (:func:`._native.supports`: contiguous float32/float64 CPU inputs) and only the output is asked
-for, the block is one :class:`FusedBlock`:
+for, the block is one :class:`FusedBlock`, and each direction is one kernel call on the block's own tensors:
 
-* forward: the pooling over H, W (one kernel); the channel MLP as two matrix products; then one kernel call for
-  everything after it (:meth:`._native.Kernels.spatial_forward`: channel gate, pooling over C of ``x * ca``, router,
-  the merged branch convolution, spatial gate, blend);
-* backward: one kernel call from the output's gradient down to the channel gate's input
-  (:meth:`._native.Kernels.spatial_backward`), the MLP's adjoints as matrix products, and one pass that writes the
-  gradient of ``x`` (:meth:`._native.Kernels.grad_x`).
+* forward (:meth:`._native.Kernels.block_forward`): the pooling over H, W; the channel MLP; the channel gate; the
+  pooling over C of ``x * ca``; the router; the merged branch convolution; the spatial gate; the blend;
+* backward (:meth:`._native.Kernels.block_backward`): the same in reverse, down to the gradient of ``x`` (one pass)
+  and of every parameter.
 
-No autograd graph is recorded: the derived parameters (fusion weights, effective temperatures, the mixing matrix of
-the merged branches) are built inside the Function (:func:`derive`) and their chain rule is written out in
-backward. The light networks are rearranged where that saves work, with the same math:
+The kernels derive the light parameters themselves (the fusion softmax, the mixing matrix gathered from the branch
+kernels, the stacked branch biases) and apply their chain rule; only the effective temperatures ``base *
+exp(log_scale)`` are formed here, and their chain rule written out in :func:`_backward`. No autograd graph is
+recorded. Where the batch fills the threads and a sample's maps outweigh the MLP's weights, each sample runs on one
+thread from start to end, so its slice of the input is read from memory once and from the cache after that
+(:func:`._native.one_sample_per_thread`). The light networks are rearranged where that saves work, with the same
+math:
 
 * The channel MLP's second layer is linear, so the fusion ``w0 * mlp(avg) + w1 * mlp(max)`` is one product on the
   mixed hidden activations: ``(w0 * h_avg + w1 * h_max) @ W2^T + (w0 + w1) * b2`` (``B`` rows, not ``2B``).
@@ -24,7 +26,7 @@ Forward saves the input, the gates' inputs ``z`` (``(B, C)``) and ``logit`` (``(
 :data:`KEEP_POOLS_FROM_PIXELS` pixels per map on (below, they are a large share of the input and are recomputed by one
 pass). Nothing else is recomputed but the two gates. A backward pass that is itself differentiated
 (``create_graph=True``) recomputes the block in differentiable operations (:func:`block_math`) and differentiates
-that instead.
+that instead (:func:`derive` builds the light parameters in differentiable operations for it).
 
 Everything here is tested equal to the reference path, outputs and gradients (``tests/test_fused.py``,
 ``tests/test_native.py``, ``tests/test_fast.py``).
