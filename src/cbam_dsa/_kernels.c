@@ -342,23 +342,31 @@ void FN(tap_conv_grad_s)(const SCALAR *g, const SCALAR *w, const int64_t *taps, 
     }
 }
 
-/* Gradient of tap_conv's weights: gw[b, t] = sum_{i, j} g[b, i, j] * s[b, c_t, i + dy_t, j + dx_t]. */
+/* Gradient of tap_conv's weights: gw[b, t] = sum_{i, j} g[b, i, j] * s[b, c_t, i + dy_t, j + dx_t]. Each column j
+   sums its rows in SCALAR, then the columns add up in double. */
 void FN(tap_conv_grad_w)(const SCALAR *g, const SCALAR *s, const int64_t *taps, SCALAR *gw, int64_t batch,
                          int64_t channels, int64_t height, int64_t width, int64_t ntaps, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t task = 0; task < batch * ntaps; ++task) {
-        const int64_t b = task / ntaps, t = task % ntaps;
-        const int64_t c = taps[3 * t], dy = taps[3 * t + 1], dx = taps[3 * t + 2];
-        const int64_t i0 = dy < 0 ? -dy : 0, i1 = dy > 0 ? height - dy : height;
-        const int64_t j0 = dx < 0 ? -dx : 0, j1 = dx > 0 ? width - dx : width;
-        double total = 0;
-        for (int64_t i = i0; i < i1; ++i) {
-            const SCALAR *grow = g + (b * height + i) * width;
-            const SCALAR *srow = s + ((b * channels + c) * height + i + dy) * width + dx;
-#pragma omp simd reduction(+ : total)
-            for (int64_t j = j0; j < j1; ++j) total += grow[j] * srow[j];
+#pragma omp parallel num_threads(threads)
+    {
+        SCALAR *column = malloc(sizeof(SCALAR) * (size_t)width);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < batch * ntaps; ++task) {
+            const int64_t b = task / ntaps, t = task % ntaps;
+            const int64_t c = taps[3 * t], dy = taps[3 * t + 1], dx = taps[3 * t + 2];
+            const int64_t i0 = dy < 0 ? -dy : 0, i1 = dy > 0 ? height - dy : height;
+            const int64_t j0 = dx < 0 ? -dx : 0, j1 = dx > 0 ? width - dx : width;
+            for (int64_t j = j0; j < j1; ++j) column[j] = 0;
+            for (int64_t i = i0; i < i1; ++i) {
+                const SCALAR *grow = g + (b * height + i) * width;
+                const SCALAR *srow = s + ((b * channels + c) * height + i + dy) * width + dx;
+#pragma omp simd
+                for (int64_t j = j0; j < j1; ++j) column[j] += grow[j] * srow[j];
+            }
+            double total = 0;
+            for (int64_t j = j0; j < j1; ++j) total += column[j];
+            gw[task] = (SCALAR)total;
         }
-        gw[task] = (SCALAR)total;
+        free(column);
     }
 }
 
