@@ -301,20 +301,33 @@ def derive(raw: tuple[Tensor | None, ...], spec: Spec) -> Inputs:
 def block_inputs(block: CBAMResidualDynamicSA, x: Tensor, alpha: Tensor | None) -> tuple[tuple, Spec]:
     """The block's own tensors in :data:`RAW_FIELDS` order (branch kernels and biases after them) and its
     :class:`Spec`; ``alpha`` is ``None`` where the blend is the identity on ``x * ca * sa``."""
-    part, spatial = block.ca, block.sa
-    weights, biases, dilations = spatial.branch_params()
-    specs = tuple((int(weight.shape[-1]), int(d)) for weight, d in zip(weights, dilations, strict=True))
+    # Submodules straight from _modules (Module.__getattr__ costs a microsecond or more per lookup, and this runs on
+    # every call); parameters by attribute, so that parametrizations apply.
+    part, spatial = block._modules["ca"], block._modules["sa"]
+    fc1, fc2 = part._modules["fc1"], part._modules["fc2"]
+    branches = list(spatial._modules["branches"]._modules.values())
+    weights, biases = [branch.weight for branch in branches], [branch.bias for branch in branches]
+    specs = tuple((int(weight.shape[-1]), int(d)) for weight, d in zip(weights, spatial.dilations, strict=True))
     taps, gather, layout = _layout(specs)
+    router = spatial._modules.get("router")  # None (a plain attribute) with one branch
+    if router is None:
+        router_params: tuple[Tensor | None, ...] = (None, None, None, None)
+    else:
+        first, last = router._modules["0"], router._modules["2"]
+        router_params = (first.weight, first.bias, last.weight, last.bias)
     raw = (
         x,
-        *part.mlp_params(),
+        fc1.weight,
+        fc1.bias,
+        fc2.weight,
+        fc2.bias,
         part.fusion_logits,
         part.temperature,
         part.temperature_log_scale,
         spatial.temperature,
         spatial.temperature_log_scale,
         alpha,
-        *(spatial.router_params() or (None, None, None, None)),
+        *router_params,
         *weights,
         *biases,
     )
