@@ -619,7 +619,8 @@ static void FN(gemm_nt)(const SCALAR *a, const SCALAR *b, SCALAR *out, int64_t M
     }
 }
 
-/* out[m, n] = sum_k a[m, k] * b[k, n]   (a: M x K, b: K x N), by column chunks of out. */
+/* out[m, n] = sum_k a[m, k] * b[k, n]   (a: M x K, b: K x N), by column chunks of out, four k at a time. (Chunks
+   narrower than 128 for more threads were slower here: the threads then share cache lines of out.) */
 static void FN(gemm_nn)(const SCALAR *a, const SCALAR *b, SCALAR *out, int64_t M, int64_t N, int64_t K,
                         int threads) {
     const int64_t width = 128, chunks = (N + width - 1) / width;
@@ -628,7 +629,18 @@ static void FN(gemm_nn)(const SCALAR *a, const SCALAR *b, SCALAR *out, int64_t M
         const int64_t n0 = chunk * width, n = N - n0 < width ? N - n0 : width;
         for (int64_t m = 0; m < M; ++m)
             for (int64_t j = 0; j < n; ++j) out[m * N + n0 + j] = 0;
-        for (int64_t k = 0; k < K; ++k) {
+        int64_t k = 0;
+        for (; k + 4 <= K; k += 4) {
+            const SCALAR *b0 = b + k * N + n0, *b1 = b0 + N, *b2 = b1 + N, *b3 = b2 + N;
+            for (int64_t m = 0; m < M; ++m) {
+                const SCALAR *am = a + m * K + k;
+                const SCALAR v0 = am[0], v1 = am[1], v2 = am[2], v3 = am[3];
+                SCALAR *o = out + m * N + n0;
+#pragma omp simd
+                for (int64_t j = 0; j < n; ++j) o[j] += (v0 * b0[j] + v1 * b1[j]) + (v2 * b2[j] + v3 * b3[j]);
+            }
+        }
+        for (; k < K; ++k) {
             const SCALAR *bk = b + k * N + n0;
             for (int64_t m = 0; m < M; ++m) {
                 const SCALAR v = a[m * K + k];
@@ -640,14 +652,21 @@ static void FN(gemm_nn)(const SCALAR *a, const SCALAR *b, SCALAR *out, int64_t M
     }
 }
 
-/* out[m, n] = sum_k a[k, m] * b[k, n]   (a: K x M, b: K x N). */
+/* out[m, n] = sum_k a[k, m] * b[k, n]   (a: K x M, b: K x N), four k at a time. */
 static void FN(gemm_tn)(const SCALAR *a, const SCALAR *b, SCALAR *out, int64_t M, int64_t N, int64_t K,
                         int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t m = 0; m < M; ++m) {
         SCALAR *o = out + m * N;
         for (int64_t j = 0; j < N; ++j) o[j] = 0;
-        for (int64_t k = 0; k < K; ++k) {
+        int64_t k = 0;
+        for (; k + 4 <= K; k += 4) {
+            const SCALAR v0 = a[k * M + m], v1 = a[(k + 1) * M + m], v2 = a[(k + 2) * M + m], v3 = a[(k + 3) * M + m];
+            const SCALAR *b0 = b + k * N, *b1 = b0 + N, *b2 = b1 + N, *b3 = b2 + N;
+#pragma omp simd
+            for (int64_t j = 0; j < N; ++j) o[j] += (v0 * b0[j] + v1 * b1[j]) + (v2 * b2[j] + v3 * b3[j]);
+        }
+        for (; k < K; ++k) {
             const SCALAR v = a[k * M + m];
             const SCALAR *bk = b + k * N;
 #pragma omp simd
