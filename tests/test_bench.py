@@ -51,6 +51,8 @@ def test_quick_run_writes_json_table_chart_and_markdown(quick_run, capsys):
     assert network["plain"]["overhead"] is None and all(v["step"]["min_ms"] > 0 for v in network.values())
     assert network["ours_fast"]["parameters"] == network["ours_reference"]["parameters"]
     assert network["plain"]["parameters"] < network["ours_fast"]["parameters"]
+    paired = results["network"]["ours_vs_se"]
+    assert paired["rounds"] >= 1 and 0 <= paired["faster_rounds"] <= paired["rounds"]
 
     table = (out / "results-cpu-float32.txt").read_text()
     for label in ("timm CbamModule", "timm SEModule", "ours, fast path", "ours, reference path", "resnet50"):
@@ -120,6 +122,11 @@ def test_summarize_takes_min_median_and_the_median_of_round_ratios():
     assert summary["other"]["median_ms"] == 2000.0
     assert summary["other"]["ratio"] == 0.5  # ratios 0.5, 1.5, 0.5
     assert summary["base"]["ratio"] == 1.0
+
+
+def test_paired_comparison_is_round_by_round():
+    paired = bench.paired_comparison([1.0, 3.0, 2.0], [2.0, 2.0, 4.0])  # ratios 0.5, 1.5, 0.5; diffs -1, 1, -2 s
+    assert paired == {"median_ratio": -0.5, "median_diff_ms": -1000.0, "faster_rounds": 2, "rounds": 3}
 
 
 def test_interleaved_rounds_rotate_the_order():

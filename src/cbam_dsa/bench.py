@@ -106,7 +106,7 @@ class Settings:
     warmup: int = 2
     compile: bool = True
     network: bool = True
-    network_rounds: int = 11
+    network_rounds: int = 21
     network_batch: int = 8
     network_size: int = 160
     device: str = "cpu"
@@ -382,6 +382,19 @@ def measure_network(settings: Settings, dtype: torch.dtype) -> dict[str, Any]:
         "model": "timm resnet50, num_classes=10",
         "input": [settings.network_batch, 3, size, size],
         "variants": results,
+        "ours_vs_se": paired_comparison(times["ours_fast"], times["se"]),
+    }
+
+
+def paired_comparison(ours: Sequence[float], other: Sequence[float]) -> dict[str, float | int]:
+    """Round by round, ``ours`` against ``other`` (times of the same rounds): the median of ``ours / other - 1``, the
+    median difference in ms, and in how many rounds ``ours`` was faster."""
+    pairs = list(zip(ours, other, strict=True))
+    return {
+        "median_ratio": statistics.median(a / b for a, b in pairs) - 1.0,
+        "median_diff_ms": statistics.median(a - b for a, b in pairs) * 1e3,
+        "faster_rounds": sum(a < b for a, b in pairs),
+        "rounds": len(pairs),
     }
 
 
@@ -611,6 +624,12 @@ def render_targets(results: dict[str, Any]) -> str | None:
         ours, se = variants["ours_fast"]["overhead"], variants["se"]["overhead"]
         verdict = "met" if ours <= se else "missed"
         parts += ["", f"resnet50 overhead: ours {100 * ours:+.1f}% against SE {100 * se:+.1f}% ({verdict})."]
+        paired = results["network"].get("ours_vs_se")
+        if paired:
+            parts[-1] += (
+                f" Round by round, ours against SE: {100 * paired['median_ratio']:+.1f}% (median), ours faster in"
+                f" {paired['faster_rounds']} of {paired['rounds']} rounds."
+            )
     return "\n".join(parts)
 
 

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds, no compilation (seconds)")
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds per figure (default: 15, quick: 2)")
     parser.add_argument(
-        "--network-rounds", type=int, help="interleaved rounds of the resnet50 step (default: 11, quick: 1)"
+        "--network-rounds", type=int, help="interleaved rounds of the resnet50 step (default: 21, quick: 1)"
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
     parser.add_argument("--no-network", action="store_true", help="skip the resnet50 training-step comparison")
