@@ -61,8 +61,6 @@ __all__ = [
 # at most 3%); below, they are recomputed there by one pass over the input.
 KEEP_POOLS_FROM_PIXELS = 64
 
-_aten = torch.ops.aten
-
 
 class Spec(NamedTuple):
     """The block's static choices: the MLP's activation, both gates, the merged taps of the spatial branches and how
@@ -128,14 +126,10 @@ class Inputs(NamedTuple):
 _KERNEL_FIELDS = (0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14)
 
 
-def _ready(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return t if t is None or (t.dtype == dtype and t.is_contiguous()) else t.to(dtype).contiguous()
-
-
 def _kernel_inputs(raw: tuple[Tensor | None, ...]) -> list[Tensor | None]:
     """The kernels' inputs from the block's own tensors, in ``x``'s dtype, contiguous."""
     dtype, n = raw[0].dtype, len(RAW_FIELDS)
-    return [_ready(raw[i], dtype) for i in _KERNEL_FIELDS] + [_ready(t, dtype) for t in raw[n:]]
+    return [_native.ready(raw[i], dtype) for i in _KERNEL_FIELDS] + [_native.ready(t, dtype) for t in raw[n:]]
 
 
 def _temperatures(raw: tuple[Tensor | None, ...]) -> tuple[float, float]:

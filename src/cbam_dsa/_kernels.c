@@ -1,9 +1,15 @@
 /* Fused CPU kernels for the heavy passes of CBAMResidualDynamicSA (see _native.py, which compiles and loads them).
  *
  * Compiled once per scalar type: -DSCALAR=float -DSUFFIX=f32 and -DSCALAR=double -DSUFFIX=f64. Tensors are
- * contiguous NCHW, seen as (B, C, P) with P = H * W. Sums accumulate in double; maxima propagate NaN as torch.amax
- * does. Every loop has a fixed order (static OpenMP schedule, one writer per output), so results are bitwise
- * reproducible for a given thread count.
+ * contiguous NCHW, seen as (B, C, P) with P = H * W. Long sums accumulate in SCALAR over short blocks, then in
+ * double; maxima propagate NaN as torch.amax does. Every loop has a fixed order (static OpenMP schedule, one writer
+ * per output), so results are bitwise reproducible for a given thread count.
+ *
+ * The exported entry points of the fused block are block_forward and block_backward (at the end): the whole block,
+ * channel MLP included (small matrix products), from its own tensors, in one call each way. They run either each
+ * stage over the whole batch on all threads, or each sample from start to end on one thread (its slice of x is then
+ * read from memory once and from the cache after that). The single-pass kernels below are also exported for the
+ * fast path that returns the maps.
  *
  * Forward:
  *   pool_hw:   mean[b, c] = mean_p x,  max[b, c] = max_p x                          one read of x
@@ -435,10 +441,11 @@ static void FN(tap_weights)(const SCALAR *router, const SCALAR *mixing, int64_t 
 /* Forward after the channel MLP's gate input z (B, C): ca = gate(z / T_ca); s = pool_c(x, ca); the router on
    mean_hw(s) (Rh hidden units, ReLU, K logits, softmax; all ones without a router); tap weights router @ mixing;
    logit = tap_conv(s) + router @ bias; sa = gate(logit / T_sa); out = blend(x, ca, sa). */
-void FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *r1w, const SCALAR *r1b, const SCALAR *r2w,
-                         const SCALAR *r2b, const SCALAR *mixing, const SCALAR *bias, const int64_t *taps,
-                         SCALAR *ca, SCALAR *s, SCALAR *rhid, SCALAR *router, SCALAR *logit, SCALAR *sa, SCALAR *out,
-                         const int64_t *dims, const double *scal, int threads) {
+static void FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *r1w, const SCALAR *r1b,
+                                const SCALAR *r2w, const SCALAR *r2b, const SCALAR *mixing, const SCALAR *bias,
+                                const int64_t *taps, SCALAR *ca, SCALAR *s, SCALAR *rhid, SCALAR *router,
+                                SCALAR *logit, SCALAR *sa, SCALAR *out, const int64_t *dims, const double *scal,
+                                int threads) {
     const int64_t B = dims[0], C = dims[1], H = dims[2], W = dims[3], P = H * W, Rh = dims[4], K = dims[5];
     const int64_t T = dims[6];
     FN(gate_all)(z, ca, B * C, scal[0], dims[7]);
@@ -484,12 +491,13 @@ void FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *r1w, co
    input. Writes ca, sa (recomputed), dz (B, C), the terms of x's gradient from the pooling over C (cmean, coef and
    smax, (B, P) each, for grad_x), the parameter gradients g_mixing (K, T), g_bias (K), g_r1w (Rh, 2), g_r1b (Rh),
    g_r2w (K, Rh), g_r2b (K) (unused without a router), and g_scal = (alpha, T_ca, T_sa) (alpha's only if need_alpha). */
-void FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *z, const SCALAR *s, const SCALAR *logit,
-                          const SCALAR *router, const SCALAR *rhid, const SCALAR *r1w, const SCALAR *r2w,
-                          const SCALAR *mixing, const SCALAR *bias, const int64_t *taps, SCALAR *ca, SCALAR *sa,
-                          SCALAR *dz, SCALAR *cmean, SCALAR *coef, SCALAR *smax, SCALAR *g_mixing, SCALAR *g_bias,
-                          SCALAR *g_r1w, SCALAR *g_r1b, SCALAR *g_r2w, SCALAR *g_r2b, double *g_scal, int need_alpha,
-                          const int64_t *dims, const double *scal, int threads) {
+static void FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *z, const SCALAR *s,
+                                 const SCALAR *logit, const SCALAR *router, const SCALAR *rhid, const SCALAR *r1w,
+                                 const SCALAR *r2w, const SCALAR *mixing, const SCALAR *bias, const int64_t *taps,
+                                 SCALAR *ca, SCALAR *sa, SCALAR *dz, SCALAR *cmean, SCALAR *coef, SCALAR *smax,
+                                 SCALAR *g_mixing, SCALAR *g_bias, SCALAR *g_r1w, SCALAR *g_r1b, SCALAR *g_r2w,
+                                 SCALAR *g_r2b, double *g_scal, int need_alpha, const int64_t *dims,
+                                 const double *scal, int threads) {
     const int64_t B = dims[0], C = dims[1], H = dims[2], W = dims[3], P = H * W, Rh = dims[4], K = dims[5];
     const int64_t T = dims[6];
     const double alpha = scal[2];
@@ -853,7 +861,10 @@ static void FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *co
                 } else {
                     for (int64_t c = 0; c < C; ++c) rows[c] = pools[b * C + c], rows[C + c] = pools[BC + b * C + c];
                 }
-                for (int64_t j = 0; j < Rm; ++j) pre2[j] = saved[5][b * Rm + j], pre2[Rm + j] = saved[5][(B + b) * Rm + j];
+                for (int64_t j = 0; j < Rm; ++j) {
+                    pre2[j] = saved[5][b * Rm + j];
+                    pre2[Rm + j] = saved[5][(B + b) * Rm + j];
+                }
                 FN(mlp_backward)(dz + b * C, rows, pre2, mlp[0], mlp[1], mlp[2], mlp[3], NULL, NULL, NULL, NULL, NULL,
                                  g_rows, 1, C, Rm, silu, 1);
                 for (int64_t c = 0; c < C; ++c) g_rows[c] /= (SCALAR)P;

@@ -38,6 +38,7 @@ __all__ = [
     "enabled",
     "kernels",
     "one_sample_per_thread",
+    "ready",
     "supports",
 ]
 
@@ -152,9 +153,10 @@ _SIGNATURES = {
 }
 
 
-def _ready(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype`` and contiguous (itself when it already is: ``.to`` costs a dispatch even then)."""
-    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+def ready(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t`` in ``dtype`` and contiguous (itself when it already is: ``.to`` costs a dispatch even then; ``None``
+    stays ``None``)."""
+    return t if t is None or (t.dtype == dtype and t.is_contiguous()) else t.to(dtype).contiguous()
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -201,7 +203,7 @@ class Kernels:
             - Output: :math:`(B, 2, H, W)`
         """
         b, c, h, w = x.shape
-        ca = _ready(ca, x.dtype)  # kept alive through the call
+        ca = ready(ca, x.dtype)  # kept alive through the call
         s = x.new_empty(b, 2, h, w)
         self._functions["pool_c", x.dtype](_ptr(x), _ptr(ca), _ptr(s), b, c, h * w, torch.get_num_threads())
         return s
@@ -214,7 +216,7 @@ class Kernels:
             - Output: :math:`(B, C, H, W)`
         """
         b, c, h, w = x.shape
-        ca, sa = _ready(ca, x.dtype), _ready(sa, x.dtype)  # kept alive through the call
+        ca, sa = ready(ca, x.dtype), ready(sa, x.dtype)  # kept alive through the call
         out = torch.empty_like(x)
         use_alpha = alpha is not None
         self._functions["blend", x.dtype](
@@ -234,7 +236,7 @@ class Kernels:
         b, c, h, w = x.shape
         by_ca, by_sa = x.new_empty(b, 1, h, w), x.new_empty(b, c, 1, 1)
         plain = x.new_empty(b, c, 1, 1) if plain_sum else None
-        ca, sa = _ready(ca, x.dtype), _ready(sa, x.dtype)  # kept alive through the call
+        ca, sa = ready(ca, x.dtype), ready(sa, x.dtype)  # kept alive through the call
         self._functions["blend_grad", x.dtype](
             _ptr(g), _ptr(x), _ptr(ca), _ptr(sa), None, _ptr(by_ca), _ptr(by_sa), _ptr(plain), None,
             b, c, h * w, torch.get_num_threads(),
@@ -251,7 +253,7 @@ class Kernels:
         """
         b, c, h, w = x.shape
         coef, grad_ca = x.new_empty(b, 1, h, w), x.new_empty(b, c, 1, 1)
-        ca, smax, cmean, gmax = (_ready(t, x.dtype) for t in (ca, smax, cmean, gmax))  # kept alive
+        ca, smax, cmean, gmax = (ready(t, x.dtype) for t in (ca, smax, cmean, gmax))  # kept alive
         self._functions["pool_c_grad", x.dtype](
             _ptr(x), _ptr(ca), _ptr(smax), _ptr(cmean), _ptr(gmax), None, _ptr(coef), _ptr(grad_ca), b, c, h * w,
             torch.get_num_threads(),
@@ -285,9 +287,9 @@ class Kernels:
         g, sa, alpha = blend if blend is not None else (None, None, None)
         cmean, coef, smax = pool_c if pool_c is not None else (None, None, None)
         hmean, hmax, at = pool_hw if pool_hw is not None else (None, None, None)
-        keep = [t if t is None else _ready(t, x.dtype) for t in (g, sa, cmean, coef, smax, hmean, hmax, at, base)]
+        keep = [ready(t, x.dtype) for t in (g, sa, cmean, coef, smax, hmean, hmax, at, base)]
         g, sa, cmean, coef, smax, hmean, hmax, at, base = keep  # kept alive through the call
-        ca = None if ca is None else _ready(ca, x.dtype)  # kept alive through the call
+        ca = ready(ca, x.dtype)  # kept alive through the call
         out = torch.empty_like(x)
         self._functions["grad_x", x.dtype](
             _ptr(g), _ptr(x), _ptr(ca), _ptr(sa), 1.0 if alpha is None else alpha, int(alpha is not None),
@@ -305,7 +307,7 @@ class Kernels:
             - Output: :math:`(B, 1, H, W)`
         """
         b, c, h, w = s.shape
-        weight = _ready(weight, s.dtype)  # kept alive through the call
+        weight = ready(weight, s.dtype)  # kept alive through the call
         out = s.new_empty(b, 1, h, w)
         self._functions["tap_conv", s.dtype](
             _ptr(s), _ptr(weight), _ptr(taps), _ptr(out), b, c, h, w, taps.shape[0], torch.get_num_threads()
@@ -320,7 +322,7 @@ class Kernels:
             - Output: :math:`(B, C, H, W)`
         """
         b, _, h, w = grad.shape
-        grad, weight = grad.contiguous(), _ready(weight, grad.dtype)  # kept alive through the call
+        grad, weight = grad.contiguous(), ready(weight, grad.dtype)  # kept alive through the call
         out = grad.new_empty(b, channels, h, w)
         self._functions["tap_conv_grad_s", grad.dtype](
             _ptr(grad), _ptr(weight), _ptr(taps), _ptr(out), b, channels, h, w, taps.shape[0], torch.get_num_threads()
@@ -335,7 +337,7 @@ class Kernels:
             - Output: :math:`(B, T)`
         """
         b, c, h, w = s.shape
-        grad = _ready(grad, s.dtype)  # kept alive through the call
+        grad = ready(grad, s.dtype)  # kept alive through the call
         out = s.new_empty(b, taps.shape[0])
         self._functions["tap_conv_grad_w", s.dtype](
             _ptr(grad), _ptr(s), _ptr(taps), _ptr(out), b, c, h, w, taps.shape[0], torch.get_num_threads()
