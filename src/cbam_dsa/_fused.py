@@ -138,9 +138,7 @@ def _temperatures(raw: tuple[Tensor | None, ...]) -> tuple[float, float]:
 
 
 def _dims(inputs: list[Tensor | None], spec: Spec) -> Any:
-    return _native.block_dims(
-        inputs[0], inputs, spec.branches, spec.taps.shape[0], (spec.ca_gate, spec.sa_gate), spec.act
-    )
+    return _native.block_dims(inputs, spec.branches, spec.taps.shape[0], (spec.ca_gate, spec.sa_gate), spec.act)
 
 
 def fused_forward(raw: tuple[Tensor | None, ...], spec: Spec) -> _native.BlockForward:

@@ -713,13 +713,16 @@ static void FN(mlp_forward)(const SCALAR *pools, const SCALAR *w1, const SCALAR 
 }
 
 /* The MLP's backward from dz (B x C), the gradient of z. Writes, each if its pointer is not NULL: g_w2 (C x Rm),
-   g_b2 (C), g_fusion (2), g_w1 (Rm x C), g_b1 (Rm), g_pools (2B x C). */
+   g_b2 (C), g_fusion (2), g_w1 (Rm x C), g_b1 (Rm), g_pools (2B x C). g_mixed_io (B x Rm), if not NULL, receives
+   dz @ w2, or holds it already where g_mixed_known (then it is not computed again). */
 static void FN(mlp_backward)(const SCALAR *dz, const SCALAR *pools, const SCALAR *pre, const SCALAR *w1,
                              const SCALAR *w2, const SCALAR *b2, const SCALAR *fusion, SCALAR *g_w1, SCALAR *g_b1,
-                             SCALAR *g_w2, SCALAR *g_b2, SCALAR *g_fusion, SCALAR *g_pools, int64_t B, int64_t C,
-                             int64_t Rm, int64_t silu, int threads) {
+                             SCALAR *g_w2, SCALAR *g_b2, SCALAR *g_fusion, SCALAR *g_pools, SCALAR *g_mixed_io,
+                             int g_mixed_known, int64_t B, int64_t C, int64_t Rm, int64_t silu, int threads) {
     SCALAR *hidden = malloc(sizeof(SCALAR) * (size_t)(2 * B * Rm)), *mixed = malloc(sizeof(SCALAR) * (size_t)(B * Rm));
-    SCALAR *g_mixed = malloc(sizeof(SCALAR) * (size_t)(B * Rm)), *g_pre = malloc(sizeof(SCALAR) * (size_t)(2 * B * Rm));
+    SCALAR *own = g_mixed_io ? NULL : malloc(sizeof(SCALAR) * (size_t)(B * Rm));
+    SCALAR *g_mixed = g_mixed_io ? g_mixed_io : own;
+    SCALAR *g_pre = malloc(sizeof(SCALAR) * (size_t)(2 * B * Rm));
     for (int64_t i = 0; i < 2 * B * Rm; ++i) hidden[i] = FN(act)(pre[i], silu);
     for (int64_t i = 0; i < B * Rm; ++i) mixed[i] = fusion[0] * hidden[i] + fusion[1] * hidden[B * Rm + i];
     if (g_w2) FN(gemm_tn)(dz, mixed, g_w2, C, Rm, B, threads);
@@ -731,7 +734,7 @@ static void FN(mlp_backward)(const SCALAR *dz, const SCALAR *pools, const SCALAR
     }
     if (g_b2)
         for (int64_t c = 0; c < C; ++c) g_b2[c] = column[c] * (fusion[0] + fusion[1]);
-    FN(gemm_nn)(dz, w2, g_mixed, B, Rm, C, threads);
+    if (!g_mixed_known) FN(gemm_nn)(dz, w2, g_mixed, B, Rm, C, threads);
     if (g_fusion) { /* d z / d w_k = hidden_k @ w2^T + b2 */
         double bias = 0;
         for (int64_t c = 0; c < C; ++c) bias += (double)column[c] * b2[c];
@@ -754,7 +757,7 @@ static void FN(mlp_backward)(const SCALAR *dz, const SCALAR *pools, const SCALAR
             g_b1[j] = v;
         }
     if (g_pools) FN(gemm_nn)(g_pre, w1, g_pools, 2 * B, C, Rm, threads);
-    free(hidden), free(mixed), free(g_mixed), free(g_pre), free(column);
+    free(hidden), free(mixed), free(own), free(g_pre), free(column);
 }
 
 /* The whole block's forward after derive_light: pools = [mean_hw(x); max_hw(x)] (2B x C), the MLP (pre, z), then
@@ -822,7 +825,7 @@ static void FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *co
         }
         SCALAR *g_pools = grads[11] ? malloc(sizeof(SCALAR) * (size_t)(2 * BC)) : NULL;
         FN(mlp_backward)(dz, pools, saved[5], mlp[0], mlp[1], mlp[2], mlp[3], grads[6], grads[7], grads[8],
-                         grads[9], grads[10], g_pools, B, C, Rm, silu, threads);
+                         grads[9], grads[10], g_pools, NULL, 0, B, C, Rm, silu, threads);
         if (grads[11]) {
             for (int64_t i = 0; i < BC; ++i) g_pools[i] /= (SCALAR)P;
             FN(grad_x)(g, x, ca, sa, scal[2], (int)dims[10], cmean, coef, smax, g_pools, g_pools + BC, pools + BC,
@@ -836,6 +839,8 @@ static void FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *co
         const int64_t per = K * T + K + 3 * Rh + K * Rh + K;
         SCALAR *parts = calloc((size_t)(B * per), sizeof(SCALAR));
         double *scal_parts = malloc(sizeof(double) * (size_t)(B * 3));
+        /* dz @ w2, row by row where x's gradient needs it; then the weights' gradients reuse it */
+        SCALAR *g_mixed = grads[11] ? malloc(sizeof(SCALAR) * (size_t)(B * Rm)) : NULL;
         if (own) pools = own;
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t b = 0; b < B; ++b) {
@@ -866,7 +871,7 @@ static void FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *co
                     pre2[Rm + j] = saved[5][(B + b) * Rm + j];
                 }
                 FN(mlp_backward)(dz + b * C, rows, pre2, mlp[0], mlp[1], mlp[2], mlp[3], NULL, NULL, NULL, NULL, NULL,
-                                 g_rows, 1, C, Rm, silu, 1);
+                                 g_rows, g_mixed + b * Rm, 0, 1, C, Rm, silu, 1);
                 for (int64_t c = 0; c < C; ++c) g_rows[c] /= (SCALAR)P;
                 FN(grad_x)(gb, xb, ca + b * C, sa + b * P, scal[2], (int)dims[10], cmean + b * P, coef + b * P,
                            smax + b * P, g_rows, g_rows + C, rows + C, NULL, grads[11] + b * C * P, 1, C, P, 1);
@@ -890,7 +895,8 @@ static void FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *co
         free(parts), free(scal_parts);
         /* the MLP weights' gradients, over the whole batch */
         FN(mlp_backward)(dz, pools, saved[5], mlp[0], mlp[1], mlp[2], mlp[3], grads[6], grads[7], grads[8], grads[9],
-                         grads[10], NULL, B, C, Rm, silu, threads);
+                         grads[10], NULL, g_mixed, g_mixed != NULL, B, C, Rm, silu, threads);
+        free(g_mixed);
     }
     free(ca), free(dz), free(sa), free(cmean), free(coef), free(smax), free(own);
 }

@@ -420,11 +420,12 @@ def block_layout(taps: Tensor, gather: Tensor, sizes: Sequence[int]) -> Tensor:
 
 
 def block_dims(
-    x: Tensor, raw: Sequence[Tensor | None], branches: int, taps: int, gates: tuple[str, str], act: str
+    raw: Sequence[Tensor | None], branches: int, taps: int, gates: tuple[str, str], act: str
 ) -> ctypes.Array:
     """The ``dims`` array of :meth:`Kernels.block_forward`: ``(B, C, H, W, router hidden, K, T, ca gate hard, sa gate
-    hard, has router, uses alpha, MLP hidden, MLP activation silu, one sample per thread, has fusion logits)``."""
-    b, c, h, w = x.shape
+    hard, has router, uses alpha, MLP hidden, MLP activation silu, one sample per thread, has fusion logits)``, from
+    :meth:`Kernels.block_forward`'s ``raw`` (``x`` first)."""
+    b, c, h, w = raw[0].shape
     hidden, router = raw[1].shape[0], raw[7]
     return (ctypes.c_int64 * 15)(
         b, c, h, w, 1 if router is None else router.shape[0], branches, taps, gates[0] == "hardsigmoid",
