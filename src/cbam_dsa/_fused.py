@@ -127,9 +127,12 @@ _KERNEL_FIELDS = (0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14)
 
 
 def _kernel_inputs(raw: tuple[Tensor | None, ...]) -> list[Tensor | None]:
-    """The kernels' inputs from the block's own tensors, in ``x``'s dtype, contiguous."""
-    dtype, n = raw[0].dtype, len(RAW_FIELDS)
-    return [_native.ready(raw[i], dtype) for i in _KERNEL_FIELDS] + [_native.ready(t, dtype) for t in raw[n:]]
+    """The kernels' inputs from the block's own tensors, in ``x``'s dtype, contiguous (the tensors themselves where
+    they already are: this runs twice per training step of every block, so it is one comprehension)."""
+    dtype = raw[0].dtype
+    picked = [raw[i] for i in _KERNEL_FIELDS]
+    picked += raw[len(RAW_FIELDS) :]
+    return [t if t is None or (t.dtype == dtype and t.is_contiguous()) else t.to(dtype).contiguous() for t in picked]
 
 
 def _temperatures(raw: tuple[Tensor | None, ...]) -> tuple[float, float]:
@@ -141,11 +144,20 @@ def _dims(inputs: list[Tensor | None], spec: Spec) -> Any:
     return _native.block_dims(inputs, spec.branches, spec.taps.shape[0], (spec.ca_gate, spec.sa_gate), spec.act)
 
 
-def fused_forward(raw: tuple[Tensor | None, ...], spec: Spec) -> _native.BlockForward:
+class _Call(NamedTuple):
+    """What the forward kernel call was given beside the tensors; the backward call takes the same."""
+
+    kernels: _native.Kernels
+    dims: Any  # from _native.block_dims
+    temperatures: tuple[float, float]
+
+
+def fused_forward(raw: tuple[Tensor | None, ...], spec: Spec) -> tuple[_native.BlockForward, _Call]:
     """The block on the kernels from its own tensors (:data:`RAW_FIELDS`), in one call
     (:meth:`._native.Kernels.block_forward`), with everything its backward pass needs."""
     inputs = _kernel_inputs(raw)
-    return _native.kernels().block_forward(inputs, spec.layout, _dims(inputs, spec), _temperatures(raw))
+    call = _Call(_native.kernels(), _dims(inputs, spec), _temperatures(raw))
+    return call.kernels.block_forward(inputs, spec.layout, call.dims, call.temperatures), call
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -192,11 +204,12 @@ class FusedBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, spec: Spec, *raw: Tensor | None) -> Tensor:
-        f = fused_forward(raw, spec)
+        f, call = fused_forward(raw, spec)
         keep = raw[0].shape[2] * raw[0].shape[3] >= KEEP_POOLS_FROM_PIXELS
-        saved = _native.BlockSaved(f.z, f.s, f.logit, f.router, f.router_hidden, f.pre, f.pools if keep else None)
-        ctx.save_for_backward(*raw, *saved)
-        ctx.spec = spec
+        ctx.save_for_backward(*raw, f.z, f.s, f.logit, f.router, f.router_hidden, f.pre, f.pools if keep else None)
+        # The saved tensors are checked against in-place changes when backward unpacks them, so the numbers taken
+        # from them here (the shapes in dims, the temperatures) still hold there.
+        ctx.spec, ctx.call = spec, call
         return f.out
 
     @staticmethod
@@ -206,7 +219,8 @@ class FusedBlock(torch.autograd.Function):
         raw, needs = saved[:n], ctx.needs_input_grad[1:]
         if torch.is_grad_enabled():
             return (None, *_differentiable_backward(raw, needs, ctx.spec, grad_out))
-        return (None, *_backward(raw, needs, ctx.spec, grad_out, _native.BlockSaved(*saved[n:])))
+        saved = _native.BlockSaved(*saved[n:])
+        return (None, *_backward(raw, needs, ctx.spec, grad_out, saved, ctx.call))
 
 
 def _differentiable_backward(raw: tuple, needs: tuple[bool, ...], spec: Spec, grad_out: Tensor) -> tuple:
@@ -228,20 +242,30 @@ def _like(grad: Tensor | None, t: Tensor | None) -> Tensor | None:
 
 
 def _backward(
-    raw: tuple[Tensor | None, ...], needs: tuple[bool, ...], spec: Spec, grad_out: Tensor, saved: _native.BlockSaved
+    raw: tuple[Tensor | None, ...],
+    needs: tuple[bool, ...],
+    spec: Spec,
+    grad_out: Tensor,
+    saved: _native.BlockSaved,
+    call: _Call,
 ) -> list[Tensor | None]:
     """The first-order gradients of :class:`FusedBlock`'s inputs, in one kernel call
     (:meth:`._native.Kernels.block_backward`: the blend and the spatial part, the MLP's adjoints, x's gradient in one
-    pass, and the chain rule to the fusion logits and the branch kernels); the temperatures' chain rule here."""
+    pass, and the chain rule to the fusion logits and the branch kernels); the temperatures' chain rule here.
+    ``call`` is the forward kernel call's."""
     n = len(RAW_FIELDS)
     inputs = _kernel_inputs(raw)
-    wanted = [needs[i] for i in _KERNEL_FIELDS] + list(needs[n:])
-    grads, scalars = _native.kernels().block_backward(
-        grad_out.contiguous(), inputs, saved, spec.layout, wanted, _dims(inputs, spec), _temperatures(raw)
+    wanted = [needs[i] for i in _KERNEL_FIELDS]
+    wanted += needs[n:]
+    grads, scalars = call.kernels.block_backward(
+        grad_out.contiguous(), inputs, saved, spec.layout, wanted, call.dims, call.temperatures
     )
     out: list[Tensor | None] = [None] * len(raw)
-    for grad, i in zip(grads, [*_KERNEL_FIELDS, *range(n, len(raw))], strict=True):
-        out[i] = _like(grad, raw[i])
+    for grad, i in zip(grads, _grad_fields(len(raw)), strict=True):
+        if grad is not None:  # the kernels' inputs have the shapes of the block's tensors, perhaps not their dtypes
+            out[i] = grad if grad.dtype == raw[i].dtype else grad.to(raw[i].dtype)
+    if not any(needs[6:11]):
+        return out
     scalars = scalars.to(raw[0].dtype)
     if needs[10]:
         out[10] = _like(scalars[0], raw[10])
@@ -254,6 +278,12 @@ def _backward(
         if needs[base]:
             out[base] = _like(grad_t * torch.exp(raw[log_scale]).to(grad_t.dtype), raw[base])
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _grad_fields(count: int) -> tuple[int, ...]:
+    """The positions among :class:`FusedBlock`'s ``count`` inputs of the kernels' gradients."""
+    return (*_KERNEL_FIELDS, *range(len(RAW_FIELDS), count))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,15 +320,26 @@ def derive(raw: tuple[Tensor | None, ...], spec: Spec) -> Inputs:
     )
 
 
+def _tensor(module: torch.nn.Module, name: str) -> Tensor | None:
+    """``module.<name>`` for a parameter or buffer, from the module's dicts where it is there (``Module.__getattr__``
+    costs a microsecond or more per lookup, and this runs on every call), else by attribute (parametrizations)."""
+    params = module._parameters
+    if name in params:
+        return params[name]
+    buffers = module._buffers
+    if name in buffers:
+        return buffers[name]
+    return getattr(module, name)
+
+
 def block_inputs(block: CBAMResidualDynamicSA, x: Tensor, alpha: Tensor | None) -> tuple[tuple, Spec]:
     """The block's own tensors in :data:`RAW_FIELDS` order (branch kernels and biases after them) and its
     :class:`Spec`; ``alpha`` is ``None`` where the blend is the identity on ``x * ca * sa``."""
-    # Submodules straight from _modules (Module.__getattr__ costs a microsecond or more per lookup, and this runs on
-    # every call); parameters by attribute, so that parametrizations apply.
     part, spatial = block._modules["ca"], block._modules["sa"]
     fc1, fc2 = part._modules["fc1"], part._modules["fc2"]
     branches = list(spatial._modules["branches"]._modules.values())
-    weights, biases = [branch.weight for branch in branches], [branch.bias for branch in branches]
+    weights = [_tensor(branch, "weight") for branch in branches]
+    biases = [_tensor(branch, "bias") for branch in branches]
     specs = tuple((int(weight.shape[-1]), int(d)) for weight, d in zip(weights, spatial.dilations, strict=True))
     taps, gather, layout = _layout(specs)
     router = spatial._modules.get("router")  # None (a plain attribute) with one branch
@@ -306,18 +347,18 @@ def block_inputs(block: CBAMResidualDynamicSA, x: Tensor, alpha: Tensor | None) 
         router_params: tuple[Tensor | None, ...] = (None, None, None, None)
     else:
         first, last = router._modules["0"], router._modules["2"]
-        router_params = (first.weight, first.bias, last.weight, last.bias)
+        router_params = tuple(_tensor(layer, name) for layer in (first, last) for name in ("weight", "bias"))
     raw = (
         x,
-        fc1.weight,
-        fc1.bias,
-        fc2.weight,
-        fc2.bias,
-        part.fusion_logits,
-        part.temperature,
-        part.temperature_log_scale,
-        spatial.temperature,
-        spatial.temperature_log_scale,
+        _tensor(fc1, "weight"),
+        _tensor(fc1, "bias"),
+        _tensor(fc2, "weight"),
+        _tensor(fc2, "bias"),
+        _tensor(part, "fusion_logits"),
+        _tensor(part, "temperature"),
+        _tensor(part, "temperature_log_scale"),
+        _tensor(spatial, "temperature"),
+        _tensor(spatial, "temperature_log_scale"),
         alpha,
         *router_params,
         *weights,
@@ -348,4 +389,4 @@ def block_forward(block: CBAMResidualDynamicSA, x: Tensor, alpha: Tensor | None)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in raw):
             return FusedBlock.apply(spec, *raw)
         with torch.no_grad():
-            return fused_forward(raw, spec).out
+            return fused_forward(raw, spec)[0].out
