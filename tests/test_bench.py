@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import sys
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ pytest.importorskip("matplotlib")
 def quick_run(tmp_path_factory):
     """One ``cbam-dsa bench --quick`` run, with the resnet50 step, written to a temporary folder."""
     out = tmp_path_factory.mktemp("bench")
-    code = cli.main(["bench", "--quick", "--out", str(out), "--markdown", str(out / "BENCHMARKS.md")])
+    code = cli.main(["bench", "--quick", "--seed", "5", "--out", str(out), "--markdown", str(out / "BENCHMARKS.md")])
     return code, out
 
 
@@ -28,6 +30,7 @@ def test_quick_run_writes_json_table_chart_and_markdown(quick_run, capsys):
     assert code == 0
     results = json.loads((out / "results-cpu-float32.json").read_text())
     assert results["settings"]["shapes"] == [list(s) for s in bench.QUICK_SHAPES]
+    assert results["settings"]["seed"] == 5
     assert results["machine"]["torch"] == torch.__version__
     contenders = {"timm_cbam", "timm_se", "ours_reference", "ours_fast"}
     for entry in results["shapes"]:
@@ -53,6 +56,9 @@ def test_quick_run_writes_json_table_chart_and_markdown(quick_run, capsys):
     assert network["plain"]["parameters"] < network["ours_fast"]["parameters"]
     paired = results["network"]["ours_vs_se"]
     assert paired["rounds"] >= 1 and 0 <= paired["faster_rounds"] <= paired["rounds"]
+    if sys.platform.startswith("linux"):  # page faults counted per step (a training step touches fresh pages)
+        assert all(v["page_faults"] >= 0 for v in network.values())
+        assert max(v["page_faults"] for v in network.values()) > 0
 
     table = (out / "results-cpu-float32.txt").read_text()
     for label in ("timm CbamModule", "timm SEModule", "ours, fast path", "ours, reference path", "resnet50"):
@@ -129,13 +135,21 @@ def test_paired_comparison_is_round_by_round():
     assert paired == {"median_ratio": -0.5, "median_diff_ms": -1000.0, "faster_rounds": 2, "rounds": 3}
 
 
-def test_interleaved_rounds_rotate_the_order():
+def test_interleaved_rounds_draw_a_seeded_order_per_round():
     calls = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    times = bench.interleaved_times(fns, rounds=3, warmup=1)
-    assert calls[:3] == ["a", "b", "c"]  # warm-up
-    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
-    assert all(len(values) == 3 for values in times.values())
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    times = bench.interleaved_times(fns, rounds=40, warmup=1, seed=3)
+    assert calls[:4] == ["a", "b", "c", "d"]  # warm-up
+    rounds = [calls[i : i + 4] for i in range(4, len(calls), 4)]
+    assert all(sorted(order) == ["a", "b", "c", "d"] for order in rounds)  # each once per round
+    assert len({tuple(order) for order in rounds}) > 10  # not one fixed or rotating order
+    # every function runs right after every other one in some round
+    followers = {pair for order in rounds for pair in itertools.pairwise(order)}
+    assert followers == {(x, y) for x in "abcd" for y in "abcd" if x != y}
+    assert all(len(values) == 40 for values in times.values())
+    calls.clear()
+    bench.interleaved_times(fns, rounds=40, warmup=1, seed=3)
+    assert [calls[i : i + 4] for i in range(4, len(calls), 4)] == rounds  # the same seed, the same orders
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,9 @@ What it measures, for each input shape and contender (method: ``benchmarks/READM
   growth of the process's peak resident memory on Linux CPUs, not measured elsewhere;
 * the time one training step of timm's ``resnet50`` takes with each attention layer, against the plain network.
 
-Timings come from interleaved rounds: every round times each contender once, in a rotating order, so a slow
-spell of a shared machine hits all of them. Each contender gets its minimum and median over rounds, and the
+Timings come from interleaved rounds: every round times each contender once, in an order drawn at random for
+the round (seeded), so a slow spell of a shared machine hits all of them and no contender always runs after the
+same other one. Each contender gets its minimum and median over rounds, and the
 median over rounds of its ratio to timm's ``CbamModule`` in the same round. timm, torchvision and matplotlib
 are imported only when the benchmark runs.
 """
@@ -22,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -98,7 +100,7 @@ class Settings:
         device: ``"cpu"`` or ``"cuda"``.
         dtype: ``"float32"`` or ``"bfloat16"`` (modules and inputs).
         threads: ``torch.set_num_threads`` for the run (CPU).
-        seed: seed of weights and inputs.
+        seed: seed of weights, inputs and the order of the contenders in each round.
     """
 
     shapes: Sequence[tuple[int, int, int, int]] = SHAPES
@@ -170,18 +172,21 @@ def _timed(fn: Callable[[], Any], device: str) -> float:
 
 
 def interleaved_times(
-    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int, device: str = "cpu"
+    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int, device: str = "cpu", seed: int = 0
 ) -> dict[str, list[float]]:
     """Seconds per call of each function: ``warmup`` untimed calls each, then ``rounds`` rounds that call every
-    function once, starting one further along the list each round."""
+    function once, each round in an order drawn at random (from ``seed``).
+
+    A fixed or rotating order would let one function run right after the same other one in most rounds, and what
+    a call leaves behind (the caches, the allocator's heap) can shift the next call's time."""
     names = list(fns)
     for name in names:
         for _ in range(warmup):
             fns[name]()
+    order = random.Random(seed)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(rounds):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
+    for _ in range(rounds):
+        for name in order.sample(names, len(names)):
             times[name].append(_timed(fns[name], device))
     return times
 
@@ -299,10 +304,10 @@ def measure_shape(settings: Settings, shape: tuple[int, int, int, int], dtype: t
                 raise
             errors[name] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
             del modules[name]
-    forward_times = interleaved_times(
-        {n: forward(m) for n, m in modules.items()}, settings.rounds, settings.warmup, device
-    )
-    train_times = interleaved_times({n: train(m) for n, m in modules.items()}, settings.rounds, settings.warmup, device)
+    fns = {n: forward(m) for n, m in modules.items()}
+    forward_times = interleaved_times(fns, settings.rounds, settings.warmup, device, settings.seed)
+    fns = {n: train(m) for n, m in modules.items()}
+    train_times = interleaved_times(fns, settings.rounds, settings.warmup, device, settings.seed)
     forward_summary = summarize(forward_times, BASELINE)
     train_summary = summarize(train_times, BASELINE)
     input_bytes = x.numel() * x.element_size()
@@ -358,25 +363,33 @@ def measure_network(settings: Settings, dtype: torch.dtype) -> dict[str, Any]:
     images = torch.randn(settings.network_batch, 3, size, size, device=device, dtype=dtype)
     targets = torch.randint(0, 10, (settings.network_batch,), device=device)
 
-    def step(model: nn.Module) -> Callable[[], None]:
+    faults: dict[str, list[int]] = {name: [] for name in variants}
+
+    def step(name: str, model: nn.Module) -> Callable[[], None]:
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
         def run() -> None:
+            before = _minor_faults()
             optimizer.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(images), targets).backward()
             optimizer.step()
+            if before is not None:
+                faults[name].append(_minor_faults() - before)
 
         return run
 
-    times = interleaved_times({n: step(m) for n, m in variants.items()}, settings.network_rounds, 1, device)
+    fns = {name: step(name, model) for name, model in variants.items()}
+    times = interleaved_times(fns, settings.network_rounds, 1, device, settings.seed)
     summary = summarize(times, "plain")
     results = {}
     for name, values in summary.items():
+        timed = faults[name][1:]  # after the warm-up step
         results[name] = {
             "label": NETWORK_LABELS[name],
             "step": {"min_ms": values["min_ms"], "median_ms": values["median_ms"]},
             "overhead": None if name == "plain" else values["ratio"] - 1.0,
             "parameters": sum(p.numel() for p in variants[name].parameters()),
+            "page_faults": statistics.median(timed) if timed else None,
         }
     return {
         "model": "timm resnet50, num_classes=10",
@@ -384,6 +397,15 @@ def measure_network(settings: Settings, dtype: torch.dtype) -> dict[str, Any]:
         "variants": results,
         "ours_vs_se": paired_comparison(times["ours_fast"], times["se"]),
     }
+
+
+def _minor_faults() -> int | None:
+    """The process's minor page faults so far (``None`` where ``resource`` is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def paired_comparison(ours: Sequence[float], other: Sequence[float]) -> dict[str, float | int]:
@@ -503,14 +525,16 @@ SHAPE_HEADER = [
     "saved MiB (x input)",
     "peak MiB",
 ]
-NETWORK_HEADER = ["network", "step ms (min / median)", "overhead vs plain", "parameters"]
+NETWORK_HEADER = ["network", "step ms (min / median)", "overhead vs plain", "parameters", "page faults / step"]
 
 
 def _network_rows(network: dict[str, Any]) -> list[list[str]]:
     rows = []
     for result in network["variants"].values():
         overhead = "-" if result["overhead"] is None else f"{100 * result['overhead']:+.1f}%"
-        rows.append([result["label"], _ms(result["step"]), overhead, f"{result['parameters'] / 1e6:.2f} M"])
+        faults = result.get("page_faults")  # absent in results written before it was measured
+        parameters, faults = f"{result['parameters'] / 1e6:.2f} M", "-" if faults is None else f"{faults:,.0f}"
+        rows.append([result["label"], _ms(result["step"]), overhead, parameters, faults])
     return rows
 
 

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="modules and inputs (default: float32)"
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads on CPU (default: 2, quick: 1)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the weights, the inputs and the rounds' orders (default: 0)"
+    )
     parser.add_argument("--out", default="bench-output", metavar="DIR", help="output folder (default: bench-output)")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the results as Markdown (docs/BENCHMARKS.md)")
     parser.add_argument(
@@ -96,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         "device": args.device,
         "dtype": args.dtype,
         "threads": threads,
+        "seed": args.seed,
         "extra": {"command": "cbam-dsa bench " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else ""},
     }
     if args.rounds is not None:
