@@ -219,6 +219,29 @@ def test_float64_input_with_float32_parameters_gives_float32_gradients():
     )
 
 
+class _Scale(torch.nn.Module):
+    def forward(self, weight: Tensor) -> Tensor:
+        return 1.5 * weight
+
+
+@pytest.mark.parametrize("where", ["fc1", "branch_kernel", "router"])
+def test_parametrized_weights_are_read_through_the_parametrization(where):
+    """The fused path reads parameters from the modules' dicts, and parametrized ones through their property."""
+    block = randomize(CBAMResidualDynamicSA(12, min_hidden=2)).double()
+    module = {"fc1": block.ca.fc1, "branch_kernel": block.sa.branches[1], "router": block.sa.router[0]}[where]
+    torch.nn.utils.parametrize.register_parametrization(module, "weight", _Scale())
+    x = make_x((2, 12, 9, 13), "relu", torch.float64)
+    got, expected = run(block, x, True), run(block, x, False)
+    assert_same(got, expected, TOLERANCES[torch.float64])
+    assert any(name.endswith("parametrizations.weight.original") for name in got[2])
+    with torch.nn.utils.parametrize.cached(), torch.no_grad():
+        plain = module.weight
+    torch.nn.utils.parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    with torch.no_grad():
+        unscaled = block(x)  # the parametrization did change the output: this is not the same block
+    assert not torch.allclose(unscaled, got[0]) and torch.equal(plain, 1.5 * module.weight)
+
+
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
 def test_inference_equals_reference(mode):
     block = randomize(CBAMResidualDynamicSA(37, min_hidden=2))
