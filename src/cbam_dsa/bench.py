@@ -39,6 +39,11 @@ from torch import Tensor, nn
 from . import _native
 from .block import CBAMResidualDynamicSA
 
+try:
+    import resource
+except ImportError:  # Windows: no page-fault counts
+    resource = None  # type: ignore[assignment]
+
 __all__ = [
     "QUICK_SHAPES",
     "SHAPES",
@@ -401,11 +406,7 @@ def measure_network(settings: Settings, dtype: torch.dtype) -> dict[str, Any]:
 
 def _minor_faults() -> int | None:
     """The process's minor page faults so far (``None`` where ``resource`` is missing: Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def paired_comparison(ours: Sequence[float], other: Sequence[float]) -> dict[str, float | int]:
