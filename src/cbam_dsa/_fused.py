@@ -128,11 +128,11 @@ _KERNEL_FIELDS = (0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14)
 
 def _kernel_inputs(raw: tuple[Tensor | None, ...]) -> list[Tensor | None]:
     """The kernels' inputs from the block's own tensors, in ``x``'s dtype, contiguous (the tensors themselves where
-    they already are: this runs twice per training step of every block, so it is one comprehension)."""
+    they already are)."""
     dtype = raw[0].dtype
     picked = [raw[i] for i in _KERNEL_FIELDS]
     picked += raw[len(RAW_FIELDS) :]
-    return [t if t is None or (t.dtype == dtype and t.is_contiguous()) else t.to(dtype).contiguous() for t in picked]
+    return [_native.ready(t, dtype) for t in picked]
 
 
 def _temperatures(raw: tuple[Tensor | None, ...]) -> tuple[float, float]:
