@@ -165,7 +165,7 @@ def _ptr(t: Tensor | None) -> int | None:
 
 def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
     """A C array of the tensors' data pointers (NULL for ``None``)."""
-    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+    return (ctypes.c_void_p * len(tensors))(*[_ptr(t) for t in tensors])
 
 
 class Kernels:
