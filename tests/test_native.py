@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from cbam_dsa import CBAMResidualDynamicSA, _native
+from cbam_dsa.ops.cpu import build
 from helpers import TOLERANCES, randomize
 
 DTYPES = [torch.float32, torch.float64]
@@ -623,7 +624,7 @@ def test_the_switch_is_read_at_each_call(native, monkeypatch):
 @pytest.fixture
 def fresh_load(monkeypatch, tmp_path):
     """A state with nothing loaded and an empty cache folder; the real state comes back after the test."""
-    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setattr(build, "_state", {})
     monkeypatch.setenv("CBAM_DSA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CBAM_DSA_NATIVE", "1")
     return tmp_path / "cache"
@@ -676,8 +677,8 @@ def test_a_second_load_reuses_the_cached_library(native, fresh_load, monkeypatch
             raise subprocess.CalledProcessError(1, command)
         return real_run(command, *args, **kwargs)
 
-    monkeypatch.setattr(_native.subprocess, "run", no_compiling)
-    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setattr(build.subprocess, "run", no_compiling)
+    monkeypatch.setattr(build, "_state", {})
     second = _native.kernels()
     assert second is not None and second is not first
     assert all("--version" in command for command in commands), commands

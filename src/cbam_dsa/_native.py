@@ -14,20 +14,14 @@ The kernels take contiguous float32 or float64 NCHW tensors on the CPU (:func:`s
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .ops.cpu import build
 
 __all__ = [
     "BlockForward",
@@ -44,16 +38,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("_kernels.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11")
 _SUFFIXES = {torch.float32: ("f32", "float"), torch.float64: ("f64", "double")}
-_lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def enabled() -> bool:
-    """Whether the kernels may be used: ``CBAM_DSA_NATIVE`` is not ``0`` (read at each call)."""
-    return os.environ.get("CBAM_DSA_NATIVE", "1") != "0"
+enabled = build.enabled
 
 
 def supports(x: Tensor) -> bool:
@@ -71,69 +60,13 @@ def one_sample_per_thread(batch: int, pixels: int, hidden: int) -> bool:
     return batch >= torch.get_num_threads() and pixels >= 2 * hidden
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("CBAM_DSA_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cbam_dsa"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _compile(compiler: str, target: Path) -> None:
-    """Compile the source once per scalar type into one shared library at ``target`` (atomically)."""
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        objects = []
-        for suffix, scalar in _SUFFIXES.values():
-            obj = Path(tmp) / f"kernels_{suffix}.o"
-            command = [compiler, *FLAGS, f"-DSCALAR={scalar}", f"-DSUFFIX={suffix}", "-c", str(SOURCE), "-o", str(obj)]
-            subprocess.run(command, check=True, capture_output=True, timeout=120)
-            objects.append(str(obj))
-        library = Path(tmp) / target.name
-        subprocess.run([compiler, "-shared", "-fopenmp", *objects, "-o", str(library)], check=True, capture_output=True)
-        os.replace(library, target)
-
-
-def _load() -> Kernels | None:
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        logger.info("cbam_dsa: no C compiler found; the fast path runs without its fused kernels")
-        return None
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags(), platform.machine()]).encode()
-    ).hexdigest()[:20]
-    target = _cache_dir() / f"kernels-{key}.so"
-    if target.exists():
-        try:
-            return Kernels(ctypes.CDLL(str(target)))
-        except (OSError, AttributeError):  # a damaged cached library: build it again
-            target.unlink(missing_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _compile(compiler, target)
-    return Kernels(ctypes.CDLL(str(target)))
-
-
 def kernels() -> Kernels | None:
     """The loaded kernels, compiling them on the first call; ``None`` where they cannot be built or are disabled."""
-    if not enabled():
+    lib = build.library()
+    if lib is None:
         return None
-    if "kernels" not in _state:
-        with _lock:
-            if "kernels" not in _state:
-                try:
-                    _state["kernels"] = _load()
-                except (OSError, AttributeError, subprocess.SubprocessError) as error:
-                    logger.info("cbam_dsa: fused kernels unavailable (%s); using the PyTorch fast path", error)
-                    _state["kernels"] = None
+    if _state.get("library") is not lib:
+        _state["library"], _state["kernels"] = lib, Kernels(lib)
     return _state["kernels"]  # type: ignore[return-value]
 
 
