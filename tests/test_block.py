@@ -320,6 +320,6 @@ def test_property_block_matches_reference_and_identity(
 @pytest.mark.parametrize("config", [{}, {"ca_fusion": "sum", "residual": False, "sa_kernels": (5,)}])
 def test_gradcheck_float64_reference_path_full_jacobian(config):
     block = randomize(CBAMResidualDynamicSA(4, min_hidden=2, **config)).double()
-    block._fast_path = False  # the plain path, checked with the full Jacobian (cheap here)
+    block.fast_path = False  # the plain path, checked with the full Jacobian (cheap here)
     x = torch.randn(2, 4, 4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(block, (x,), eps=1e-6, atol=1e-5)

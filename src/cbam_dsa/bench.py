@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _native
 from .block import CBAMResidualDynamicSA
+from .ops.cpu import native
 
 try:
     import resource
@@ -148,7 +148,7 @@ def build_contenders(channels: int, compile: bool, device: str, dtype: torch.dty
     from timm.layers.squeeze_excite import SEModule
 
     reference = CBAMResidualDynamicSA(channels)
-    reference._fast_path = False
+    reference.fast_path = False
     eager = {
         "timm_cbam": CbamModule(channels),
         "timm_se": SEModule(channels),
@@ -363,7 +363,7 @@ def measure_network(settings: Settings, dtype: torch.dtype) -> dict[str, Any]:
     }
     for module in variants["ours_reference"].modules():
         if isinstance(module, CBAMResidualDynamicSA):
-            module._fast_path = False
+            module.fast_path = False
     size = settings.network_size
     images = torch.randn(settings.network_batch, 3, size, size, device=device, dtype=dtype)
     targets = torch.randint(0, 10, (settings.network_batch,), device=device)
@@ -431,7 +431,7 @@ def machine_info(settings: Settings) -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "fused_kernels": settings.device == "cpu" and _native.kernels() is not None,
+        "fused_kernels": settings.device == "cpu" and native.library() is not None,
     }
     with contextlib.suppress(ImportError):
         import timm

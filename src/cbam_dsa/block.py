@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from . import _fast
 from . import functional as FA
+from . import ops
 from ._checks import (
     check_bool,
     check_choice,
@@ -204,18 +204,23 @@ class CBAMResidualDynamicSA(nn.Module):
         """Whether ``alpha`` is a learned parameter."""
         return isinstance(self.alpha, nn.Parameter)
 
-    # The fast path (``_fast.py``: custom autograd for the full-size passes, merged branch convolutions) runs
-    # wherever it can and equals the reference path below, outputs and gradients. The reference runs where the
-    # fast path cannot (scripting, tracing, ONNX export, torch.export, torch.compile, functorch transforms; see
-    # ``_fast.fast_path_applies``). Setting ``block._fast_path = False`` (a plain attribute, not in the
-    # state_dict) forces the reference path, e.g. to compare the two.
-    _fast_path: bool = True
+    fast_path: bool = True
+    """Run the fused operator (``torch.ops.cbam_dsa``) where it can run (:func:`.ops.runs_on`); ``False`` forces the
+    reference path of :mod:`.functional` (a plain attribute, not in the state_dict; set it on one block, or on the
+    class for every block). Both give the same outputs and gradients (tested)."""
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         check_input(x, self.channels)
-        if self._fast_path and _fast.fast_path_applies(self, x):
-            return _fast.block_forward(self, x) if self._return_maps else _fast.block_output(self, x)
-        return self._reference_forward(x)
+        part, spatial = self.ca, self.sa
+        if not (self.fast_path and ops.runs_on(x, part.fc1.weight)):
+            return self._reference_forward(x)
+        weights, biases, dilations = spatial.branch_params()
+        outs = ops.fused_block(
+            x, part.mlp_params(), part.fusion_logits, part.effective_temperature(), spatial.effective_temperature(),
+            self.alpha, spatial.router_params(), weights, biases,
+            ops.BlockSpec(tuple(dilations), part.act, part.gate, spatial.gate),
+        )  # fmt: skip
+        return outs if self._return_maps else outs[0]
 
     def _reference_forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The reference path: the parts' forward passes and the blend of ``functional.py``, plain autograd."""

@@ -1,0 +1,96 @@
+"""The fused block as PyTorch operators (``torch.ops.cbam_dsa``), one implementation per device.
+
+* :mod:`.library`: the two operators' schemas, fake kernels and autograd;
+* :mod:`.cpu`: the C kernels (built on first use) and, without a C compiler, :mod:`.pytorch`;
+* :mod:`.cuda`: the Triton kernels (opt-in, see :func:`.cuda.available`).
+
+:func:`fused_block` is the block's one call into them; :func:`runs_on` says where they run. Everywhere else
+(TorchScript, ONNX export, ``torch.export``, functorch transforms, devices without an implementation) the block runs
+the reference math of :mod:`..functional`, which exports as standard operators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import cpu, library
+from .library import BACKWARD, FORWARD
+
+__all__ = ["BACKWARD", "FORWARD", "BlockSpec", "fused_block", "runs_on"]
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_ = cpu  # registers the CPU implementation
+
+
+class BlockSpec(NamedTuple):
+    """The block's static choices: the spatial branches' dilations, the channel MLP's activation, and both gates."""
+
+    dilations: tuple[int, ...]
+    act: str
+    ca_gate: str
+    sa_gate: str
+
+
+def runs_on(x: Tensor | torch.fx.Proxy, parameter: Tensor) -> bool:
+    """Whether :func:`fused_block` runs on ``x``, for a block whose parameters are on ``parameter``'s device.
+
+    ``False`` under TorchScript (scripting and tracing), ONNX export and ``torch.export`` (they keep the reference
+    math, which exports as standard operators), under functorch transforms, for tensor subclasses, for empty inputs,
+    and for devices or dtypes without an implementation. FX tracing (a :class:`torch.fx.Proxy` input) records the
+    operator.
+    """
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    if torch.compiler.is_exporting():
+        return False
+    if isinstance(x, torch.fx.Proxy):
+        return parameter.device.type in library.devices() and parameter.dtype in _DTYPES
+    if not torch.compiler.is_compiling():
+        if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
+            return False
+        if torch._C._functorch.is_functorch_wrapped_tensor(x):
+            return False
+    return x.device.type in library.devices() and x.dtype in _DTYPES and x.numel() > 0
+
+
+def fused_block(
+    x: Tensor,
+    mlp: Sequence[Tensor],
+    fusion_logits: Tensor | None,
+    ca_temperature: Tensor,
+    sa_temperature: Tensor,
+    alpha: Tensor | None,
+    router: Sequence[Tensor] | None,
+    branch_weights: Sequence[Tensor],
+    branch_biases: Sequence[Tensor],
+    spec: BlockSpec,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The block by ``cbam_dsa::block_forward``: ``(out, ca, sa, fusion_w, router_w)``, equal to
+    :func:`..functional.cbam_residual_dynamic_sa` (outputs and gradients).
+
+    Args:
+        x (Tensor): input features.
+        mlp (tuple): ``(fc1_weight, fc1_bias, fc2_weight, fc2_bias)`` of the channel MLP.
+        fusion_logits (Tensor, optional): ``(2,)`` logits for softmax fusion; ``None`` for sum fusion.
+        ca_temperature, sa_temperature (Tensor): the effective temperatures (0-d).
+        alpha (Tensor, optional): the blend weight (0-d); ``None`` means no residual.
+        router (tuple, optional): ``(fc1_weight, fc1_bias, fc2_weight, fc2_bias)`` of the router; ``None`` with one
+            branch.
+        branch_weights, branch_biases (list[Tensor]): the K branch convolutions.
+        spec (BlockSpec): dilations, activation and gates.
+
+    Shape:
+        - x: :math:`(B, C, H, W)`
+        - out: :math:`(B, C, H, W)`; ca: :math:`(B, C, 1, 1)`; sa: :math:`(B, 1, H, W)`;
+          fusion_w: :math:`(2,)`; router_w: :math:`(B, K)`
+    """
+    router = (None, None, None, None) if router is None else router
+    out, ca, sa, fusion_w, router_w, _ = FORWARD(
+        x, *mlp, fusion_logits, ca_temperature, sa_temperature, alpha, *router, list(branch_weights),
+        list(branch_biases), list(spec.dilations), spec.act, spec.ca_gate, spec.sa_gate,
+    )  # fmt: skip
+    return out, ca, sa, fusion_w, router_w

@@ -1,0 +1,102 @@
+"""The operators' CPU implementation: the C kernels (:mod:`.native`), else the PyTorch operations of :mod:`..pytorch`.
+
+The C kernels take contiguous float32/float64 tensors. Other inputs (channels_last or other strides, float16 and
+bfloat16) are converted to a contiguous tensor in float32 for them and the results converted back: measured faster
+than the PyTorch implementation at every benchmark shape (docs/BENCHMARKS.md). The PyTorch implementation runs where
+the library cannot be built (no C compiler, or ``CBAM_DSA_NATIVE=0``), and for a backward pass that is given a
+gradient for one of the maps (the C backward takes the output's gradient only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import library, pytorch
+from . import native
+
+__all__ = ["block_backward", "block_forward", "compute_dtype", "saved_like"]
+
+# The positions among the operators' flat tensor arguments (library.gradient_inputs) of the C kernels' inputs, in the
+# order they take them (the temperatures go to them as numbers); the branch kernels and biases follow.
+_KERNEL_ARGS = (0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12)
+_N = len(library.TENSOR_ARGS)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the C kernels run in for inputs of ``dtype``."""
+    return dtype if dtype in native.DTYPES else torch.float32
+
+
+def saved_like(x: Tensor, fc1_weight: Tensor, *args: object) -> list[Tensor]:
+    """Empty tensors shaped as ``block_forward``'s saved list (:func:`..pytorch.saved_like`)."""
+    return pytorch.saved_like(x, fc1_weight, args[7], len(args[11]))  # type: ignore[arg-type]
+
+
+def _ready(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or (t.dtype == dtype and t.is_contiguous()) else t.to(dtype).contiguous()
+
+
+def _call(flat: Sequence[Tensor | None], branches: int, dilations: Sequence[int], act: str, gates: tuple[str, str]):
+    """The C kernels' inputs and settings from the operators' flat tensor arguments."""
+    dtype = compute_dtype(flat[0].dtype)
+    raw = [_ready(flat[i], dtype) for i in (*_KERNEL_ARGS, *range(_N, len(flat)))]
+    weights = flat[_N : _N + branches]
+    specs = tuple((int(weight.shape[-1]), int(d)) for weight, d in zip(weights, dilations, strict=True))
+    taps, packed = native.layout(specs)
+    return raw, packed, native.dims(raw, branches, taps, gates, act), (float(flat[6]), float(flat[7]))
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` in ``x``'s dtype and as ``torch.empty_like(x)`` lays it out (``t`` itself where it already is)."""
+    if t.dtype == x.dtype and t.stride() == x.stride():
+        return t
+    return torch.empty_like(x).copy_(t)
+
+
+def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """``cbam_dsa::block_forward`` on the CPU."""
+    x: Tensor = args[0]  # type: ignore[assignment]
+    lib = native.library()
+    if lib is None or x.numel() == 0:
+        return pytorch.block_forward(*args[:9], args[9:13], *args[13:])  # type: ignore[arg-type]
+    flat = library.gradient_inputs(args)
+    branches, (dilations, act, ca_gate, sa_gate) = len(args[_N]), args[_N + 2 :]
+    raw, packed, sizes, temperatures = _call(flat, branches, dilations, act, (ca_gate, sa_gate))
+    f = lib.block_forward(raw, packed, sizes, temperatures)
+    keep = x.shape[2] * x.shape[3] >= pytorch.KEEP_POOLS_FROM_PIXELS
+    saved = [f.z, f.s, f.logit, f.router, f.router_hidden, f.pre, f.pools if keep else f.pools.new_empty(0)]
+    fusion_w = torch.ones(2, dtype=f.z.dtype) if args[5] is None else torch.softmax(args[5].to(f.z.dtype), dim=0)
+    maps = (f.ca.to(x.dtype), f.sa.to(x.dtype), fusion_w.to(x.dtype), f.router.to(x.dtype, copy=True))
+    return (_like(f.out, x), *maps, saved)
+
+
+def block_backward(*args: object) -> list[Tensor]:
+    """``cbam_dsa::block_backward`` on the CPU."""
+    grads, rest = args[:5], args[5:]
+    flat = library.gradient_inputs(rest)
+    x = flat[0]
+    saved, (dilations, act, ca_gate, sa_gate), needs = rest[_N + 2], rest[_N + 3 : _N + 7], rest[_N + 7]
+    branches = len(rest[_N])
+    lib = native.library()
+    if lib is None or grads[0] is None or any(g is not None and bool(g.any()) for g in grads[1:]):
+        found = pytorch.block_backward(
+            grads, x, flat[1:_N], flat[_N : _N + branches], flat[_N + branches :], saved, dilations, act, ca_gate,
+            sa_gate, needs,
+        )  # fmt: skip
+        return library.gradients_like(found, flat, needs)
+    raw, packed, sizes, temperatures = _call(flat, branches, dilations, act, (ca_gate, sa_gate))
+    order = (*_KERNEL_ARGS, *range(_N, len(flat)))
+    wanted = [needs[i] for i in order]
+    kept = [*saved[:6], saved[6] if saved[6].numel() else None]
+    kept = [_ready(t, raw[0].dtype) for t in kept]
+    grad = _ready(grads[0], raw[0].dtype)
+    found, scalars = lib.block_backward(grad, raw, kept, packed, wanted, sizes, temperatures)
+    out: list[Tensor | None] = [None] * len(flat)
+    for i, g in zip(order, found, strict=True):
+        out[i] = g
+    out[8] = scalars[0] if flat[8] is not None else None
+    out[6], out[7] = scalars[1], scalars[2]
+    return library.gradients_like(out, flat, needs)

@@ -1,0 +1,201 @@
+"""The fused block as two ``torch.library`` operators: ``cbam_dsa::block_forward`` and ``cbam_dsa::block_backward``.
+
+Both take the block's tensors and a small spec as explicit arguments (never a module):
+
+* tensors: ``x``, the channel MLP (``fc1_weight, fc1_bias, fc2_weight, fc2_bias``), ``fusion_logits`` (``None``: sum
+  fusion), the effective temperatures ``ca_temperature, sa_temperature`` (0-d), ``alpha`` (0-d; ``None``: no
+  residual), the router (``router_fc1_weight, router_fc1_bias, router_fc2_weight, router_fc2_bias``; ``None`` with
+  one branch), and the K ``branch_weights`` and ``branch_biases``;
+* spec: the branches' ``dilations``, the MLP's ``act`` and the two gates.
+
+``block_forward`` returns ``(out, ca, sa, fusion_w, router_w, saved)``: the output, the four maps, and what its
+device's backward needs (small tensors only; ``x`` and the parameters are kept by autograd). ``block_backward``
+takes the gradients of the output and of the maps (each may be ``None``) and returns one gradient per tensor
+argument, an empty tensor where the argument is ``None`` or its gradient is not needed.
+
+Each device registers its implementation with :func:`implement` (``cpu/``: the C kernels, ``cuda/``: Triton); the
+dispatcher chooses by device. The fake (meta) kernels make ``torch.compile`` and FX see through both operators. The
+autograd kernel records one node per block whose backward calls ``block_backward``; a backward pass that is itself
+differentiated (``create_graph=True``) differentiates the reference math of :mod:`..functional` instead, for every
+device: one mechanism for every order above the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import functional as FA
+
+__all__ = ["BACKWARD", "FORWARD", "TENSOR_ARGS", "devices", "implement"]
+
+TENSOR_ARGS = (
+    "x",
+    "fc1_weight",
+    "fc1_bias",
+    "fc2_weight",
+    "fc2_bias",
+    "fusion_logits",
+    "ca_temperature",
+    "sa_temperature",
+    "alpha",
+    "router_fc1_weight",
+    "router_fc1_bias",
+    "router_fc2_weight",
+    "router_fc2_bias",
+)
+"""The operators' single tensor arguments, in order; ``branch_weights`` and ``branch_biases`` (lists) follow."""
+
+_OPTIONAL = {"fusion_logits", "alpha", "router_fc1_weight", "router_fc1_bias", "router_fc2_weight", "router_fc2_bias"}
+_TENSORS = ", ".join(f"Tensor{'?' if name in _OPTIONAL else ''} {name}" for name in TENSOR_ARGS)
+_ARGS = f"{_TENSORS}, Tensor[] branch_weights, Tensor[] branch_biases"
+_SPEC = "int[] dilations, str act, str ca_gate, str sa_gate"
+_GRADS = "Tensor? grad_out, Tensor? grad_ca, Tensor? grad_sa, Tensor? grad_fusion_w, Tensor? grad_router_w"
+
+_library = torch.library.Library("cbam_dsa", "DEF")
+_library.define(f"block_forward({_ARGS}, {_SPEC}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])")
+_library.define(f"block_backward({_GRADS}, {_ARGS}, Tensor[] saved, {_SPEC}, bool[] needs) -> Tensor[]")
+FORWARD = torch.ops.cbam_dsa.block_forward.default
+BACKWARD = torch.ops.cbam_dsa.block_backward.default
+_N = len(TENSOR_ARGS)
+
+SavedLike = Callable[..., list[Tensor]]
+_saved_like: dict[str, SavedLike] = {}
+
+
+def implement(device: str, forward: Callable, backward: Callable, saved_like: SavedLike) -> None:
+    """Register a device's implementation of both operators.
+
+    Args:
+        device (str): ``"cpu"`` or ``"cuda"``.
+        forward (Callable): takes ``block_forward``'s arguments and returns its outputs.
+        backward (Callable): takes ``block_backward``'s arguments and returns its outputs.
+        saved_like (Callable): takes ``block_forward``'s arguments and returns empty tensors shaped as its
+            ``saved`` output, for the fake kernel (called on fake tensors: no data access).
+    """
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device]
+    _library.impl("block_forward", forward, key)
+    _library.impl("block_backward", backward, key)
+    _saved_like[device] = saved_like
+
+
+def devices() -> frozenset[str]:
+    """The device types with an implementation."""
+    return frozenset(_saved_like)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fake kernels.
+
+
+@torch.library.register_fake("cbam_dsa::block_forward", lib=_library)
+def _forward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    x, branches = args[0], len(args[_N])
+    b, c, h, w = x.shape
+    saved_like = _saved_like.get(x.device.type)
+    if saved_like is None:
+        raise NotImplementedError(f"cbam_dsa::block_forward has no implementation on {x.device.type}")
+    maps = (x.new_empty(b, c, 1, 1), x.new_empty(b, 1, h, w), x.new_empty(2), x.new_empty(b, branches))
+    return (torch.empty_like(x), *maps, saved_like(*args))
+
+
+@torch.library.register_fake("cbam_dsa::block_backward", lib=_library)
+def _backward_fake(*args: Any) -> list[Tensor]:
+    inputs, needs = gradient_inputs(args[5:]), args[-1]
+    return gradients_like([None] * len(inputs), inputs, needs)
+
+
+def gradient_inputs(args: Sequence[Any]) -> list[Tensor | None]:
+    """The tensor arguments that get a gradient, flat: the single ones, then the branch weights and biases."""
+    return [*args[:_N], *args[_N], *args[_N + 1]]
+
+
+def gradients_like(grads: Sequence[Tensor | None], inputs: Sequence[Tensor | None], needs: Sequence[bool]) -> list:
+    """``block_backward``'s output from one gradient (or ``None``) per input: each in its input's dtype, shape and
+    strides (as ``torch.empty_like`` lays it out); an empty tensor where the input is ``None`` or not needed."""
+    out = []
+    for grad, t, need in zip(grads, inputs, needs, strict=True):
+        if t is None or not need:
+            out.append(inputs[0].new_empty(0))
+        elif grad is None:
+            out.append(torch.zeros_like(t))
+        elif grad.dtype == t.dtype and grad.shape == t.shape and grad.stride() == t.stride():
+            out.append(grad)
+        else:
+            out.append(torch.empty_like(t).copy_(grad.reshape(t.shape)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd.
+
+
+class _Block(torch.autograd.Function):
+    """One autograd node per block over ``block_forward``; backward calls ``block_backward``."""
+
+    @staticmethod
+    def forward(ctx: Any, spec: tuple, branches: int, *tensors: Tensor | None) -> tuple[Tensor, ...]:
+        with torch._C._AutoDispatchBelowAutograd():
+            *outs, saved = FORWARD(*_unflatten(tensors, branches), *spec)
+        ctx.save_for_backward(*tensors, *saved)
+        ctx.spec, ctx.branches, ctx.count = spec, branches, len(tensors)
+        ctx.mark_non_differentiable(*saved)
+        ctx.set_materialize_grads(False)
+        return (*outs, *saved)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        everything = ctx.saved_tensors
+        tensors, saved = everything[: ctx.count], list(everything[ctx.count :])
+        needs = list(ctx.needs_input_grad[2:])
+        grads = grads[:5]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference math
+            return (None, None, *_differentiable_grads(tensors, ctx.branches, ctx.spec, grads, needs))
+        found = BACKWARD(*grads, *_unflatten(tensors, ctx.branches), saved, *ctx.spec, needs)
+        return (None, None, *(grad if need else None for grad, need in zip(found, needs, strict=True)))
+
+
+def _unflatten(tensors: Sequence[Tensor | None], branches: int) -> tuple:
+    return (*tensors[:_N], list(tensors[_N : _N + branches]), list(tensors[_N + branches :]))
+
+
+def reference(tensors: Sequence[Tensor | None], branches: int, spec: Sequence[Any]) -> tuple[Tensor, ...]:
+    """The block's ``(out, ca, sa, fusion_w, router_w)`` by :func:`..functional.cbam_residual_dynamic_sa` from the
+    operators' flat tensor arguments and spec."""
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fusion_logits, t_ca, t_sa, alpha, *router = tensors[:_N]
+    weights, biases = tensors[_N : _N + branches], tensors[_N + branches :]
+    dilations, act, ca_gate, sa_gate = spec
+    return FA.cbam_residual_dynamic_sa(
+        x, (fc1_weight, fc1_bias, fc2_weight, fc2_bias), fusion_logits, list(weights), list(biases), list(dilations),
+        None if router[0] is None else tuple(router), alpha, act, ca_gate, t_ca, sa_gate, t_sa,
+    )  # fmt: skip
+
+
+def _differentiable_grads(
+    tensors: Sequence[Tensor | None], branches: int, spec: tuple, grads: Sequence[Tensor | None], needs: list[bool]
+) -> list[Tensor | None]:
+    """The gradients by autograd over the reference math, with ``create_graph=True``."""
+    wanted = [t for t, need in zip(tensors, needs, strict=True) if need]
+    pairs = [(o, g) for o, g in zip(reference(tensors, branches, spec), grads, strict=True) if g is not None]
+    pairs = [(o, g) for o, g in pairs if o.requires_grad]
+    found = iter([None] * len(wanted))
+    if pairs and wanted:
+        outputs, grad_outputs = zip(*pairs, strict=True)
+        found = iter(torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True, create_graph=True))
+    return [next(found) if need else None for need in needs]
+
+
+def _autograd_forward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    tensors = gradient_inputs(args)
+    spec = tuple(args[_N + 2 :])
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        outs = _Block.apply(spec, len(args[_N]), *tensors)
+        return (*outs[:5], list(outs[5:]))
+    with torch._C._AutoDispatchBelowAutograd():
+        return FORWARD(*args)
+
+
+_library.impl("block_forward", _autograd_forward, "Autograd")
