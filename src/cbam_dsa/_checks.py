@@ -106,18 +106,30 @@ def check_kernel_sizes(name: str, value: object) -> tuple[int, ...]:
 
 
 def check_input(x: object, channels: int | None = None, name: str = "x") -> None:
-    """Check that ``x`` is a 4-D floating-point tensor ``(B, C, H, W)`` with ``channels`` channels."""
-    if not isinstance(x, torch.Tensor):
+    """Check that ``x`` is a 4-D floating-point tensor ``(B, C, H, W)`` with ``channels`` channels.
+
+    Under FX tracing ``x`` is a :class:`torch.fx.Proxy`, which holds no values: the checks then run on the shape and
+    dtype its node records (``meta["val"]`` or ``meta["tensor_meta"]``, after shape propagation) where there are
+    some, and pass otherwise, so tracing never breaks on them.
+    """
+    if isinstance(x, torch.fx.Proxy):
+        meta = x.node.meta.get("val", x.node.meta.get("tensor_meta"))
+        if meta is None or not hasattr(meta, "shape") or not hasattr(meta, "dtype"):
+            return
+        shape, dtype = tuple(meta.shape), meta.dtype
+    elif isinstance(x, torch.Tensor):
+        shape, dtype = tuple(x.shape), x.dtype
+    else:
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), but got {type(x).__name__}")
-    if x.dim() != 4:
+    if len(shape) != 4:
         expected = f"(B, {channels}, H, W)" if channels is not None else "(B, C, H, W)"
-        raise ValueError(f"{name} must have shape {expected}, but got shape {tuple(x.shape)} ({x.dim()}-D)")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, but got dtype {x.dtype}")
-    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name} must have shape {expected}, but got shape {shape} ({len(shape)}-D)")
+    if not dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, but got dtype {dtype}")
+    if channels is not None and shape[1] != channels:
         raise ValueError(
-            f"{name} must have shape (B, {channels}, H, W), but got shape {tuple(x.shape)}: "
-            f"{x.shape[1]} channels where the module was built for {channels}"
+            f"{name} must have shape (B, {channels}, H, W), but got shape {shape}: "
+            f"{shape[1]} channels where the module was built for {channels}"
         )
-    if x.shape[2] == 0 or x.shape[3] == 0:
-        raise ValueError(f"{name} must have H >= 1 and W >= 1, but got shape {tuple(x.shape)}")
+    if shape[2] == 0 or shape[3] == 0:
+        raise ValueError(f"{name} must have H >= 1 and W >= 1, but got shape {shape}")

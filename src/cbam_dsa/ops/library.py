@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import functional as FA
 
-__all__ = ["BACKWARD", "FORWARD", "TENSOR_ARGS", "devices", "implement"]
+__all__ = ["BACKWARD", "FORWARD", "TENSOR_ARGS", "check_arguments", "devices", "gradients_like", "implement"]
 
 TENSOR_ARGS = (
     "x",
@@ -88,11 +88,89 @@ def devices() -> frozenset[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Argument checks: the operators are public, so every implementation checks what it is given before any kernel reads
+# memory (the fake kernels too, so that torch.compile reports a bad call when it traces it).
+
+
+def _expect(name: str, t: Tensor | None, shape: tuple[int, ...], x: Tensor) -> None:
+    if t is None:
+        raise ValueError(f"cbam_dsa::block_forward: {name} is None, but the operator needs a tensor of shape {shape}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"cbam_dsa::block_forward: {name} must have shape {shape}, but got {tuple(t.shape)}")
+    if t.device != x.device or not t.dtype.is_floating_point:
+        raise ValueError(
+            f"cbam_dsa::block_forward: {name} must be a floating-point tensor on x's device ({x.device}), but got "
+            f"{t.dtype} on {t.device}"
+        )
+
+
+def check_arguments(args: Sequence[Any]) -> None:
+    """Check ``block_forward``'s arguments (also the matching part of ``block_backward``'s): shapes that agree with
+    ``x`` and with each other, one device, known activation and gates. Raises ``ValueError`` naming the argument."""
+    x, fc1_weight = args[0], args[1]
+    if x.dim() != 4 or not x.dtype.is_floating_point or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(
+            f"cbam_dsa::block_forward: x must be a floating-point (B, C, H, W) tensor with H, W >= 1, but got shape "
+            f"{tuple(x.shape)} and dtype {x.dtype}"
+        )
+    c = x.shape[1]
+    if fc1_weight.dim() != 4 or fc1_weight.shape[1] != c:
+        raise ValueError(
+            f"cbam_dsa::block_forward: x has {c} channels, but fc1_weight has shape {tuple(fc1_weight.shape)} "
+            f"(expected (hidden, {c}, 1, 1))"
+        )
+    hidden = fc1_weight.shape[0]
+    for name, t, shape in (
+        ("fc1_weight", fc1_weight, (hidden, c, 1, 1)),
+        ("fc1_bias", args[2], (hidden,)),
+        ("fc2_weight", args[3], (c, hidden, 1, 1)),
+        ("fc2_bias", args[4], (c,)),
+        ("ca_temperature", args[6], ()),
+        ("sa_temperature", args[7], ()),
+    ):
+        _expect(name, t, shape, x)
+    if args[5] is not None:
+        _expect("fusion_logits", args[5], (2,), x)
+    if args[8] is not None:
+        _expect("alpha", args[8], (), x)
+    weights, biases, dilations, act, ca_gate, sa_gate = args[_N : _N + 6]
+    branches = len(weights)
+    if branches == 0 or len(biases) != branches or len(dilations) != branches:
+        raise ValueError(
+            f"cbam_dsa::block_forward: branch_weights, branch_biases and dilations must have one entry per branch "
+            f"(at least one), but got {branches}, {len(biases)} and {len(dilations)}"
+        )
+    for k, (weight, bias, dilation) in enumerate(zip(weights, biases, dilations, strict=True)):
+        size = weight.shape[-1]
+        if size % 2 == 0 or dilation < 1:
+            raise ValueError(
+                f"cbam_dsa::block_forward: branch {k} must have an odd kernel size and a dilation >= 1, but got "
+                f"kernel shape {tuple(weight.shape)} and dilation {dilation}"
+            )
+        _expect(f"branch_weights[{k}]", weight, (1, 2, size, size), x)
+        _expect(f"branch_biases[{k}]", bias, (1,), x)
+    router = args[9:13]
+    if any(t is not None for t in router):
+        r_hidden = -1 if router[0] is None else router[0].shape[0]
+        shapes = ((r_hidden, 2, 1, 1), (r_hidden,), (branches, r_hidden, 1, 1), (branches,))
+        for name, t, shape in zip(TENSOR_ARGS[9:13], router, shapes, strict=True):
+            _expect(name, t, shape, x)
+    for name, value, allowed in (
+        ("act", act, FA.ACTIVATIONS),
+        ("ca_gate", ca_gate, FA.GATES),
+        ("sa_gate", sa_gate, FA.GATES),
+    ):
+        if value not in allowed:
+            raise ValueError(f"cbam_dsa::block_forward: {name} must be one of {allowed}, but got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Fake kernels.
 
 
 @torch.library.register_fake("cbam_dsa::block_forward", lib=_library)
 def _forward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    check_arguments(args)
     x, branches = args[0], len(args[_N])
     b, c, h, w = x.shape
     saved_like = _saved_like.get(x.device.type)
@@ -104,6 +182,7 @@ def _forward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, l
 
 @torch.library.register_fake("cbam_dsa::block_backward", lib=_library)
 def _backward_fake(*args: Any) -> list[Tensor]:
+    check_arguments(args[5:])
     inputs, needs = gradient_inputs(args[5:]), args[-1]
     return gradients_like([None] * len(inputs), inputs, needs)
 

@@ -58,6 +58,7 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
 
 def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
     """``cbam_dsa::block_forward`` on the CPU."""
+    library.check_arguments(args)
     x: Tensor = args[0]  # type: ignore[assignment]
     lib = native.library()
     if lib is None or x.numel() == 0:
@@ -76,6 +77,7 @@ def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
 def block_backward(*args: object) -> list[Tensor]:
     """``cbam_dsa::block_backward`` on the CPU."""
     grads, rest = args[:5], args[5:]
+    library.check_arguments(rest)
     flat = library.gradient_inputs(rest)
     x = flat[0]
     saved, (dilations, act, ca_gate, sa_gate), needs = rest[_N + 2], rest[_N + 3 : _N + 7], rest[_N + 7]
