@@ -86,6 +86,18 @@ _SIGNATURES = {
 }
 
 
+_STATUS_RETURNING = ("block_forward", "block_backward")  # return a status: 0 = success (see _check)
+_STATUS_ERRORS = {1: (MemoryError, "out of memory"), 2: (RuntimeError, "invalid dimensions")}
+
+
+def _check(status: int, name: str) -> None:
+    """Raise for a nonzero status of a C entry point: ``MemoryError`` for an allocation that failed, ``RuntimeError``
+    otherwise."""
+    if status != 0:
+        error, what = _STATUS_ERRORS.get(status, (RuntimeError, f"unknown error code {status}"))
+        raise error(f"cbam_dsa: the C kernel {name} failed: {what} (status {status})")
+
+
 def ready(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """``t`` in ``dtype`` and contiguous (itself when it already is: ``.to`` costs a dispatch even then; ``None``
     stays ``None``)."""
@@ -113,7 +125,8 @@ class Kernels:
         for name, argtypes in _SIGNATURES.items():
             for dtype, (suffix, _) in _SUFFIXES.items():
                 function = getattr(library, f"{name}_{suffix}")
-                function.argtypes, function.restype = argtypes, None
+                function.argtypes = argtypes
+                function.restype = ctypes.c_int if name in _STATUS_RETURNING else None
                 self._functions[name, dtype] = function
 
     def pool_hw(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -307,10 +320,11 @@ class Kernels:
         )  # fmt: skip
         pointers, scal = _pointers([*raw, *f]), (ctypes.c_double * 2)(*temperatures)
         at = ctypes.addressof(pointers)
-        self._functions["block_forward", x.dtype](
+        status = self._functions["block_forward", x.dtype](
             at, layout.data_ptr(), at + 8 * len(raw), ctypes.addressof(dims), ctypes.addressof(scal),
             torch.get_num_threads(),
         )  # fmt: skip
+        _check(status, "block_forward")
         return f
 
     def block_backward(
@@ -338,10 +352,11 @@ class Kernels:
         scalars, scal = torch.zeros(3, dtype=torch.float64), (ctypes.c_double * 2)(*temperatures)
         pointers = _pointers([*raw, *saved, *grads])
         at, n = ctypes.addressof(pointers), len(raw)
-        self._functions["block_backward", grad.dtype](
+        status = self._functions["block_backward", grad.dtype](
             grad.data_ptr(), at, at + 8 * n, layout.data_ptr(), at + 8 * (n + 7), scalars.data_ptr(),
             int(wanted[6]), ctypes.addressof(dims), ctypes.addressof(scal), torch.get_num_threads(),
         )  # fmt: skip
+        _check(status, "block_backward")
         return grads, scalars
 
 
