@@ -124,7 +124,9 @@ class Kernels:
         self._functions: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
         for name, argtypes in _SIGNATURES.items():
             for dtype, (suffix, _) in _SUFFIXES.items():
-                function = getattr(library, f"{name}_{suffix}")
+                function = getattr(library, f"{name}_{suffix}", None)
+                if function is None:  # a single-pass kernel the library keeps internal (built without its export)
+                    continue
                 function.argtypes = argtypes
                 function.restype = ctypes.c_int if name in _STATUS_RETURNING else None
                 self._functions[name, dtype] = function

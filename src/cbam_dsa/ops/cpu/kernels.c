@@ -1,4 +1,4 @@
-/* Fused CPU kernels for the heavy passes of CBAMResidualDynamicSA (see _native.py, which compiles and loads them).
+/* Fused CPU kernels for the heavy passes of CBAMResidualDynamicSA (build.py compiles, verifies and loads them).
  *
  * Compiled once per scalar type: -DSCALAR=float -DSUFFIX=f32 and -DSCALAR=double -DSUFFIX=f64. Tensors are
  * contiguous NCHW, seen as (B, C, P) with P = H * W. Long sums accumulate in SCALAR over short blocks, then in
@@ -8,13 +8,19 @@
  * The exported entry points of the fused block are block_forward and block_backward (at the end): the whole block,
  * channel MLP included (small matrix products), from its own tensors, in one call each way. They run either each
  * stage over the whole batch on all threads, or each sample from start to end on one thread (its slice of x is then
- * read from memory once and from the cache after that). The single-pass kernels below are also exported for the
- * fast path that returns the maps.
+ * read from memory once and from the cache after that). They return a status: STATUS_OK (0), STATUS_NO_MEMORY (an
+ * allocation failed, also inside a parallel region) or STATUS_BAD_ARGUMENT (a dimension not positive, or sizes that
+ * overflow); the caller raises for a nonzero one. No array on the stack is sized by the input.
+ *
+ * Non-finite values spread as through the reference (PyTorch autograd over functional.py): ReLU keeps NaN and its
+ * backward passes the gradient where the output is NaN (threshold_backward), maxima are NaN where any value is,
+ * their gradients NaN where no value attains a NaN maximum, the blend is x + alpha * (y - x), and the branch
+ * kernels' gradients include the products with the zero padding where the gradient holds a NaN or an infinity.
  *
  * Forward:
  *   pool_hw:   mean[b, c] = mean_p x,  max[b, c] = max_p x                          one read of x
  *   pool_c:    s[b, 0, p] = mean_c x * ca,  s[b, 1, p] = max_c x * ca               one read of x
- *   blend:     out = (x * ca) * sa                    (alpha: (x * ca) * (alpha * sa) + (1 - alpha) * x)
+ *   blend:     out = (x * ca) * sa                    (alpha: x + alpha * ((x * ca) * sa - x))
  * Max gradients split evenly among ties, as torch.amax's: tie * grad / ties, written as a product so that a set
  * with no tie (its max is NaN) gets 0 * inf = NaN, as torch.amax's gradient does.
  * Backward (first order):
@@ -430,7 +436,7 @@ HELPER int FN(tap_conv_grad_w)(const SCALAR *g, const SCALAR *s, const int64_t *
                 for (int64_t i = 0; i < height; ++i)
                     for (int64_t j = 0; j < width; ++j)
                         if (i < r0 || i >= r1 || j < k0 || j >= k1 || r0 >= r1 || k0 >= k1) pad += gb[i * width + j] * 0;
-                if (pad != 0 || pad != pad) {
+                if (pad != pad) { /* NaN: the whole sum is NaN */
                     gw[task] = pad;
                     continue;
                 }
