@@ -271,9 +271,9 @@ def test_a_hanging_step_is_stopped_within_the_timeout(step, fresh, fakecc, monke
 def test_a_failed_build_is_remembered_across_processes_and_retried_for_another_compiler(fresh, failingcc, monkeypatch):
     loaded, messages, _ = load_recording()
     assert loaded is None and failingcc.calls("compile") == 1
-    assert len(messages) == 1 and "cannot compile" in messages[0], messages
     result = report(run_python(LOAD_AND_REPORT))  # a fresh process does not try again
     assert failingcc.calls("compile") == 1, "a fresh process must not retry a build that failed"
+    assert len(messages) == 1 and "cannot compile" in messages[0], messages
     assert not result["loaded"], result
     (marker,) = fresh.glob("kernels-*.failed")
     assert "cannot compile" in result["why"] and str(marker) in result["why"]
