@@ -532,3 +532,28 @@ def test_the_entry_points_return_a_status_for_bad_dimensions_and_failed_allocati
     assert result.returncode == 0, f"the process died (status {result.returncode}): {result.stderr[-2000:]}"
     bad, no_memory = 2, 1  # a negative batch: a bad argument; 2^50 mixing entries: the allocation fails
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [bad, bad, no_memory, no_memory] * 2
+
+
+@pytest.mark.parametrize(
+    ("entry_point", "status", "error", "words"),
+    [
+        ("block_forward", 1, MemoryError, "out of memory"),
+        ("block_forward", 2, RuntimeError, "invalid dimensions"),
+        ("block_backward", 1, MemoryError, "out of memory"),
+        ("block_backward", 7, RuntimeError, "unknown error code 7"),
+    ],
+)
+def test_a_failing_entry_point_raises_through_the_block(entry_point, status, error, words, monkeypatch):
+    """A nonzero status from the C code reaches the caller of the block as an exception that says what failed."""
+    from cbam_dsa import _native
+
+    monkeypatch.setenv("CBAM_DSA_NATIVE", "1")
+    kernels = _native.kernels()
+    if kernels is None:
+        pytest.skip(f"the C kernels are unavailable here: {build.why()}")
+    real = kernels._functions[entry_point, torch.float64]
+    monkeypatch.setitem(kernels._functions, (entry_point, torch.float64), lambda *args: (real(*args), status)[1])
+    block = CBAMResidualDynamicSA(4).double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(error, match=f"{entry_point} failed: {words}"):
+        block(x).sum().backward()
