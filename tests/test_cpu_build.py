@@ -241,6 +241,21 @@ def test_a_damaged_or_foreign_library_is_built_again_not_loaded(damage, fresh, f
     assert sha256(library) == sha256(prebuilt)
 
 
+def test_a_build_removes_what_killed_builds_left_a_day_ago(fresh, fakecc):
+    fresh.mkdir(parents=True)
+    old_folder, old_record, recent = fresh / ".build-killed", fresh / ".kernels-0123.json-tmp", fresh / ".build-running"
+    old_folder.mkdir()
+    (old_folder / "kernels_f32.o").write_text("object")
+    old_record.write_text("{")
+    recent.mkdir()
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for path in (old_folder / "kernels_f32.o", old_folder, old_record):
+        os.utime(path, (two_days_ago, two_days_ago))
+    assert build.library() is not None
+    assert not old_folder.exists() and not old_record.exists()
+    assert recent.exists(), "a recent folder may be another build's, still running"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bounded steps, remembered failures.
 

@@ -12,7 +12,8 @@ What the cache guarantees:
   never loaded.
 * Builds are atomic (a temporary folder in the cache, then a rename; the record written last) and happen once:
   concurrent first use by several processes (DDP ranks) takes a file lock, one process builds, the others wait for
-  it (at most ``CBAM_DSA_LOCK_TIMEOUT`` seconds, default :data:`LOCK_TIMEOUT`) and load its library.
+  it (at most ``CBAM_DSA_LOCK_TIMEOUT`` seconds, default :data:`LOCK_TIMEOUT`) and load its library. What a killed
+  build left behind is removed a day later, by the next build in that folder.
 * Every external step (the version probe, each compile, the link) is bounded by ``CBAM_DSA_BUILD_TIMEOUT`` seconds
   (default :data:`STEP_TIMEOUT`); a step past it is killed with its whole process group.
 * A failed build is remembered (``kernels-<key>.failed``, keyed like the library): later processes do not pay for
@@ -376,6 +377,25 @@ def _build(command: list[str], folder: Path, library: Path, key: str) -> None:
     _write_atomic(library.with_suffix(".json"), record)
 
 
+STALE_AFTER = 24 * 3600.0  # seconds after which a build's leftovers (a killed process's) are removed
+
+
+def _remove_stale(folder: Path) -> None:
+    """Remove what killed builds left in ``folder`` (temporary build folders and records) a day or more ago; a
+    build that still runs holds the lock of its own key, and is younger."""
+    now = time.time()
+    for leftover in [*folder.glob(".build-*"), *folder.glob(".kernels-*")]:
+        try:
+            if now - leftover.lstat().st_mtime < STALE_AFTER:
+                continue
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink()
+        except OSError:
+            pass
+
+
 class _FileLock:
     """An exclusive ``flock`` on ``path``, polled until a deadline; a no-op where ``fcntl`` is missing (Windows) or
     the file system refuses locks (the build is atomic either way, only not shared)."""
@@ -427,6 +447,7 @@ def _load_from(folder: Path, command: list[str], key: str) -> ctypes.CDLL:
         if found is not None:
             return found
         _remembered_failure(marker, key)
+        _remove_stale(folder)
         try:
             _build(command, folder, library, key)
             return _open(library)
