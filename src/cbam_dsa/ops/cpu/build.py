@@ -5,6 +5,11 @@ such as ``ccache gcc`` is split as build tools split it; OpenMP, ``-O3 -march=na
 (:func:`cache_dir`), keyed by the source, the flags, the compiler command and its version, and the CPU. OpenMP is the
 one PyTorch already loaded, so both share one thread pool.
 
+The cache folder is ``$CBAM_DSA_CACHE``, else ``$XDG_CACHE_HOME/cbam_dsa`` (an absolute ``XDG_CACHE_HOME`` only),
+else ``~/.cache/cbam_dsa`` (the home directory looked up only then, and its absence tolerated); where that folder is
+not writable, a private per-user folder in the temporary directory; where neither is, no cache (the library is built
+in a temporary folder and loaded from there).
+
 What the cache guarantees:
 
 * A library is loaded only after it is verified: its size and SHA-256 must match the record
