@@ -113,25 +113,33 @@ def check(config: str, size, place: str, value: float, dtype: torch.dtype, fused
 
 
 VALUES = {"nan": NAN, "+inf": INF, "-inf": -INF}
-CASES = [(place, value) for place in PLACES for value in VALUES] + [("+inf_and_-inf", "+inf")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("size", SIZES, ids=["per_sample", "per_stage"])
-@pytest.mark.parametrize(("place", "value"), CASES, ids=[f"{p}-{v}" if p in PLACES else p for p, v in CASES])
+def check_all(config: str, cases, fused_calls, alpha_init: float = 0.5) -> None:
+    """:func:`check` over ``cases`` (place, value) x :data:`SIZES` x both dtypes; every mismatch reported."""
+    failures = []
+    for place, value in cases:
+        for size in SIZES:
+            for dtype in (torch.float32, torch.float64):
+                try:
+                    check(config, size, place, value, dtype, fused_calls, alpha_init)
+                except AssertionError as error:
+                    failures.append(str(error).splitlines()[0])
+    assert not failures, f"{len(failures)} cases differ from the reference:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("value", [*VALUES, "+inf_and_-inf"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_non_finite_inputs_give_the_references_non_finite_outputs_and_gradients(
-    config, place, value, size, dtype, fused_calls, one_thread
-):
-    check(config, size, place, VALUES[value], dtype, fused_calls)
+def test_non_finite_inputs_give_the_references_non_finite_outputs_and_gradients(config, value, fused_calls, one_thread):
+    """One value at each place (a pixel, a channel, a sample), or +inf and -inf side by side in one channel."""
+    cases = [("+inf_and_-inf", INF)] if value == "+inf_and_-inf" else [(place, VALUES[value]) for place in PLACES]
+    check_all(config, cases, fused_calls)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("place", list(PLACES))
-def test_a_nan_input_with_the_default_block(place, dtype, fused_calls, one_thread):
+def test_a_nan_input_with_the_default_block(fused_calls, one_thread):
     """The default block (a fixed alpha of 1, which the fast path drops from the blend) spreads NaN as the
     reference does."""
-    check("softmax_sigmoid_relu", (2, 8, 5, 5), place, NAN, dtype, fused_calls, alpha_init=1.0)
+    check_all("softmax_sigmoid_relu", [(place, NAN) for place in PLACES], fused_calls, alpha_init=1.0)
 
 
 @pytest.mark.xfail(
