@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from cbam_dsa import CBAMResidualDynamicSA
+from cbam_dsa import CBAMResidualDynamicSA, ops
+from cbam_dsa.ops import library
 from cbam_dsa.ops.cpu import native
 
 BACKENDS = ("native", "pytorch")
@@ -133,3 +134,156 @@ def test_non_finite_values_spread_as_in_the_reference(backend, drawn, shape, val
     }[where]
     x[index] = value
     assert_same(run(block, x, seed, maps), reference(block, x, seed, maps), rtol=1e-9, atol=1e-11)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The operators' contract: opcheck, argument checks, other dtypes and layouts, threads, double backward.
+
+
+def _op_args(block: CBAMResidualDynamicSA, x: Tensor) -> tuple:
+    part, spatial = block.ca, block.sa
+    weights, biases, dilations = spatial.branch_params()
+    router = spatial.router_params() or (None, None, None, None)
+    return (
+        x, *part.mlp_params(), part.fusion_logits, part.effective_temperature(), spatial.effective_temperature(),
+        block.alpha, *router, weights, biases, list(dilations), part.act, part.gate, spatial.gate,
+    )  # fmt: skip
+
+
+OPCHECK_CONFIGS = {
+    "default": {},
+    "sum_hard_one_branch": {"ca_fusion": "sum", "ca_gate": "hardsigmoid", "sa_kernels": (3,), "sa_use_dilated": False},
+    "learnable": {"learnable_alpha": True, "alpha_init": 0.5, "learnable_temperature": True, "ca_act": "silu"},
+    "no_residual": {"residual": False, "sa_gate": "hardsigmoid"},
+}
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (3, 4, 9, 9)])
+@pytest.mark.parametrize("config", list(OPCHECK_CONFIGS))
+def test_opcheck_forward(backend, config, shape):
+    block = make_block(shape[1], torch.float32, **OPCHECK_CONFIGS[config])
+    x = torch.randn(shape, requires_grad=True)
+    torch.library.opcheck(ops.FORWARD, _op_args(block, x))
+
+
+@pytest.mark.parametrize("maps", [False, True])
+@pytest.mark.parametrize("config", list(OPCHECK_CONFIGS))
+def test_opcheck_backward(backend, config, maps):
+    block = make_block(5, torch.float32, **OPCHECK_CONFIGS[config])
+    args = [t.detach() if isinstance(t, Tensor) else t for t in _op_args(block, torch.randn(2, 5, 8, 9))]
+    args[13], args[14] = [t.detach() for t in args[13]], [t.detach() for t in args[14]]
+    out, ca, sa, fusion_w, router_w, saved = ops.FORWARD(*args)
+    grads = [torch.randn_like(out)] + [torch.randn_like(t) if maps else None for t in (ca, sa, fusion_w, router_w)]
+    flat = library.gradient_inputs(args)
+    needs = [t is not None for t in flat]
+    torch.library.opcheck(ops.BACKWARD, (*grads, *args[:15], saved, *args[15:], needs))
+
+
+def test_the_operators_check_their_arguments():
+    block = make_block(6, torch.float32)
+    args = list(_op_args(block, torch.randn(2, 6, 4, 4)))
+    bad = {
+        1: (torch.randn(3, 5, 1, 1), "x has 6 channels"),
+        4: (torch.randn(5), r"fc2_bias must have shape \(6,\)"),
+        6: (torch.ones(2), r"ca_temperature must have shape \(\)"),
+        9: (None, "router_fc1_weight is None"),
+        16: ("gelu", "act must be one of"),
+    }
+    for position, (value, message) in bad.items():
+        wrong = list(args)
+        wrong[position] = value
+        with pytest.raises(ValueError, match=message):
+            ops.FORWARD(*wrong)
+    wrong = list(args)
+    wrong[13] = [torch.randn(1, 2, 4, 4), *args[13][1:]]
+    with pytest.raises(ValueError, match="odd kernel size"):
+        ops.FORWARD(*wrong)
+
+
+def _channels_last(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _strided(t: Tensor) -> Tensor:
+    return t.transpose(2, 3).contiguous().transpose(2, 3)
+
+
+LAYOUTS = {"contiguous": lambda t: t, "channels_last": _channels_last, "transposed": _strided}
+TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (4e-2, 4e-2), torch.float16: (1e-2, 1e-2)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_other_dtypes_and_layouts_equal_the_reference(backend, dtype, layout):
+    block = make_block(8, dtype, learnable_alpha=True, alpha_init=0.6)
+    x = LAYOUTS[layout](torch.randn(3, 8, 10, 9).to(dtype))
+    got = run(block, x, 0, maps=False)
+    expected = reference(block, x, 0, maps=False)
+    assert got[0].stride() == x.stride() and got[5].stride() == x.stride()  # out and its gradient keep x's layout
+    if dtype != torch.float32:  # the reference rounds to the low precision at every full-size step
+        expected = [t.to(torch.float32) for t in run(make_block(8, torch.float32, learnable_alpha=True,
+                    alpha_init=0.6), x.float(), 0, maps=False)]  # fmt: skip
+        got = [t.to(torch.float32) for t in got]
+    rtol, atol = TOLERANCES[dtype]
+    assert_same(got, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_thread_split_equals_the_reference(backend, threads, batch):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        block = make_block(12, reduction=4)
+        x = torch.randn(batch, 12, 11, 13, dtype=torch.float64)
+        assert_same(run(block, x, 1, maps=False), reference(block, x, 1, maps=False), rtol=1e-9, atol=1e-11)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_nothing_given_is_modified_in_place(backend):
+    block = make_block(6, torch.float32, learnable_alpha=True, alpha_init=0.5)
+    x = torch.randn(2, 6, 9, 9, requires_grad=True)
+    before, version = x.detach().clone(), x._version
+    out = block(x)
+    grad = torch.randn_like(out)
+    grad_before, grad_version = grad.clone(), grad._version
+    out.backward(grad)
+    assert torch.equal(x.detach(), before) and x._version == version
+    assert torch.equal(grad, grad_before) and grad._version == grad_version
+    assert x.grad.data_ptr() not in (x.data_ptr(), grad.data_ptr())
+
+
+@pytest.mark.parametrize("config", ["default", "learnable", "no_residual"])
+def test_gradcheck_and_double_backward(backend, config):
+    block = make_block(3, torch.float64, **OPCHECK_CONFIGS[config])
+    block.return_maps = True
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    params = [p for p in block.parameters() if p.requires_grad]
+
+    def outputs(x, *params):
+        return block(x)
+
+    assert torch.autograd.gradcheck(outputs, (x, *params), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(outputs, (x, *params), eps=1e-6, atol=1e-4)
+
+
+def test_the_reference_switch():
+    block = make_block(4)
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    calls = []
+    original = library.FORWARD
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    try:
+        ops.FORWARD = counting  # the block calls the operator through ops.FORWARD
+        block(x)
+        assert calls == [1]
+        block.fast_path = False
+        block(x)
+        assert calls == [1]
+    finally:
+        ops.FORWARD = original

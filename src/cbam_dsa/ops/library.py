@@ -30,7 +30,16 @@ from torch import Tensor
 
 from .. import functional as FA
 
-__all__ = ["BACKWARD", "FORWARD", "TENSOR_ARGS", "check_arguments", "devices", "gradients_like", "implement"]
+__all__ = [
+    "BACKWARD",
+    "FORWARD",
+    "TENSOR_ARGS",
+    "check_arguments",
+    "devices",
+    "forward_arguments",
+    "gradients_like",
+    "implement",
+]
 
 TENSOR_ARGS = (
     "x",
@@ -182,9 +191,14 @@ def _forward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, l
 
 @torch.library.register_fake("cbam_dsa::block_backward", lib=_library)
 def _backward_fake(*args: Any) -> list[Tensor]:
-    check_arguments(args[5:])
+    check_arguments(forward_arguments(args))
     inputs, needs = gradient_inputs(args[5:]), args[-1]
     return gradients_like([None] * len(inputs), inputs, needs)
+
+
+def forward_arguments(args: Sequence[Any]) -> tuple:
+    """``block_forward``'s arguments among ``block_backward``'s (less the gradients, ``saved`` and ``needs``)."""
+    return (*args[5 : 5 + _N + 2], *args[5 + _N + 3 : -1])
 
 
 def gradient_inputs(args: Sequence[Any]) -> list[Tensor | None]:

@@ -15,7 +15,7 @@ Shape:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,8 +156,36 @@ def block_forward(
     return out, ca, sa, fusion_w.to(x.dtype), router.to(x.dtype, copy=True), saved  # no output aliases another
 
 
-def _leaf(t: Tensor | None, need: bool) -> Tensor | None:
-    return t if t is None or not need else t.detach().requires_grad_(True)
+def _vjp(
+    fn: Callable[..., tuple[Tensor, ...]], primals: Sequence[Tensor | None]
+) -> tuple[tuple[Tensor, ...], Callable]:
+    """``torch.func.vjp`` over the tensors among ``primals`` (``None`` passes through): the outputs, and a function
+    from the outputs' gradients (``None``: zero) to one gradient per primal (``None`` for ``None``).
+
+    Autograd is not used: these run inside an operator's kernel, below the autograd keys (under torch.compile too).
+    """
+    present = [i for i, t in enumerate(primals) if t is not None]
+
+    def call(*tensors: Tensor) -> tuple[Tensor, ...]:
+        full = list(primals)
+        for i, t in zip(present, tensors, strict=True):
+            full[i] = t
+        return fn(*full)
+
+    outputs, pull = torch.func.vjp(call, *(primals[i].detach() for i in present))
+
+    def pullback(*grads: Tensor | None) -> list[Tensor | None]:
+        cotangents = tuple(
+            torch.zeros_like(o) if g is None else g.reshape(o.shape).to(o.dtype)
+            for o, g in zip(outputs, grads, strict=True)
+        )
+        found = pull(cotangents)
+        out: list[Tensor | None] = [None] * len(primals)
+        for i, grad in zip(present, found, strict=True):
+            out[i] = grad
+        return out
+
+    return outputs, pullback
 
 
 def block_backward(
@@ -181,19 +209,23 @@ def block_backward(
     """
     g_out, g_ca, g_sa, g_fusion, g_router = grads
     b, c, h, w = x.shape
-    need_x = needs[0]
-    small = [_leaf(t, need) for t, need in zip([*params, *branch_weights, *branch_biases], needs[1:], strict=True)]
-    mlp, fusion_logits, t_ca, t_sa, alpha = small[:4], small[4], small[5], small[6], small[7]
-    router_params, count = small[8:12], len(branch_weights)
-    weights, biases = small[12 : 12 + count], small[12 + count :]
-    s, pools = saved[1], saved[6]
-    pools = pools if pools.numel() else _pools(x)
-    with torch.enable_grad():
-        pools = _leaf(pools, need_x)
-        s = _leaf(s, need_x)
-        _, _, ca_acc, fusion_w = channel_light(pools, *mlp, fusion_logits, t_ca, act, ca_gate)
-        _, router, _, sa_acc = spatial_light(s, router_params, weights, biases, dilations, t_sa, sa_gate)
-    ca, sa = ca_acc.detach().to(x.dtype).view(b, c, 1, 1), sa_acc.detach().to(x.dtype)
+    count = len(branch_weights)
+    pools = saved[6] if saved[6].numel() else _pools(x)
+
+    def channel(pools: Tensor, *small: Tensor | None) -> tuple[Tensor, Tensor]:
+        _, _, ca, fusion_w = channel_light(pools, *small[:5], small[5], act, ca_gate)
+        return ca, fusion_w
+
+    def spatial(s: Tensor, *small: Tensor | None) -> tuple[Tensor, Tensor]:
+        weights, biases = small[4 : 4 + count], small[4 + count : 4 + 2 * count]
+        _, router, _, sa = spatial_light(s, small[:4], weights, biases, dilations, small[-1], sa_gate)
+        return sa, router
+
+    (ca_acc, _), channel_pullback = _vjp(channel, [pools, *params[:6]])
+    spatial_primals = [saved[1], *params[8:12], *branch_weights, *branch_biases, params[6]]
+    (sa_acc, _), spatial_pullback = _vjp(spatial, spatial_primals)
+    ca, sa = ca_acc.to(x.dtype).view(b, c, 1, 1), sa_acc.to(x.dtype)
+    alpha = params[7]
     blend = None if alpha is None else alpha.detach().to(x.dtype)
     y = x * ca
     # the spatial part: d sa = alpha * sum_c g * y (+ the map's own gradient)
@@ -202,45 +234,32 @@ def block_backward(
         grad_sa = (g_out * y).sum(dim=1, keepdim=True)
         if blend is not None:
             grad_sa = grad_sa * blend
-    grad_sa = _add(grad_sa, g_sa)
-    spatial_inputs = [t for t in (s, *router_params, *weights, *biases, t_sa) if t is not None and t.requires_grad]
-    spatial_outputs = [(sa_acc, grad_sa), (router, g_router)]
-    spatial_grads = _grad(spatial_outputs, spatial_inputs)
-    found = dict(zip(map(id, spatial_inputs), spatial_grads, strict=True))
-    # d y = alpha * sa * g + the pooling over C's terms
-    grad_s = found.get(id(s))
-    grad_y = None
-    if g_out is not None:
-        grad_y = g_out * sa if blend is None else g_out * (sa * blend)
-    if grad_s is not None:
-        top = (y == y.amax(dim=1, keepdim=True)).to(x.dtype)  # not s: the C kernels may round x * ca otherwise
-        split = (grad_s[:, 1:2] / top.sum(dim=1, keepdim=True, dtype=grad_s.dtype)).to(x.dtype)
-        pooled = (grad_s[:, :1] / c).to(x.dtype) + top * split
-        grad_y = pooled if grad_y is None else grad_y + pooled
+    spatial_grads = spatial_pullback(_add(grad_sa, g_sa), g_router)
+    grad_s = spatial_grads[0]
+    # d y = alpha * sa * g + the pooling over C's terms (the max's split evenly among ties, as torch.amax's)
+    grad_y = None if g_out is None else g_out * sa if blend is None else g_out * (sa * blend)
+    top = (y == y.amax(dim=1, keepdim=True)).to(x.dtype)  # not s: the C kernels may round x * ca otherwise
+    split = (grad_s[:, 1:2] / top.sum(dim=1, keepdim=True, dtype=grad_s.dtype)).to(x.dtype)
+    pooled = (grad_s[:, :1] / c).to(x.dtype) + top * split
+    grad_y = pooled if grad_y is None else grad_y + pooled
     # the channel part: d ca = sum_hw x * d y (+ the map's own gradient)
-    grad_ca = None if grad_y is None else (x * grad_y).sum(dim=(2, 3), dtype=ca_acc.dtype)
-    grad_ca = _add(grad_ca, None if g_ca is None else g_ca.reshape(b, c))
-    channel_inputs = [t for t in (pools, *mlp, fusion_logits, t_ca) if t is not None and t.requires_grad]
-    channel_grads = _grad([(ca_acc, grad_ca), (fusion_w, g_fusion)], channel_inputs)
-    found.update(zip(map(id, channel_inputs), channel_grads, strict=True))
+    grad_ca = _add((x * grad_y).sum(dim=(2, 3), dtype=ca_acc.dtype), None if g_ca is None else g_ca.reshape(b, c))
+    channel_grads = channel_pullback(grad_ca, g_fusion)
     out: list[Tensor | None] = [None] * len(needs)
-    if need_x:
-        grad_x = torch.zeros_like(x) if grad_y is None else grad_y * ca
+    if needs[0]:
+        grad_x = grad_y * ca
         if g_out is not None and blend is not None:  # out = x + alpha * (y * sa - x)
             grad_x = grad_x + g_out * (1 - blend)
-        grad_pools = found.get(id(pools))
-        if grad_pools is not None:
-            grad_avg, grad_max = grad_pools[:b].view(b, c, 1, 1), grad_pools[b:].view(b, c, 1, 1)
-            top = (x == pools.detach()[b:].view(b, c, 1, 1).to(x.dtype)).to(x.dtype)
-            split = (grad_max / top.sum(dim=(2, 3), keepdim=True, dtype=grad_max.dtype)).to(x.dtype)
-            grad_x = grad_x + ((grad_avg / (h * w)).to(x.dtype) + top * split)
-        out[0] = grad_x
+        grad_avg, grad_max = channel_grads[0][:b].view(b, c, 1, 1), channel_grads[0][b:].view(b, c, 1, 1)
+        top = (x == pools[b:].view(b, c, 1, 1).to(x.dtype)).to(x.dtype)
+        split = (grad_max / top.sum(dim=(2, 3), keepdim=True, dtype=grad_max.dtype)).to(x.dtype)
+        out[0] = grad_x + ((grad_avg / (h * w)).to(x.dtype) + top * split)
     if alpha is not None and needs[8] and g_out is not None:
-        out[8] = (g_out * (y * sa - x)).sum().to(alpha.dtype).reshape(alpha.shape)
-    for i, t in enumerate(small, start=1):
-        if t is not None and needs[i] and i != 8:
-            grad = found.get(id(t))
-            out[i] = torch.zeros_like(t) if grad is None else grad.to(t.dtype)
+        out[8] = (g_out * (y * sa - x)).sum()
+    found = [*channel_grads[1:], spatial_grads[-1], None, *spatial_grads[1:-1]]  # in the order of params, branches
+    for i, grad in enumerate(found, start=1):
+        if needs[i] and i != 8:
+            out[i] = grad
     return out
 
 
@@ -248,13 +267,3 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None:
         return b
     return a if b is None else a + b.to(a.dtype)
-
-
-def _grad(pairs: Sequence[tuple[Tensor, Tensor | None]], inputs: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
-    """Autograd over the recomputed light network: the gradients of ``inputs`` from ``(output, its gradient)``
-    pairs (pairs without a gradient, or not in the graph, are left out)."""
-    pairs = [(o, g.reshape(o.shape).to(o.dtype)) for o, g in pairs if g is not None and o.requires_grad]
-    if not pairs or not inputs:
-        return (None,) * len(inputs)
-    outputs, grads = zip(*pairs, strict=True)
-    return torch.autograd.grad(outputs, inputs, grads, allow_unused=True)

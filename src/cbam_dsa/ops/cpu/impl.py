@@ -67,6 +67,8 @@ def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
     branches, (dilations, act, ca_gate, sa_gate) = len(args[_N]), args[_N + 2 :]
     raw, packed, sizes, temperatures = _call(flat, branches, dilations, act, (ca_gate, sa_gate))
     f = lib.block_forward(raw, packed, sizes, temperatures)
+    if args[9] is None:  # no router: the kernels leave its hidden layer unwritten; ones, as the PyTorch version
+        f.router_hidden.fill_(1)
     keep = x.shape[2] * x.shape[3] >= pytorch.KEEP_POOLS_FROM_PIXELS
     saved = [f.z, f.s, f.logit, f.router, f.router_hidden, f.pre, f.pools if keep else f.pools.new_empty(0)]
     fusion_w = torch.ones(2, dtype=f.z.dtype) if args[5] is None else torch.softmax(args[5].to(f.z.dtype), dim=0)
@@ -77,7 +79,7 @@ def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
 def block_backward(*args: object) -> list[Tensor]:
     """``cbam_dsa::block_backward`` on the CPU."""
     grads, rest = args[:5], args[5:]
-    library.check_arguments(rest)
+    library.check_arguments(library.forward_arguments(args))
     flat = library.gradient_inputs(rest)
     x = flat[0]
     saved, (dilations, act, ca_gate, sa_gate), needs = rest[_N + 2], rest[_N + 3 : _N + 7], rest[_N + 7]

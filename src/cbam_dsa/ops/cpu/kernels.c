@@ -1,4 +1,4 @@
-/* Fused CPU kernels for the heavy passes of CBAMResidualDynamicSA (see _native.py, which compiles and loads them).
+/* Fused CPU kernels for the heavy passes of CBAMResidualDynamicSA (build.py compiles, verifies and loads them).
  *
  * Compiled once per scalar type: -DSCALAR=float -DSUFFIX=f32 and -DSCALAR=double -DSUFFIX=f64. Tensors are
  * contiguous NCHW, seen as (B, C, P) with P = H * W. Long sums accumulate in SCALAR over short blocks, then in
@@ -8,13 +8,19 @@
  * The exported entry points of the fused block are block_forward and block_backward (at the end): the whole block,
  * channel MLP included (small matrix products), from its own tensors, in one call each way. They run either each
  * stage over the whole batch on all threads, or each sample from start to end on one thread (its slice of x is then
- * read from memory once and from the cache after that). The single-pass kernels below are also exported for the
- * fast path that returns the maps.
+ * read from memory once and from the cache after that). They return a status: STATUS_OK (0), STATUS_NO_MEMORY (an
+ * allocation failed, also inside a parallel region) or STATUS_BAD_ARGUMENT (a dimension not positive, or sizes that
+ * overflow); the caller raises for a nonzero one. No array on the stack is sized by the input.
+ *
+ * Non-finite values spread as through the reference (PyTorch autograd over functional.py): ReLU keeps NaN and its
+ * backward passes the gradient where the output is NaN (threshold_backward), maxima are NaN where any value is,
+ * their gradients NaN where no value attains a NaN maximum, the blend is x + alpha * (y - x), and the branch
+ * kernels' gradients include the products with the zero padding where the gradient holds a NaN or an infinity.
  *
  * Forward:
  *   pool_hw:   mean[b, c] = mean_p x,  max[b, c] = max_p x                          one read of x
  *   pool_c:    s[b, 0, p] = mean_c x * ca,  s[b, 1, p] = max_c x * ca               one read of x
- *   blend:     out = (x * ca) * sa                    (alpha: (x * ca) * (alpha * sa) + (1 - alpha) * x)
+ *   blend:     out = (x * ca) * sa                    (alpha: x + alpha * ((x * ca) * sa - x))
  * Max gradients split evenly among ties, as torch.amax's: tie * grad / ties, written as a product so that a set
  * with no tie (its max is NaN) gets 0 * inf = NaN, as torch.amax's gradient does.
  * Backward (first order):
@@ -36,13 +42,35 @@
 #define BLOCK 32
 #define CHUNK 1024
 
+/* The status the two entry points return (the internal functions that allocate return it too). */
+#define STATUS_OK 0
+#define STATUS_NO_MEMORY 1    /* an allocation failed: nothing is left allocated, the outputs are incomplete */
+#define STATUS_BAD_ARGUMENT 2 /* a dimension is negative, or the sizes overflow */
+
+/* The single-pass kernels below are internal to the two entry points. The fast path that returns the maps still
+   binds them from Python until the operator replaces it; built with -DCBAM_DSA_EXPORT_HELPERS they are exported for
+   it (drop that flag from build.py with that path). */
+#ifdef CBAM_DSA_EXPORT_HELPERS
+#define HELPER
+#else
+#define HELPER static
+#endif
+
+/* n elements of the given size, NULL when n is negative or the byte count overflows (a NULL is checked as any
+   failed allocation). At least one byte, so that a zero-size request is not mistaken for a failure. */
+static void *alloc_array(int64_t n, size_t size) {
+    if (n < 0 || (uint64_t)n > SIZE_MAX / size) return NULL;
+    return malloc((size_t)n * size > 0 ? (size_t)n * size : 1);
+}
+#define NEW(type, n) ((type *)alloc_array((int64_t)(n), sizeof(type)))
+
 /* The larger of m and v, NaN if either is (as torch.amax): for the exact result after the fast loops. */
 static inline SCALAR FN(max_nan)(SCALAR m, SCALAR v) { return (v > m || v != v) ? v : m; }
 /* The larger of m and v, ignoring a NaN v: the fast loops' maximum. A NaN makes the sum NaN, and a NaN sum
    sends its column to the exact loop, so NaN still propagates. */
 static inline SCALAR FN(max_fast)(SCALAR m, SCALAR v) { return v > m ? v : m; }
 
-void FN(pool_hw)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t planes, int64_t count, int threads) {
+HELPER void FN(pool_hw)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t planes, int64_t count, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t plane = 0; plane < planes; ++plane) {
         const SCALAR *v = x + plane * count;
@@ -64,7 +92,7 @@ void FN(pool_hw)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t planes, int
     }
 }
 
-void FN(pool_c)(const SCALAR *x, const SCALAR *ca, SCALAR *s, int64_t batch, int64_t channels, int64_t count,
+HELPER void FN(pool_c)(const SCALAR *x, const SCALAR *ca, SCALAR *s, int64_t batch, int64_t channels, int64_t count,
                 int threads) {
     const int64_t tiles = (count + TILE - 1) / TILE;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -117,16 +145,16 @@ void FN(pool_c)(const SCALAR *x, const SCALAR *ca, SCALAR *s, int64_t batch, int
     }
 }
 
-void FN(blend)(const SCALAR *x, const SCALAR *ca, const SCALAR *sa, SCALAR *out, int64_t batch, int64_t channels,
+HELPER void FN(blend)(const SCALAR *x, const SCALAR *ca, const SCALAR *sa, SCALAR *out, int64_t batch, int64_t channels,
                int64_t count, double alpha, int use_alpha, int threads) {
-    const SCALAR a = (SCALAR)alpha, keep = (SCALAR)(1.0 - alpha);
+    const SCALAR a = (SCALAR)alpha;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t plane = 0; plane < batch * channels; ++plane) {
         const SCALAR *v = x + plane * count, *m = sa + (plane / channels) * count;
         SCALAR *o = out + plane * count;
         const SCALAR w = ca[plane];
-        if (use_alpha) {
-            for (int64_t i = 0; i < count; ++i) o[i] = (v[i] * w) * (a * m[i]) + keep * v[i];
+        if (use_alpha) { /* the reference's x + alpha * (y - x): an infinite x gives inf - inf = NaN there too */
+            for (int64_t i = 0; i < count; ++i) o[i] = v[i] + a * ((v[i] * w) * m[i] - v[i]);
         } else {
             for (int64_t i = 0; i < count; ++i) o[i] = (v[i] * w) * m[i];
         }
@@ -136,15 +164,21 @@ void FN(blend)(const SCALAR *x, const SCALAR *ca, const SCALAR *sa, SCALAR *out,
 /* Backward of blend, the reductions: t = g * x; gsa[b, p] = sum_c t * ca; gca[b, c] = sum_p t * sa; and, if gsum
    is given, gsum[b, c] = sum_p t. If top (B, P) is given, also ties[b, p] = #c with x * ca == top[b, p] (for
    pool_c_grad, in the same pass). Sums run in SCALAR over blocks of BLOCK channels or CHUNK pixels, then in double. */
-void FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *sa, const SCALAR *top,
+HELPER int FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *sa, const SCALAR *top,
                     SCALAR *gsa, SCALAR *gca, SCALAR *gsum, SCALAR *ties, int64_t batch, int64_t channels,
                     int64_t count, int threads) {
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        double *acc = malloc(sizeof(double) * (size_t)count);
-        SCALAR *part = malloc(sizeof(SCALAR) * (size_t)count);
+        double *acc = NEW(double, count);
+        SCALAR *part = NEW(SCALAR, count);
+        if (!acc || !part) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < batch; ++b) {
+            if (!acc || !part) continue;
             const SCALAR *m = sa + b * count, *best = top ? top + b * count : NULL;
             SCALAR *tie = top ? ties + b * count : NULL;
             for (int64_t i = 0; i < count; ++i) acc[i] = 0;
@@ -192,19 +226,26 @@ void FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SC
         free(acc);
         free(part);
     }
+    return failed ? STATUS_NO_MEMORY : STATUS_OK;
 }
 
 /* Backward of pool_c, the reductions. With y = x * ca, count[p] = #c with y == smax[p] (counted here, or given as
    counted, (B, P)) and coef[b, p] = gmax[b, p] / count[p] (written out); gca[b, c] = sum_p (cmean[b, p] + (y == smax)
    * coef) * x. */
-void FN(pool_c_grad)(const SCALAR *x, const SCALAR *ca, const SCALAR *smax, const SCALAR *cmean, const SCALAR *gmax,
+HELPER int FN(pool_c_grad)(const SCALAR *x, const SCALAR *ca, const SCALAR *smax, const SCALAR *cmean, const SCALAR *gmax,
                      const SCALAR *counted, SCALAR *coef, SCALAR *gca, int64_t batch, int64_t channels, int64_t count,
                      int threads) {
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        SCALAR *ties = malloc(sizeof(SCALAR) * (size_t)count);
+        SCALAR *ties = NEW(SCALAR, count);
+        if (!ties) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < batch; ++b) {
+            if (!ties) continue;
             const SCALAR *top = smax + b * count, *mean = cmean + b * count;
             SCALAR *k = coef + b * count;
             if (counted) {
@@ -230,6 +271,7 @@ void FN(pool_c_grad)(const SCALAR *x, const SCALAR *ca, const SCALAR *smax, cons
         }
         free(ties);
     }
+    return failed ? STATUS_NO_MEMORY : STATUS_OK;
 }
 
 /* The gradient of x, every term in one pass (a NULL pointer leaves its term out):
@@ -237,16 +279,22 @@ void FN(pool_c_grad)(const SCALAR *x, const SCALAR *ca, const SCALAR *smax, cons
      pool over C (cmean):  (cmean[p] + (x * ca == smax[p]) * coef[p]) * ca
      pool over H, W (hmean): hmean[b, c] + (x == hmax_at[b, c]) * hmax[b, c] / #ties in the plane
    and, if base is given, plus base. */
-void FN(grad_x)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *sa, double alpha, int use_alpha,
+HELPER int FN(grad_x)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *sa, double alpha, int use_alpha,
                 const SCALAR *cmean, const SCALAR *coef, const SCALAR *smax, const SCALAR *hmean, const SCALAR *hmax,
                 const SCALAR *hmax_at, const SCALAR *base, SCALAR *out, int64_t batch, int64_t channels,
                 int64_t count, int threads) {
     const SCALAR keep = (SCALAR)(1.0 - alpha);
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        SCALAR *scaled = malloc(sizeof(SCALAR) * (size_t)count);
+        SCALAR *scaled = NEW(SCALAR, count);
+        if (!scaled) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t plane = 0; plane < batch * channels; ++plane) {
+            if (!scaled) continue;
             const int64_t b = plane / channels, offset = plane * count;
             const SCALAR *xv = x + offset, *m = sa ? sa + b * count : 0;
             const SCALAR w = ca ? ca[plane] : 0;
@@ -303,12 +351,13 @@ void FN(grad_x)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR
         }
         free(scaled);
     }
+    return failed ? STATUS_NO_MEMORY : STATUS_OK;
 }
 
 /* Convolution by taps: out[b, i, j] = sum_t w[b, t] * s[b, c_t, i + dy_t, j + dx_t] (zero outside the map), with
    taps[t] = (c_t, dy_t, dx_t): every spatial branch, at any dilation, merged into one list with per-sample weights.
    out is (B, H, W); rows are independent tasks. */
-void FN(tap_conv)(const SCALAR *s, const SCALAR *w, const int64_t *taps, SCALAR *out, int64_t batch,
+HELPER void FN(tap_conv)(const SCALAR *s, const SCALAR *w, const int64_t *taps, SCALAR *out, int64_t batch,
                   int64_t channels, int64_t height, int64_t width, int64_t ntaps, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t task = 0; task < batch * height; ++task) {
@@ -329,7 +378,7 @@ void FN(tap_conv)(const SCALAR *s, const SCALAR *w, const int64_t *taps, SCALAR 
 
 /* Gradient of tap_conv's input: gs[b, c, r, k] = sum over taps t of channel c of w[b, t] * g[b, r - dy_t, k - dx_t].
    Rows of gs are independent tasks. */
-void FN(tap_conv_grad_s)(const SCALAR *g, const SCALAR *w, const int64_t *taps, SCALAR *gs, int64_t batch,
+HELPER void FN(tap_conv_grad_s)(const SCALAR *g, const SCALAR *w, const int64_t *taps, SCALAR *gs, int64_t batch,
                          int64_t channels, int64_t height, int64_t width, int64_t ntaps, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t task = 0; task < batch * channels * height; ++task) {
@@ -348,19 +397,50 @@ void FN(tap_conv_grad_s)(const SCALAR *g, const SCALAR *w, const int64_t *taps, 
     }
 }
 
+static inline int64_t FN(clamp)(int64_t v, int64_t hi) { return v < 0 ? 0 : v > hi ? hi : v; }
+
 /* Gradient of tap_conv's weights: gw[b, t] = sum_{i, j} g[b, i, j] * s[b, c_t, i + dy_t, j + dx_t]. Each column j
-   sums its rows in SCALAR, then the columns add up in double. */
-void FN(tap_conv_grad_w)(const SCALAR *g, const SCALAR *s, const int64_t *taps, SCALAR *gw, int64_t batch,
-                         int64_t channels, int64_t height, int64_t width, int64_t ntaps, int threads) {
+   sums its rows in SCALAR, then the columns add up in double. Where g[b] holds a NaN or an infinity, the products
+   with the zero padding are added too (each 0 * g: NaN there), as the reference's convolution backward forms them:
+   so a non-finite g reaches the same taps' gradients. */
+HELPER int FN(tap_conv_grad_w)(const SCALAR *g, const SCALAR *s, const int64_t *taps, SCALAR *gw, int64_t batch,
+                               int64_t channels, int64_t height, int64_t width, int64_t ntaps, int threads) {
+    const int64_t P = height * width;
+    int failed = 0;
+    unsigned char *nonfinite = NEW(unsigned char, batch);
+    if (!nonfinite) return STATUS_NO_MEMORY;
+    for (int64_t b = 0; b < batch; ++b) {
+        unsigned char bad = 0;
+        for (int64_t p = 0; p < P; ++p) bad |= !isfinite(g[b * P + p]);
+        nonfinite[b] = bad;
+    }
 #pragma omp parallel num_threads(threads)
     {
-        SCALAR *column = malloc(sizeof(SCALAR) * (size_t)width);
+        SCALAR *column = NEW(SCALAR, width);
+        if (!column) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < batch * ntaps; ++task) {
+            if (!column) continue;
             const int64_t b = task / ntaps, t = task % ntaps;
             const int64_t c = taps[3 * t], dy = taps[3 * t + 1], dx = taps[3 * t + 2];
             const int64_t i0 = dy < 0 ? -dy : 0, i1 = dy > 0 ? height - dy : height;
             const int64_t j0 = dx < 0 ? -dx : 0, j1 = dx > 0 ? width - dx : width;
+            if (nonfinite[b]) { /* the padding's products, 0 * g, outside the window [i0, i1) x [j0, j1) */
+                const int64_t r0 = FN(clamp)(i0, height), r1 = FN(clamp)(i1, height);
+                const int64_t k0 = FN(clamp)(j0, width), k1 = FN(clamp)(j1, width);
+                SCALAR pad = 0;
+                const SCALAR *gb = g + b * P;
+                for (int64_t i = 0; i < height; ++i)
+                    for (int64_t j = 0; j < width; ++j)
+                        if (i < r0 || i >= r1 || j < k0 || j >= k1 || r0 >= r1 || k0 >= k1) pad += gb[i * width + j] * 0;
+                if (pad != pad) { /* NaN: the whole sum is NaN */
+                    gw[task] = pad;
+                    continue;
+                }
+            }
             for (int64_t j = j0; j < j1; ++j) column[j] = 0;
             for (int64_t i = i0; i < i1; ++i) {
                 const SCALAR *grow = g + (b * height + i) * width;
@@ -374,6 +454,8 @@ void FN(tap_conv_grad_w)(const SCALAR *g, const SCALAR *s, const int64_t *taps, 
         }
         free(column);
     }
+    free(nonfinite);
+    return failed ? STATUS_NO_MEMORY : STATUS_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -441,7 +523,7 @@ static void FN(tap_weights)(const SCALAR *router, const SCALAR *mixing, int64_t 
 /* Forward after the channel MLP's gate input z (B, C): ca = gate(z / T_ca); s = pool_c(x, ca); the router on
    mean_hw(s) (Rh hidden units, ReLU, K logits, softmax; all ones without a router); tap weights router @ mixing;
    logit = tap_conv(s) + router @ bias; sa = gate(logit / T_sa); out = blend(x, ca, sa). */
-static void FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *r1w, const SCALAR *r1b,
+static int FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *r1w, const SCALAR *r1b,
                                 const SCALAR *r2w, const SCALAR *r2b, const SCALAR *mixing, const SCALAR *bias,
                                 const int64_t *taps, SCALAR *ca, SCALAR *s, SCALAR *rhid, SCALAR *router,
                                 SCALAR *logit, SCALAR *sa, SCALAR *out, const int64_t *dims, const double *scal,
@@ -450,7 +532,8 @@ static void FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *
     const int64_t T = dims[6];
     FN(gate_all)(z, ca, B * C, scal[0], dims[7]);
     FN(pool_c)(x, ca, s, B, C, P, threads);
-    SCALAR *tapw = malloc(sizeof(SCALAR) * (size_t)(B * T));
+    SCALAR *tapw = NEW(SCALAR, B * T);
+    if (!tapw) return STATUS_NO_MEMORY;
     for (int64_t b = 0; b < B; ++b) {
         SCALAR *r = router + b * K;
         if (dims[9]) {
@@ -459,14 +542,14 @@ static void FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *
             SCALAR *h = rhid + b * Rh;
             for (int64_t j = 0; j < Rh; ++j) {
                 const SCALAR v = r1b[j] + r1w[2 * j] * pooled[0] + r1w[2 * j + 1] * pooled[1];
-                h[j] = v > 0 ? v : 0;
+                h[j] = v <= 0 ? 0 : v; /* F.relu: NaN stays NaN */
             }
             SCALAR top = -INFINITY;
             for (int64_t k = 0; k < K; ++k) {
                 SCALAR v = r2b[k];
                 for (int64_t j = 0; j < Rh; ++j) v += r2w[k * Rh + j] * h[j];
                 r[k] = v;
-                top = v > top ? v : top;
+                top = FN(max_nan)(top, v);
             }
             double total = 0;
             for (int64_t k = 0; k < K; ++k) total += (r[k] = EXP(r[k] - top));
@@ -485,13 +568,14 @@ static void FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *
     }
     FN(gate_all)(logit, sa, B * P, scal[1], dims[8]);
     FN(blend)(x, ca, sa, out, B, C, P, scal[2], (int)dims[10], threads);
+    return STATUS_OK;
 }
 
 /* Backward of spatial_forward, from grad (the output's gradient) down to dz, the gradient of the channel gate's
    input. Writes ca, sa (recomputed), dz (B, C), the terms of x's gradient from the pooling over C (cmean, coef and
    smax, (B, P) each, for grad_x), the parameter gradients g_mixing (K, T), g_bias (K), g_r1w (Rh, 2), g_r1b (Rh),
    g_r2w (K, Rh), g_r2b (K) (unused without a router), and g_scal = (alpha, T_ca, T_sa) (alpha's only if need_alpha). */
-static void FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *z, const SCALAR *s,
+static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *z, const SCALAR *s,
                                  const SCALAR *logit, const SCALAR *router, const SCALAR *rhid, const SCALAR *r1w,
                                  const SCALAR *r2w, const SCALAR *mixing, const SCALAR *bias, const int64_t *taps,
                                  SCALAR *ca, SCALAR *sa, SCALAR *dz, SCALAR *cmean, SCALAR *coef, SCALAR *smax,
@@ -501,18 +585,24 @@ static void FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR 
     const int64_t B = dims[0], C = dims[1], H = dims[2], W = dims[3], P = H * W, Rh = dims[4], K = dims[5];
     const int64_t T = dims[6];
     const double alpha = scal[2];
-    SCALAR *gsa = malloc(sizeof(SCALAR) * (size_t)(B * P)), *gmax = malloc(sizeof(SCALAR) * (size_t)(B * P));
-    SCALAR *gca = malloc(sizeof(SCALAR) * (size_t)(B * C)), *gpool = malloc(sizeof(SCALAR) * (size_t)(B * C));
-    SCALAR *gsum = need_alpha ? malloc(sizeof(SCALAR) * (size_t)(B * C)) : NULL;
-    SCALAR *tapw = malloc(sizeof(SCALAR) * (size_t)(B * T)), *gtaps = malloc(sizeof(SCALAR) * (size_t)(B * T));
-    SCALAR *gs = malloc(sizeof(SCALAR) * (size_t)(B * 2 * P)), *per_sample = malloc(sizeof(SCALAR) * (size_t)B);
-
-    SCALAR *ties = malloc(sizeof(SCALAR) * (size_t)(B * P));
+    SCALAR *gsa = NEW(SCALAR, B * P), *gmax = NEW(SCALAR, B * P);
+    SCALAR *gca = NEW(SCALAR, B * C), *gpool = NEW(SCALAR, B * C);
+    SCALAR *gsum = need_alpha ? NEW(SCALAR, B * C) : NULL;
+    SCALAR *tapw = NEW(SCALAR, B * T), *gtaps = NEW(SCALAR, B * T);
+    SCALAR *gs = NEW(SCALAR, B * 2 * P), *per_sample = NEW(SCALAR, B);
+    SCALAR *ties = NEW(SCALAR, B * P);
+    SCALAR *gr = NEW(SCALAR, 2 * K); /* the router's softmax backward, per sample: gr (K), then dl (K) */
+    int status = STATUS_OK;
+    if (!gsa || !gmax || !gca || !gpool || (need_alpha && !gsum) || !tapw || !gtaps || !gs || !per_sample || !ties ||
+        !gr) {
+        status = STATUS_NO_MEMORY;
+        goto done;
+    }
     FN(gate_all)(z, ca, B * C, scal[0], dims[7]);
     FN(gate_all)(logit, sa, B * P, scal[1], dims[8]);
     for (int64_t b = 0; b < B; ++b)
         for (int64_t p = 0; p < P; ++p) smax[b * P + p] = s[(b * 2 + 1) * P + p];
-    FN(blend_grad)(g, x, ca, sa, smax, gsa, gca, gsum, ties, B, C, P, threads);
+    if ((status = FN(blend_grad)(g, x, ca, sa, smax, gsa, gca, gsum, ties, B, C, P, threads))) goto done;
     if (need_alpha) {
         double total = 0;
         for (int64_t i = 0; i < B * C; ++i) total += (double)ca[i] * gca[i] - gsum[i];
@@ -530,7 +620,7 @@ static void FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR 
         per_sample[b] = (SCALAR)total;
         FN(tap_weights)(router, mixing, b, K, T, tapw);
     }
-    FN(tap_conv_grad_w)(gsa, s, taps, gtaps, B, 2, H, W, T, threads);
+    if ((status = FN(tap_conv_grad_w)(gsa, s, taps, gtaps, B, 2, H, W, T, threads))) goto done;
     FN(tap_conv_grad_s)(gsa, tapw, taps, gs, B, 2, H, W, T, threads);
     for (int64_t k = 0; k < K; ++k) {
         double by_bias = 0;
@@ -549,7 +639,7 @@ static void FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR 
         for (int64_t k = 0; k < K; ++k) g_r2b[k] = 0;
         for (int64_t b = 0; b < B; ++b) {
             const SCALAR *r = router + b * K, *h = rhid + b * Rh;
-            SCALAR gr[K > 0 ? K : 1], dl[K > 0 ? K : 1], pooled[2], dm[2] = {0, 0};
+            SCALAR *dl = gr + K, pooled[2], dm[2] = {0, 0};
             SCALAR dot = 0;
             for (int64_t k = 0; k < K; ++k) {
                 SCALAR v = per_sample[b] * bias[k];
@@ -566,7 +656,7 @@ static void FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR 
             for (int64_t j = 0; j < Rh; ++j) {
                 SCALAR dh = 0;
                 for (int64_t k = 0; k < K; ++k) dh += dl[k] * r2w[k * Rh + j];
-                if (!(h[j] > 0)) dh = 0;
+                if (h[j] <= 0) dh = 0; /* threshold_backward: where the output is NaN the gradient passes */
                 g_r1b[j] += dh;
                 g_r1w[2 * j] += dh * pooled[0];
                 g_r1w[2 * j + 1] += dh * pooled[1];
@@ -585,11 +675,13 @@ static void FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR 
             cmean[b * P + p] = gs[b * 2 * P + p] / (SCALAR)C;
             gmax[b * P + p] = gs[(b * 2 + 1) * P + p];
         }
-    FN(pool_c_grad)(x, ca, smax, cmean, gmax, ties, coef, gpool, B, C, P, threads);
+    if ((status = FN(pool_c_grad)(x, ca, smax, cmean, gmax, ties, coef, gpool, B, C, P, threads))) goto done;
     for (int64_t i = 0; i < B * C; ++i) gca[i] += gpool[i];
     g_scal[1] = -FN(gate_back)(gca, z, ca, dz, B * C, scal[0], dims[7]) / (scal[0] * scal[0]);
+done:
     free(gsa), free(gmax), free(gca), free(gpool), free(gsum), free(tapw), free(gtaps), free(gs), free(per_sample);
-    free(ties);
+    free(ties), free(gr);
+    return status;
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -683,7 +775,8 @@ static void FN(gemm_tn)(const SCALAR *a, const SCALAR *b, SCALAR *out, int64_t M
     }
 }
 
-static inline SCALAR FN(act)(SCALAR v, int64_t silu) { return silu ? v / (1 + EXP(-v)) : (v > 0 ? v : 0); }
+/* relu as F.relu: NaN stays NaN (v > 0 ? v : 0 would make it 0) */
+static inline SCALAR FN(act)(SCALAR v, int64_t silu) { return silu ? v / (1 + EXP(-v)) : (v <= 0 ? 0 : v); }
 
 /* d act / d v times grad, as PyTorch's threshold_backward (relu, from the output) and silu_backward compute it. */
 static inline SCALAR FN(act_grad)(SCALAR grad, SCALAR v, SCALAR y, int64_t silu) {
@@ -694,11 +787,12 @@ static inline SCALAR FN(act_grad)(SCALAR grad, SCALAR v, SCALAR y, int64_t silu)
 
 /* pre = pools @ w1^T + b1 (2B x Rm); hidden = act(pre); mixed = w0 * hidden[:B] + w1 * hidden[B:];
    z = mixed @ w2^T + (w0 + w1) * b2 (B x C). */
-static void FN(mlp_forward)(const SCALAR *pools, const SCALAR *w1, const SCALAR *b1, const SCALAR *w2,
+static int FN(mlp_forward)(const SCALAR *pools, const SCALAR *w1, const SCALAR *b1, const SCALAR *w2,
                             const SCALAR *b2, const SCALAR *fusion, SCALAR *pre, SCALAR *z, int64_t B, int64_t C,
                             int64_t Rm, int64_t silu, int threads) {
+    SCALAR *mixed = NEW(SCALAR, B * Rm);
+    if (!mixed) return STATUS_NO_MEMORY;
     FN(gemm_nt)(pools, w1, pre, 2 * B, Rm, C, threads);
-    SCALAR *mixed = malloc(sizeof(SCALAR) * (size_t)(B * Rm));
     for (int64_t r = 0; r < 2 * B; ++r)
         for (int64_t j = 0; j < Rm; ++j) pre[r * Rm + j] += b1[j];
     for (int64_t b = 0; b < B; ++b)
@@ -710,23 +804,27 @@ static void FN(mlp_forward)(const SCALAR *pools, const SCALAR *w1, const SCALAR 
     for (int64_t b = 0; b < B; ++b)
         for (int64_t c = 0; c < C; ++c) z[b * C + c] += both * b2[c];
     free(mixed);
+    return STATUS_OK;
 }
 
 /* The MLP's backward from dz (B x C), the gradient of z. Writes, each if its pointer is not NULL: g_w2 (C x Rm),
    g_b2 (C), g_fusion (2), g_w1 (Rm x C), g_b1 (Rm), g_pools (2B x C). g_mixed_io (B x Rm), if not NULL, receives
    dz @ w2, or holds it already where g_mixed_known (then it is not computed again). */
-static void FN(mlp_backward)(const SCALAR *dz, const SCALAR *pools, const SCALAR *pre, const SCALAR *w1,
+static int FN(mlp_backward)(const SCALAR *dz, const SCALAR *pools, const SCALAR *pre, const SCALAR *w1,
                              const SCALAR *w2, const SCALAR *b2, const SCALAR *fusion, SCALAR *g_w1, SCALAR *g_b1,
                              SCALAR *g_w2, SCALAR *g_b2, SCALAR *g_fusion, SCALAR *g_pools, SCALAR *g_mixed_io,
                              int g_mixed_known, int64_t B, int64_t C, int64_t Rm, int64_t silu, int threads) {
-    SCALAR *hidden = malloc(sizeof(SCALAR) * (size_t)(2 * B * Rm)), *mixed = malloc(sizeof(SCALAR) * (size_t)(B * Rm));
-    SCALAR *own = g_mixed_io ? NULL : malloc(sizeof(SCALAR) * (size_t)(B * Rm));
+    SCALAR *hidden = NEW(SCALAR, 2 * B * Rm), *mixed = NEW(SCALAR, B * Rm);
+    SCALAR *own = g_mixed_io ? NULL : NEW(SCALAR, B * Rm);
     SCALAR *g_mixed = g_mixed_io ? g_mixed_io : own;
-    SCALAR *g_pre = malloc(sizeof(SCALAR) * (size_t)(2 * B * Rm));
+    SCALAR *g_pre = NEW(SCALAR, 2 * B * Rm), *column = NEW(SCALAR, C);
+    if (!hidden || !mixed || !g_mixed || !g_pre || !column) {
+        free(hidden), free(mixed), free(own), free(g_pre), free(column);
+        return STATUS_NO_MEMORY;
+    }
     for (int64_t i = 0; i < 2 * B * Rm; ++i) hidden[i] = FN(act)(pre[i], silu);
     for (int64_t i = 0; i < B * Rm; ++i) mixed[i] = fusion[0] * hidden[i] + fusion[1] * hidden[B * Rm + i];
     if (g_w2) FN(gemm_tn)(dz, mixed, g_w2, C, Rm, B, threads);
-    SCALAR *column = malloc(sizeof(SCALAR) * (size_t)C);
     for (int64_t c = 0; c < C; ++c) {
         SCALAR v = 0;
         for (int64_t b = 0; b < B; ++b) v += dz[b * C + c];
@@ -758,6 +856,7 @@ static void FN(mlp_backward)(const SCALAR *dz, const SCALAR *pools, const SCALAR
         }
     if (g_pools) FN(gemm_nn)(g_pre, w1, g_pools, 2 * B, C, Rm, threads);
     free(hidden), free(mixed), free(own), free(g_pre), free(column);
+    return STATUS_OK;
 }
 
 /* The whole block's forward after derive_light: pools = [mean_hw(x); max_hw(x)] (2B x C), the MLP (pre, z), then
@@ -767,35 +866,48 @@ static void FN(mlp_backward)(const SCALAR *dz, const SCALAR *pools, const SCALAR
    dims[13] = 1 runs one sample per thread from start to end (the sample's slice of x is read from memory once and
    then from the cache), 0 runs each stage over the whole batch on all threads (for batches smaller than the thread
    count). The results are the same either way up to rounding. */
-static void FN(forward_core)(const SCALAR *x, const SCALAR *const *mlp, const SCALAR *const *spatial,
+static int FN(forward_core)(const SCALAR *x, const SCALAR *const *mlp, const SCALAR *const *spatial,
                              const int64_t *taps, SCALAR *const *outs, const int64_t *dims, const double *scal,
                              int threads) {
     const int64_t B = dims[0], C = dims[1], P = dims[2] * dims[3], Rm = dims[11], silu = dims[12];
     const int64_t Rh = dims[4], K = dims[5];
     SCALAR *pools = outs[0], *pre = outs[1], *z = outs[2];
+    int status = STATUS_OK;
     if (!dims[13]) {
         FN(pool_hw)(x, pools, pools + B * C, B * C, P, threads);
-        FN(mlp_forward)(pools, mlp[0], mlp[1], mlp[2], mlp[3], mlp[4], pre, z, B, C, Rm, silu, threads);
-        FN(spatial_forward)(x, z, spatial[0], spatial[1], spatial[2], spatial[3], spatial[4], spatial[5], taps,
-                            outs[3], outs[4], outs[5], outs[6], outs[7], outs[8], outs[9], dims, scal, threads);
-        return;
+        if ((status = FN(mlp_forward)(pools, mlp[0], mlp[1], mlp[2], mlp[3], mlp[4], pre, z, B, C, Rm, silu, threads)))
+            return status;
+        return FN(spatial_forward)(x, z, spatial[0], spatial[1], spatial[2], spatial[3], spatial[4], spatial[5], taps,
+                                   outs[3], outs[4], outs[5], outs[6], outs[7], outs[8], outs[9], dims, scal, threads);
     }
+    /* status is shared: any sample's failure is reported (the other samples still run) */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
         int64_t one[14];
         for (int i = 0; i < 14; ++i) one[i] = dims[i];
         one[0] = 1;
         const SCALAR *xb = x + b * C * P;
-        SCALAR *rows = malloc(sizeof(SCALAR) * (size_t)(2 * C + 2 * Rm)), *pre2 = rows + 2 * C;
-        FN(pool_hw)(xb, rows, rows + C, C, P, 1);
-        FN(mlp_forward)(rows, mlp[0], mlp[1], mlp[2], mlp[3], mlp[4], pre2, z + b * C, 1, C, Rm, silu, 1);
-        for (int64_t c = 0; c < C; ++c) pools[b * C + c] = rows[c], pools[(B + b) * C + c] = rows[C + c];
-        for (int64_t j = 0; j < Rm; ++j) pre[b * Rm + j] = pre2[j], pre[(B + b) * Rm + j] = pre2[Rm + j];
-        FN(spatial_forward)(xb, z + b * C, spatial[0], spatial[1], spatial[2], spatial[3], spatial[4], spatial[5],
-                            taps, outs[3] + b * C, outs[4] + b * 2 * P, outs[5] + b * Rh, outs[6] + b * K,
-                            outs[7] + b * P, outs[8] + b * P, outs[9] + b * C * P, one, scal, 1);
+        SCALAR *rows = NEW(SCALAR, 2 * C + 2 * Rm);
+        int own = rows ? STATUS_OK : STATUS_NO_MEMORY;
+        if (!own) {
+            SCALAR *pre2 = rows + 2 * C;
+            FN(pool_hw)(xb, rows, rows + C, C, P, 1);
+            own = FN(mlp_forward)(rows, mlp[0], mlp[1], mlp[2], mlp[3], mlp[4], pre2, z + b * C, 1, C, Rm, silu, 1);
+            for (int64_t c = 0; c < C; ++c) pools[b * C + c] = rows[c], pools[(B + b) * C + c] = rows[C + c];
+            for (int64_t j = 0; j < Rm; ++j) pre[b * Rm + j] = pre2[j], pre[(B + b) * Rm + j] = pre2[Rm + j];
+        }
+        if (!own)
+            own = FN(spatial_forward)(xb, z + b * C, spatial[0], spatial[1], spatial[2], spatial[3], spatial[4],
+                                      spatial[5], taps, outs[3] + b * C, outs[4] + b * 2 * P, outs[5] + b * Rh,
+                                      outs[6] + b * K, outs[7] + b * P, outs[8] + b * P, outs[9] + b * C * P, one,
+                                      scal, 1);
         free(rows);
+        if (own) {
+#pragma omp atomic write
+            status = own;
+        }
     }
+    return status;
 }
 
 /* The whole block's backward after derive_light, from g, the output's gradient. saved = (z, s, logit, router, rhid,
@@ -803,33 +915,40 @@ static void FN(forward_core)(const SCALAR *x, const SCALAR *const *mlp, const SC
    NULL: recomputed); mlp = (w1, w2, b2, fusion); spatial = (r1w, r2w, mixing, bias). grads = (mixing, bias, r1w,
    r1b, r2w, r2b, w1, b1, w2, b2, fusion, x): the gradients, each skipped where its pointer is NULL (x: NULL skips
    the pass over x); g_scal = (alpha, T_ca, T_sa). dims as block_forward's (dims[13]: one sample per thread). */
-static void FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *const *saved,
+static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *const *saved,
                               const SCALAR *const *mlp, const SCALAR *const *spatial, const int64_t *taps,
                               SCALAR *const *grads, double *g_scal, int need_alpha, const int64_t *dims,
                               const double *scal, int threads) {
     const int64_t B = dims[0], C = dims[1], P = dims[2] * dims[3], Rm = dims[11], silu = dims[12];
     const int64_t Rh = dims[4], K = dims[5], T = dims[6], BC = B * C, BP = B * P;
-    SCALAR *ca = malloc(sizeof(SCALAR) * (size_t)BC), *dz = malloc(sizeof(SCALAR) * (size_t)BC);
-    SCALAR *sa = malloc(sizeof(SCALAR) * (size_t)BP), *cmean = malloc(sizeof(SCALAR) * (size_t)BP);
-    SCALAR *coef = malloc(sizeof(SCALAR) * (size_t)BP), *smax = malloc(sizeof(SCALAR) * (size_t)BP);
+    SCALAR *ca = NEW(SCALAR, BC), *dz = NEW(SCALAR, BC);
+    SCALAR *sa = NEW(SCALAR, BP), *cmean = NEW(SCALAR, BP);
+    SCALAR *coef = NEW(SCALAR, BP), *smax = NEW(SCALAR, BP);
     SCALAR *own = NULL;
     const SCALAR *pools = saved[6];
-    if (!pools) own = malloc(sizeof(SCALAR) * (size_t)(2 * BC));
-    if (!dims[13]) {
-        FN(spatial_backward)(g, x, saved[0], saved[1], saved[2], saved[3], saved[4], spatial[0], spatial[1],
-                             spatial[2], spatial[3], taps, ca, sa, dz, cmean, coef, smax, grads[0], grads[1],
-                             grads[2], grads[3], grads[4], grads[5], g_scal, need_alpha, dims, scal, threads);
-        if (own) {
+    if (!pools) own = NEW(SCALAR, 2 * BC);
+    int status = STATUS_OK;
+    if (!ca || !dz || !sa || !cmean || !coef || !smax || (!pools && !own)) {
+        status = STATUS_NO_MEMORY;
+    } else if (!dims[13]) {
+        SCALAR *g_pools = grads[11] ? NEW(SCALAR, 2 * BC) : NULL;
+        if (grads[11] && !g_pools) status = STATUS_NO_MEMORY;
+        if (!status)
+            status = FN(spatial_backward)(g, x, saved[0], saved[1], saved[2], saved[3], saved[4], spatial[0],
+                                          spatial[1], spatial[2], spatial[3], taps, ca, sa, dz, cmean, coef, smax,
+                                          grads[0], grads[1], grads[2], grads[3], grads[4], grads[5], g_scal,
+                                          need_alpha, dims, scal, threads);
+        if (!status && own) {
             FN(pool_hw)(x, own, own + BC, BC, P, threads);
             pools = own;
         }
-        SCALAR *g_pools = grads[11] ? malloc(sizeof(SCALAR) * (size_t)(2 * BC)) : NULL;
-        FN(mlp_backward)(dz, pools, saved[5], mlp[0], mlp[1], mlp[2], mlp[3], grads[6], grads[7], grads[8],
-                         grads[9], grads[10], g_pools, NULL, 0, B, C, Rm, silu, threads);
-        if (grads[11]) {
+        if (!status)
+            status = FN(mlp_backward)(dz, pools, saved[5], mlp[0], mlp[1], mlp[2], mlp[3], grads[6], grads[7],
+                                      grads[8], grads[9], grads[10], g_pools, NULL, 0, B, C, Rm, silu, threads);
+        if (!status && grads[11]) {
             for (int64_t i = 0; i < BC; ++i) g_pools[i] /= (SCALAR)P;
-            FN(grad_x)(g, x, ca, sa, scal[2], (int)dims[10], cmean, coef, smax, g_pools, g_pools + BC, pools + BC,
-                       NULL, grads[11], B, C, P, threads);
+            status = FN(grad_x)(g, x, ca, sa, scal[2], (int)dims[10], cmean, coef, smax, g_pools, g_pools + BC,
+                                pools + BC, NULL, grads[11], B, C, P, threads);
         }
         free(g_pools);
     } else {
@@ -837,11 +956,18 @@ static void FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *co
            come after, over the whole batch) and x's gradient. The parameters' gradients of each sample are summed
            after the loop, in sample order. */
         const int64_t per = K * T + K + 3 * Rh + K * Rh + K;
-        SCALAR *parts = calloc((size_t)(B * per), sizeof(SCALAR));
-        double *scal_parts = malloc(sizeof(double) * (size_t)(B * 3));
+        SCALAR *parts = (uint64_t)B * (uint64_t)per < SIZE_MAX / sizeof(SCALAR)
+                            ? calloc((size_t)(B * per) + 1, sizeof(SCALAR)) : NULL;
+        double *scal_parts = NEW(double, B * 3);
         /* dz @ w2, row by row where x's gradient needs it; then the weights' gradients reuse it */
-        SCALAR *g_mixed = grads[11] ? malloc(sizeof(SCALAR) * (size_t)(B * Rm)) : NULL;
+        SCALAR *g_mixed = grads[11] ? NEW(SCALAR, B * Rm) : NULL;
         if (own) pools = own;
+        if (!parts || !scal_parts || (grads[11] && !g_mixed)) {
+            free(parts), free(scal_parts), free(g_mixed);
+            free(ca), free(dz), free(sa), free(cmean), free(coef), free(smax), free(own);
+            return STATUS_NO_MEMORY;
+        }
+        /* status is shared: any sample's failure is reported (the other samples still run) */
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t b = 0; b < B; ++b) {
             int64_t one[14];
@@ -851,15 +977,22 @@ static void FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *co
             SCALAR *part = parts + b * per;
             double *sp = scal_parts + b * 3;
             sp[0] = sp[1] = sp[2] = 0;
-            FN(spatial_backward)(gb, xb, saved[0] + b * C, saved[1] + b * 2 * P, saved[2] + b * P,
+            int mine = FN(spatial_backward)(gb, xb, saved[0] + b * C, saved[1] + b * 2 * P, saved[2] + b * P,
                                  saved[3] + b * K, saved[4] + b * Rh, spatial[0], spatial[1], spatial[2], spatial[3],
                                  taps, ca + b * C, sa + b * P, dz + b * C, cmean + b * P, coef + b * P, smax + b * P,
                                  part, part + K * T, part + K * T + K, part + K * T + K + 2 * Rh,
                                  part + K * T + K + 3 * Rh, part + K * T + K + 3 * Rh + K * Rh, sp, need_alpha, one,
                                  scal, 1);
-            if (grads[11]) {
-                SCALAR *rows = malloc(sizeof(SCALAR) * (size_t)(4 * C + 2 * Rm)), *g_rows = rows + 2 * C;
-                SCALAR *pre2 = rows + 4 * C;
+            if (mine) {
+                /* nothing more for this sample */
+            } else if (grads[11]) {
+                SCALAR *rows = NEW(SCALAR, 4 * C + 2 * Rm);
+                if (!rows) {
+#pragma omp atomic write
+                    status = STATUS_NO_MEMORY;
+                    continue;
+                }
+                SCALAR *g_rows = rows + 2 * C, *pre2 = rows + 4 * C;
                 if (own) {
                     FN(pool_hw)(xb, rows, rows + C, C, P, 1);
                     for (int64_t c = 0; c < C; ++c) own[b * C + c] = rows[c], own[BC + b * C + c] = rows[C + c];
@@ -870,14 +1003,20 @@ static void FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *co
                     pre2[j] = saved[5][b * Rm + j];
                     pre2[Rm + j] = saved[5][(B + b) * Rm + j];
                 }
-                FN(mlp_backward)(dz + b * C, rows, pre2, mlp[0], mlp[1], mlp[2], mlp[3], NULL, NULL, NULL, NULL, NULL,
-                                 g_rows, g_mixed + b * Rm, 0, 1, C, Rm, silu, 1);
+                mine = FN(mlp_backward)(dz + b * C, rows, pre2, mlp[0], mlp[1], mlp[2], mlp[3], NULL, NULL, NULL, NULL,
+                                        NULL, g_rows, g_mixed + b * Rm, 0, 1, C, Rm, silu, 1);
                 for (int64_t c = 0; c < C; ++c) g_rows[c] /= (SCALAR)P;
-                FN(grad_x)(gb, xb, ca + b * C, sa + b * P, scal[2], (int)dims[10], cmean + b * P, coef + b * P,
-                           smax + b * P, g_rows, g_rows + C, rows + C, NULL, grads[11] + b * C * P, 1, C, P, 1);
+                if (!mine)
+                    mine = FN(grad_x)(gb, xb, ca + b * C, sa + b * P, scal[2], (int)dims[10], cmean + b * P,
+                                      coef + b * P, smax + b * P, g_rows, g_rows + C, rows + C, NULL,
+                                      grads[11] + b * C * P, 1, C, P, 1);
                 free(rows);
             } else if (own) {
                 FN(pool_hw)(xb, own + b * C, own + BC + b * C, C, P, 1);
+            }
+            if (mine) {
+#pragma omp atomic write
+                status = mine;
             }
         }
         const int64_t sizes[6] = {K * T, K, 2 * Rh, Rh, K * Rh, K};
@@ -894,11 +1033,14 @@ static void FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *co
         }
         free(parts), free(scal_parts);
         /* the MLP weights' gradients, over the whole batch */
-        FN(mlp_backward)(dz, pools, saved[5], mlp[0], mlp[1], mlp[2], mlp[3], grads[6], grads[7], grads[8], grads[9],
-                         grads[10], NULL, g_mixed, g_mixed != NULL, B, C, Rm, silu, threads);
+        if (!status)
+            status = FN(mlp_backward)(dz, pools, saved[5], mlp[0], mlp[1], mlp[2], mlp[3], grads[6], grads[7],
+                                      grads[8], grads[9], grads[10], NULL, g_mixed, g_mixed != NULL, B, C, Rm, silu,
+                                      threads);
         free(g_mixed);
     }
     free(ca), free(dz), free(sa), free(cmean), free(coef), free(smax), free(own);
+    return status;
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -918,7 +1060,7 @@ static void FN(derive_light)(const SCALAR *const *raw, const int64_t *layout, co
     const int64_t K = dims[5], T = dims[6];
     const int64_t *sizes = layout, *gather = layout + K;
     if (dims[14]) {
-        const SCALAR *l = raw[R_FUSION], top = l[0] > l[1] ? l[0] : l[1];
+        const SCALAR *l = raw[R_FUSION], top = FN(max_nan)(l[0], l[1]);
         const SCALAR e0 = EXP(l[0] - top), e1 = EXP(l[1] - top), total = e0 + e1;
         fusion[0] = e0 / total, fusion[1] = e1 / total;
     } else {
@@ -933,28 +1075,50 @@ static void FN(derive_light)(const SCALAR *const *raw, const int64_t *layout, co
     scal3[0] = scal[0], scal3[1] = scal[1], scal3[2] = raw[R_ALPHA] ? (double)raw[R_ALPHA][0] : 1.0;
 }
 
-/* outs as forward_core's. */
-void FN(block_forward)(const SCALAR *const *raw, const int64_t *layout, SCALAR *const *outs, const int64_t *dims,
-                       const double *scal, int threads) {
+/* Whether the dims are usable: every size positive (B, C, H, W, Rh, K, T, Rm) and the largest products
+   (B * C * H * W, K * T, B * K * T) far from overflowing. */
+static int FN(dims_ok)(const int64_t *dims) {
+    const int sizes[8] = {0, 1, 2, 3, 4, 5, 6, 11};
+    const int64_t limit = INT64_MAX / 64;
+    for (int i = 0; i < 8; ++i)
+        if (dims[sizes[i]] <= 0 || dims[sizes[i]] > limit) return 0;
+    int64_t n = 1;
+    for (int i = 0; i < 4; ++i) {
+        if (n > limit / dims[i]) return 0;
+        n *= dims[i];
+    }
+    if (dims[5] > limit / dims[6] || dims[0] > limit / (dims[5] * dims[6])) return 0;
+    if (dims[0] > limit / (2 * dims[11] + 4 * dims[1] + 2 * dims[4])) return 0;
+    return 1;
+}
+
+/* outs as forward_core's. Returns STATUS_OK, or STATUS_NO_MEMORY / STATUS_BAD_ARGUMENT (outputs incomplete). */
+int FN(block_forward)(const SCALAR *const *raw, const int64_t *layout, SCALAR *const *outs, const int64_t *dims,
+                      const double *scal, int threads) {
+    if (!FN(dims_ok)(dims)) return STATUS_BAD_ARGUMENT;
     const int64_t K = dims[5], T = dims[6];
-    SCALAR fusion[2], *mixing = malloc(sizeof(SCALAR) * (size_t)(K * T + K));
+    SCALAR fusion[2], *mixing = NEW(SCALAR, K * T + K);
+    if (!mixing) return STATUS_NO_MEMORY;
     double scal3[3];
     FN(derive_light)(raw, layout, dims, scal, fusion, mixing, mixing + K * T, scal3);
     const SCALAR *mlp[5] = {raw[R_W1], raw[R_B1], raw[R_W2], raw[R_B2], fusion};
     const SCALAR *spatial[6] = {raw[R_R1W], raw[R_R1B], raw[R_R2W], raw[R_R2B], mixing, mixing + K * T};
-    FN(forward_core)(raw[R_X], mlp, spatial, layout + K + K * T, outs, dims, scal3, threads);
+    const int status = FN(forward_core)(raw[R_X], mlp, spatial, layout + K + K * T, outs, dims, scal3, threads);
     free(mixing);
+    return status;
 }
 
 /* grads: one per raw tensor (x's first), each skipped where NULL (the router's and the branches' gradients are
    computed either way); g_scal = (alpha, T_ca, T_sa): alpha's only if need_alpha. */
-void FN(block_backward)(const SCALAR *g, const SCALAR *const *raw, const SCALAR *const *saved, const int64_t *layout,
-                        SCALAR *const *grads, double *g_scal, int need_alpha, const int64_t *dims,
-                        const double *scal, int threads) {
+int FN(block_backward)(const SCALAR *g, const SCALAR *const *raw, const SCALAR *const *saved, const int64_t *layout,
+                       SCALAR *const *grads, double *g_scal, int need_alpha, const int64_t *dims,
+                       const double *scal, int threads) {
+    if (!FN(dims_ok)(dims)) return STATUS_BAD_ARGUMENT;
     const int64_t K = dims[5], T = dims[6], Rh = dims[4];
     const int64_t *sizes = layout, *gather = layout + K;
     SCALAR fusion[2], g_fusion[2];
-    SCALAR *mixing = malloc(sizeof(SCALAR) * (size_t)(2 * (K * T + K) + 2 * Rh + Rh + K * Rh + K));
+    SCALAR *mixing = NEW(SCALAR, 2 * (K * T + K) + 2 * Rh + Rh + K * Rh + K);
+    if (!mixing) return STATUS_NO_MEMORY;
     SCALAR *g_mixing = mixing + K * T + K, *g_bias = g_mixing + K * T, *scratch = g_bias + K;
     double scal3[3];
     FN(derive_light)(raw, layout, dims, scal, fusion, mixing, mixing + K * T, scal3);
@@ -965,8 +1129,12 @@ void FN(block_backward)(const SCALAR *g, const SCALAR *const *raw, const SCALAR 
         if (grads[R_R1W + i]) router[i] = grads[R_R1W + i];
     SCALAR *core[12] = {g_mixing, g_bias, router[0], router[1], router[2], router[3], grads[R_W1], grads[R_B1],
                         grads[R_W2], grads[R_B2], grads[R_FUSION] ? g_fusion : NULL, grads[R_X]};
-    FN(backward_core)(g, raw[R_X], saved, mlp, spatial, layout + K + K * T, core, g_scal, need_alpha, dims, scal3,
-                      threads);
+    const int status = FN(backward_core)(g, raw[R_X], saved, mlp, spatial, layout + K + K * T, core, g_scal,
+                                         need_alpha, dims, scal3, threads);
+    if (status) {
+        free(mixing);
+        return status;
+    }
     if (grads[R_FUSION]) { /* softmax backward */
         const SCALAR dot = g_fusion[0] * fusion[0] + g_fusion[1] * fusion[1];
         grads[R_FUSION][0] = fusion[0] * (g_fusion[0] - dot);
@@ -983,4 +1151,5 @@ void FN(block_backward)(const SCALAR *g, const SCALAR *const *raw, const SCALAR 
         if (k < K && grads[R_BRANCH + k]) grads[R_BRANCH + k][at] += g_mixing[i];
     }
     free(mixing);
+    return STATUS_OK;
 }

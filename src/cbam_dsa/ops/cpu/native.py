@@ -27,7 +27,8 @@ _SIGNATURES = {
     "block_forward": (*(_PTR,) * 5, _INT),
     "block_backward": (*(_PTR,) * 6, _INT, _PTR, _PTR, _INT),
 }
-_STATUS = {1: (MemoryError, "the C kernels could not allocate their working memory")}
+# The entry points' status codes (kernels.c: STATUS_NO_MEMORY, STATUS_BAD_ARGUMENT); 0 is success.
+_STATUS = {1: (MemoryError, "out of memory"), 2: (RuntimeError, "invalid dimensions")}
 
 
 class BlockForward(NamedTuple):
@@ -50,11 +51,11 @@ def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
 
 
-def _check(status: int | None, name: str) -> None:
-    """Turn a nonzero status of an entry point into a Python exception."""
+def _check(status: int, name: str) -> None:
+    """Turn a nonzero status of an entry point into a Python exception that says what failed."""
     if status:
-        error, what = _STATUS.get(status, (RuntimeError, f"the C kernels failed with status {status}"))
-        raise error(f"cbam_dsa {name}: {what}")
+        error, what = _STATUS.get(status, (RuntimeError, f"unknown error code {status}"))
+        raise error(f"cbam_dsa: the C kernel {name} failed: {what} (status {status})")
 
 
 class Library:
@@ -69,7 +70,7 @@ class Library:
         for name, argtypes in _SIGNATURES.items():
             for dtype, suffix in DTYPES.items():
                 function = getattr(handle, f"{name}_{suffix}")
-                function.argtypes, function.restype = argtypes, None
+                function.argtypes, function.restype = argtypes, ctypes.c_int
                 self._functions[name, dtype] = function
 
     def block_forward(

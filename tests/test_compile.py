@@ -1,0 +1,107 @@
+"""torch.compile(fullgraph=True) runs the fused operator forward and backward, on the block and inside ResNets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cbam_dsa import CBAMResidualDynamicSA, add_attention
+from cbam_dsa.integrations.timm import attn_layer
+
+FORWARD = torch.ops.cbam_dsa.block_forward.default
+BACKWARD = torch.ops.cbam_dsa.block_backward.default
+
+
+def _capturing_backend() -> tuple[object, dict[str, list[torch.fx.GraphModule]]]:
+    """An AOTAutograd backend that runs the graphs as they are and keeps them for inspection."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: dict[str, list[torch.fx.GraphModule]] = {"forward": [], "backward": []}
+
+    def keep(kind: str):
+        def compiler(graph: torch.fx.GraphModule, example_inputs: object) -> torch.fx.GraphModule:
+            graphs[kind].append(graph)
+            return graph
+
+        return compiler
+
+    return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")), graphs
+
+
+def _count(graphs: list[torch.fx.GraphModule], target: object) -> int:
+    return sum(node.target is target for graph in graphs for node in graph.graph.nodes)
+
+
+def _parameters_and_input_grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    return [x.grad, *(p.grad for p in model.parameters())]
+
+
+@pytest.mark.parametrize("return_maps", [False, True])
+def test_the_compiled_block_calls_the_operator_both_ways(return_maps):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = CBAMResidualDynamicSA(16, learnable_alpha=True, alpha_init=0.7, learnable_temperature=True)
+    block.return_maps = return_maps
+    backend, graphs = _capturing_backend()
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    x = torch.randn(2, 16, 9, 9, requires_grad=True)
+    outs = compiled(x)
+    out = outs[0] if return_maps else outs
+    out.backward(torch.ones_like(out))
+    assert _count(graphs["forward"], FORWARD) == 1 and _count(graphs["backward"], BACKWARD) == 1
+    got = _parameters_and_input_grads(block, x)
+    x.grad = None
+    block.zero_grad(set_to_none=True)
+    eager = block(x)
+    (eager[0] if return_maps else eager).backward(torch.ones_like(out))
+    for a, b in zip(got, _parameters_and_input_grads(block, x), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training", [False, True])
+def test_inductor_compiled_block_equals_eager(training):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = CBAMResidualDynamicSA(32)
+    compiled = torch.compile(block, fullgraph=True)
+    x = torch.randn(4, 32, 14, 14, requires_grad=training)
+    if not training:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), block(x))
+        return
+    compiled(x).square().sum().backward()
+    got = _parameters_and_input_grads(block, x)
+    x.grad = None
+    block.zero_grad(set_to_none=True)
+    block(x).square().sum().backward()
+    for a, b in zip(got, _parameters_and_input_grads(block, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _timm_resnet() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    return timm.create_model("resnet18", num_classes=10, block_args={"attn_layer": attn_layer(reduction=8)})
+
+
+def _torchvision_resnet() -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    return add_attention(torchvision.models.resnet18(num_classes=10))
+
+
+@pytest.mark.parametrize("build", [_timm_resnet, _torchvision_resnet], ids=["timm", "torchvision"])
+def test_a_compiled_resnet_runs_the_operator_in_every_block(build):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build()
+    backend, graphs = _capturing_backend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(2, 3, 32, 32)
+    compiled(x).sum().backward()
+    assert _count(graphs["forward"], FORWARD) == 8 and _count(graphs["backward"], BACKWARD) == 8
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    for a, b in zip(got, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
