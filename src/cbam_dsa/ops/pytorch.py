@@ -15,15 +15,15 @@ Shape:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as FA
+from . import light
 
-__all__ = ["KEEP_POOLS_FROM_PIXELS", "block_backward", "block_forward", "channel_light", "saved_like", "spatial_light"]
+__all__ = ["KEEP_POOLS_FROM_PIXELS", "block_backward", "block_forward", "saved_like"]
 
 # From this many pixels per map on, the pooled (2B, C) descriptors are kept for backward (2 / pixels of the input, at
 # most 3%); below, they are recomputed there by one pass over the input.
@@ -52,66 +52,6 @@ def saved_like(x: Tensor, fc1_weight: Tensor, router_fc1_weight: Tensor | None, 
     ]  # fmt: skip
 
 
-def _linear(z: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """A 1x1 convolution on flat rows ``(N, in)``."""
-    return F.linear(z, weight.flatten(1).to(z.dtype), bias.to(z.dtype))
-
-
-def channel_light(
-    pools: Tensor,
-    fc1_weight: Tensor,
-    fc1_bias: Tensor,
-    fc2_weight: Tensor,
-    fc2_bias: Tensor,
-    fusion_logits: Tensor | None,
-    temperature: Tensor,
-    act: str,
-    gate: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The channel attention's light network from the pooled rows ``[avg; max]``: ``(pre, z, ca, fusion_w)``.
-
-    Shape:
-        - pools: :math:`(2B, C)`
-        - pre: :math:`(2B, R_m)`; z, ca: :math:`(B, C)`; fusion_w: :math:`(2,)`
-    """
-    b = pools.shape[0] // 2
-    pre = _linear(pools, fc1_weight, fc1_bias)
-    mlp = _linear(FA.activation(pre, act), fc2_weight, fc2_bias)
-    fusion_w = FA.fusion_weights(fusion_logits, mlp)
-    z = fusion_w[0] * mlp[:b] + fusion_w[1] * mlp[b:]
-    return pre, z, FA.apply_gate(z, gate, temperature), fusion_w
-
-
-def spatial_light(
-    s: Tensor,
-    router_params: Sequence[Tensor | None],
-    branch_weights: Sequence[Tensor],
-    branch_biases: Sequence[Tensor],
-    dilations: Sequence[int],
-    temperature: Tensor,
-    gate: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The spatial attention's light network from the descriptors: ``(router hidden, router, logit, sa)``.
-
-    Shape:
-        - s: :math:`(B, 2, H, W)`
-        - router hidden: :math:`(B, R_h)` (ones, ``R_h = 1``, without a router); router: :math:`(B, K)`; logit, sa:
-          :math:`(B, 1, H, W)`
-    """
-    b = s.shape[0]
-    if router_params[0] is None:
-        hidden, router = s.new_ones(b, 1), s.new_ones(b, len(branch_weights))
-    else:
-        hidden = F.relu(_linear(s.mean(dim=(2, 3)), router_params[0], router_params[1]))
-        router = torch.softmax(_linear(hidden, router_params[2], router_params[3]), dim=1)
-    logit = torch.zeros_like(s[:, :1])
-    for k, (weight, bias, dilation) in enumerate(zip(branch_weights, branch_biases, dilations, strict=True)):
-        padding = FA.branch_padding(weight.shape[-1], dilation)
-        branch = F.conv2d(s, weight.to(s.dtype), bias.to(s.dtype), padding=padding, dilation=dilation)
-        logit = logit + router[:, k].view(-1, 1, 1, 1) * branch
-    return hidden, router, logit, FA.apply_gate(logit, gate, temperature)
-
-
 def _pools(x: Tensor) -> Tensor:
     avg, top = FA.channel_pool(x)
     return torch.cat([avg, top]).flatten(1)
@@ -138,54 +78,20 @@ def block_forward(
     """The block's forward pass: ``(out, ca, sa, fusion_w, router_w, saved)`` (see :func:`saved_like`)."""
     b, c, h, w = x.shape
     pools = _pools(x)
-    pre, z, ca, fusion_w = channel_light(
-        pools, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fusion_logits, ca_temperature, act, ca_gate
-    )
-    ca = ca.to(x.dtype).view(b, c, 1, 1)
+    mlp = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    channel = light.channel_forward(pools, mlp, fusion_logits, ca_temperature, act, ca_gate)
+    ca = channel.ca.to(x.dtype).view(b, c, 1, 1)
     out = x * ca
     s = FA.spatial_pool(out)
-    hidden, router, logit, sa = spatial_light(
-        s, router_params, branch_weights, branch_biases, dilations, sa_temperature, sa_gate
-    )
-    sa = sa.to(x.dtype)
+    spatial = light.spatial_forward(s, router_params, branch_weights, branch_biases, dilations, sa_temperature, sa_gate)
+    sa = spatial.sa.to(x.dtype)
     out.mul_(sa)
     if alpha is not None:  # x + alpha * (y - x), in the reference's order of operations
         out.sub_(x).mul_(alpha.to(x.dtype)).add_(x)
     kept = pools if h * w >= KEEP_POOLS_FROM_PIXELS else pools.new_empty(0)
-    saved = [z, s, logit, router, hidden, pre, kept]
-    return out, ca, sa, fusion_w.to(x.dtype), router.to(x.dtype, copy=True), saved  # no output aliases another
-
-
-def _vjp(
-    fn: Callable[..., tuple[Tensor, ...]], primals: Sequence[Tensor | None]
-) -> tuple[tuple[Tensor, ...], Callable]:
-    """``torch.func.vjp`` over the tensors among ``primals`` (``None`` passes through): the outputs, and a function
-    from the outputs' gradients (``None``: zero) to one gradient per primal (``None`` for ``None``).
-
-    Autograd is not used: these run inside an operator's kernel, below the autograd keys (under torch.compile too).
-    """
-    present = [i for i, t in enumerate(primals) if t is not None]
-
-    def call(*tensors: Tensor) -> tuple[Tensor, ...]:
-        full = list(primals)
-        for i, t in zip(present, tensors, strict=True):
-            full[i] = t
-        return fn(*full)
-
-    outputs, pull = torch.func.vjp(call, *(primals[i].detach() for i in present))
-
-    def pullback(*grads: Tensor | None) -> list[Tensor | None]:
-        cotangents = tuple(
-            torch.zeros_like(o) if g is None else g.reshape(o.shape).to(o.dtype)
-            for o, g in zip(outputs, grads, strict=True)
-        )
-        found = pull(cotangents)
-        out: list[Tensor | None] = [None] * len(primals)
-        for i, grad in zip(present, found, strict=True):
-            out[i] = grad
-        return out
-
-    return outputs, pullback
+    saved = [channel.z, s, spatial.logit, spatial.router, spatial.hidden, channel.pre, kept]
+    maps = (ca, sa, channel.fusion_w.to(x.dtype), spatial.router.to(x.dtype, copy=True))  # no output aliases another
+    return out, *maps, saved
 
 
 def block_backward(
@@ -209,61 +115,51 @@ def block_backward(
     """
     g_out, g_ca, g_sa, g_fusion, g_router = grads
     b, c, h, w = x.shape
-    count = len(branch_weights)
-    pools = saved[6] if saved[6].numel() else _pools(x)
-
-    def channel(pools: Tensor, *small: Tensor | None) -> tuple[Tensor, Tensor]:
-        _, _, ca, fusion_w = channel_light(pools, *small[:5], small[5], act, ca_gate)
-        return ca, fusion_w
-
-    def spatial(s: Tensor, *small: Tensor | None) -> tuple[Tensor, Tensor]:
-        weights, biases = small[4 : 4 + count], small[4 + count : 4 + 2 * count]
-        _, router, _, sa = spatial_light(s, small[:4], weights, biases, dilations, small[-1], sa_gate)
-        return sa, router
-
-    (ca_acc, _), channel_pullback = _vjp(channel, [pools, *params[:6]])
-    spatial_primals = [saved[1], *params[8:12], *branch_weights, *branch_biases, params[6]]
-    (sa_acc, _), spatial_pullback = _vjp(spatial, spatial_primals)
-    ca, sa = ca_acc.to(x.dtype).view(b, c, 1, 1), sa_acc.to(x.dtype)
-    alpha = params[7]
-    blend = None if alpha is None else alpha.detach().to(x.dtype)
+    mlp, fusion_logits, t_ca, t_sa, alpha, router = params[:4], params[4], params[5], params[6], params[7], params[8:]
+    s, pools = saved[1], saved[6] if saved[6].numel() else _pools(x)
+    channel = light.channel_forward(pools, mlp, fusion_logits, t_ca, act, ca_gate)
+    spatial = light.spatial_forward(s, router, branch_weights, branch_biases, dilations, t_sa, sa_gate)
+    ca, sa = channel.ca.to(x.dtype).view(b, c, 1, 1), spatial.sa.to(x.dtype)
+    blend = None if alpha is None else alpha.to(x.dtype)
     y = x * ca
     # the spatial part: d sa = alpha * sum_c g * y (+ the map's own gradient)
-    grad_sa = None
+    grad_sa = torch.zeros_like(spatial.sa)
     if g_out is not None:
-        grad_sa = (g_out * y).sum(dim=1, keepdim=True)
+        grad_sa = (g_out * y).sum(dim=1, keepdim=True, dtype=s.dtype)
         if blend is not None:
             grad_sa = grad_sa * blend
-    spatial_grads = spatial_pullback(_add(grad_sa, g_sa), g_router)
-    grad_s = spatial_grads[0]
+    if g_sa is not None:
+        grad_sa = grad_sa + g_sa.to(grad_sa.dtype)
+    grad_s, grad_router, grad_weights, grad_biases, grad_t_sa = light.spatial_backward(
+        spatial, s, router, branch_weights, dilations, t_sa, sa_gate, grad_sa, g_router
+    )
     # d y = alpha * sa * g + the pooling over C's terms (the max's split evenly among ties, as torch.amax's)
-    grad_y = None if g_out is None else g_out * sa if blend is None else g_out * (sa * blend)
     top = (y == y.amax(dim=1, keepdim=True)).to(x.dtype)  # not s: the C kernels may round x * ca otherwise
     split = (grad_s[:, 1:2] / top.sum(dim=1, keepdim=True, dtype=grad_s.dtype)).to(x.dtype)
-    pooled = (grad_s[:, :1] / c).to(x.dtype) + top * split
-    grad_y = pooled if grad_y is None else grad_y + pooled
+    grad_y = (grad_s[:, :1] / c).to(x.dtype) + top * split
+    if g_out is not None:
+        grad_y = grad_y + (g_out * sa if blend is None else g_out * (sa * blend))
     # the channel part: d ca = sum_hw x * d y (+ the map's own gradient)
-    grad_ca = _add((x * grad_y).sum(dim=(2, 3), dtype=ca_acc.dtype), None if g_ca is None else g_ca.reshape(b, c))
-    channel_grads = channel_pullback(grad_ca, g_fusion)
+    grad_ca = (x * grad_y).sum(dim=(2, 3), dtype=s.dtype)
+    if g_ca is not None:
+        grad_ca = grad_ca + g_ca.reshape(b, c).to(grad_ca.dtype)
+    grad_pools, grad_mlp, grad_logits, grad_t_ca = light.channel_backward(
+        channel, pools, mlp, fusion_logits, t_ca, act, ca_gate, grad_ca, g_fusion
+    )
     out: list[Tensor | None] = [None] * len(needs)
     if needs[0]:
         grad_x = grad_y * ca
         if g_out is not None and blend is not None:  # out = x + alpha * (y * sa - x)
             grad_x = grad_x + g_out * (1 - blend)
-        grad_avg, grad_max = channel_grads[0][:b].view(b, c, 1, 1), channel_grads[0][b:].view(b, c, 1, 1)
+        grad_avg, grad_max = grad_pools[:b].view(b, c, 1, 1), grad_pools[b:].view(b, c, 1, 1)
         top = (x == pools[b:].view(b, c, 1, 1).to(x.dtype)).to(x.dtype)
         split = (grad_max / top.sum(dim=(2, 3), keepdim=True, dtype=grad_max.dtype)).to(x.dtype)
         out[0] = grad_x + ((grad_avg / (h * w)).to(x.dtype) + top * split)
-    if alpha is not None and needs[8] and g_out is not None:
-        out[8] = (g_out * (y * sa - x)).sum()
-    found = [*channel_grads[1:], spatial_grads[-1], None, *spatial_grads[1:-1]]  # in the order of params, branches
+    grad_alpha = None
+    if alpha is not None and g_out is not None:
+        grad_alpha = (g_out * (y * sa - x)).sum()
+    found = [*grad_mlp, grad_logits, grad_t_ca, grad_t_sa, grad_alpha, *grad_router, *grad_weights, *grad_biases]
     for i, grad in enumerate(found, start=1):
-        if needs[i] and i != 8:
+        if needs[i]:
             out[i] = grad
     return out
-
-
-def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    if a is None:
-        return b
-    return a if b is None else a + b.to(a.dtype)
