@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_results(paths: list[str]) -> list[dict]:
-    from .cli import UserError
+    from .errors import UserError
 
     runs = []
     for path in paths:
@@ -67,7 +67,7 @@ def _load_results(paths: list[str]) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import UserError
+    from .errors import UserError
 
     for flag, value in (("--rounds", args.rounds), ("--network-rounds", args.network_rounds)):
         if value is not None and value < 1:
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import bench
+    from .. import bench
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_markdown(runs: list[dict], path: str) -> None:
-    from . import bench
+    from .. import bench
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(bench.render_markdown(runs))
@@ -129,8 +129,8 @@ def _write_markdown(runs: list[dict], path: str) -> None:
 
 
 def _render(runs: list[dict], markdown: str | None) -> int:
-    from . import bench
-    from .cli import UserError
+    from .. import bench
+    from .errors import UserError
 
     for run in runs:
         try:
