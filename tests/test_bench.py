@@ -395,9 +395,16 @@ def test_targets_are_checked_against_their_limits():
 
 
 def test_results_written_before_the_operator_still_render():
-    for path in sorted((Path(__file__).parents[1] / "benchmarks").glob("results-*.json")):
+    paths = sorted((Path(__file__).parents[1] / "benchmarks").glob("results-*.json"))
+    for path in paths:
         results = json.loads(path.read_text())
         assert "## " in bench.render_markdown([results]) and bench.render_table(results)
+    old = _fake_results()
+    old["shapes"][0]["contenders"]["ours_fast"] = old["shapes"][0]["contenders"].pop("ours_operator")
+    del old["shapes"][0]["pairs"], old["shapes"][0]["contenders"]["ours_no_compiler"]
+    markdown = bench.render_markdown([old])
+    assert "This run predates the operator" in markdown
+    assert "| 32x512x7x7 | 0.500 (met) | 0.400 (missed) | - | - | - | 0.010 (met) |" in markdown
 
 
 def test_overhead_sentence_names_the_three_calls():

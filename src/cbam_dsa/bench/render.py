@@ -220,13 +220,21 @@ def _markdown_section(results: dict[str, Any]) -> str:
         f"Measured {machine['date']} with `{command}`: {settings['rounds']} interleaved rounds, "
         f"{machine['cpu_count']} CPUs, {versions}, {machine['platform']}.",
     ]
-    if settings["device"] == "cpu" and "fused_kernels" in machine:
+    legacy = any("ours_fast" in entry["contenders"] for entry in results["shapes"])
+    targets = render_targets(results)
+    if legacy:
+        parts[-1] += " This run predates the operator: *ours, fast path* is the block's former fast path"
+        parts[-1] += (
+            ", and the targets on the compiled block and the no-compiler path were not measured (-)."
+            if targets
+            else "."
+        )
+    elif settings["device"] == "cpu" and "fused_kernels" in machine:
         parts[-1] += (
             " The operator ran on the fused C kernels."
             if machine["fused_kernels"]
             else " The C kernels did not build: the operator ran its PyTorch implementation."
         )
-    targets = render_targets(results)
     if targets:
         parts += ["", targets]
     overhead = render_overhead(results.get("overhead"))
