@@ -165,3 +165,16 @@ def test_user_error_lives_in_a_leaf_module():
 
     assert UserError is errors.UserError  # the demo's command imports it from cbam_dsa.cli until it moves
     assert COMMANDS["bench"] == "cbam_dsa.cli.bench" and COMMANDS["demo"] == "cbam_dsa.demo.command"
+
+
+def test_help_imports_no_tool_and_no_optional_dependency():
+    # `cbam-dsa --help` builds every subcommand's parser; the heavy imports wait for `run`
+    code = (
+        "import sys; from cbam_dsa.cli import build_parser; build_parser()\n"
+        "heavy = ('cbam_dsa.bench', 'cbam_dsa.export', 'cbam_dsa.viz', 'cbam_dsa.demo.train', 'timm', 'torchvision',"
+        " 'matplotlib', 'onnx', 'onnxruntime', 'sklearn', 'PIL')\n"
+        "print(sorted(name for name in heavy if name in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
