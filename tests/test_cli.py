@@ -10,7 +10,7 @@ import pytest
 
 from cbam_dsa import CBAMResidualDynamicSA
 from cbam_dsa.checkpoint import save_checkpoint
-from cbam_dsa.cli import build_parser, main
+from cbam_dsa.cli import COMMANDS, build_parser, main
 from cbam_dsa.demo.data import ClutteredDigitsConfig
 from cbam_dsa.demo.model import DemoNet
 from cbam_dsa.demo.report import CHECKPOINT_FORMAT
@@ -148,3 +148,33 @@ def test_visualize_refuses_checkpoints_it_cannot_draw(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
     assert main(["visualize", str(dsa), "--count", "0"]) == 2
     assert "--count must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_the_package_runs_as_a_module_for_torchrun(tmp_path):
+    # README: `torchrun -m cbam_dsa.cli demo`, which needs cbam_dsa/cli/__main__.py
+    done = subprocess.run(
+        [sys.executable, "-m", "cbam_dsa.cli", "demo", "--seeds", "0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == "cbam-dsa demo: error: --seeds must be an integer >= 1, but got 0\n"
+
+
+def test_user_error_lives_in_a_leaf_module():
+    from cbam_dsa.cli import UserError, errors
+
+    assert UserError is errors.UserError  # the demo's command imports it from cbam_dsa.cli until it moves
+    assert COMMANDS["bench"] == "cbam_dsa.cli.bench" and COMMANDS["demo"] == "cbam_dsa.demo.command"
+
+
+def test_help_imports_no_tool_and_no_optional_dependency():
+    # `cbam-dsa --help` builds every subcommand's parser; the heavy imports wait for `run`
+    code = (
+        "import sys; from cbam_dsa.cli import build_parser; build_parser()\n"
+        "heavy = ('cbam_dsa.bench', 'cbam_dsa.export', 'cbam_dsa.viz', 'cbam_dsa.demo.train', 'timm', 'torchvision',"
+        " 'matplotlib', 'onnx', 'onnxruntime', 'sklearn', 'PIL')\n"
+        "print(sorted(name for name in heavy if name in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

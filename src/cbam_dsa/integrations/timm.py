@@ -14,39 +14,15 @@ attention layer. timm is not imported here: this module only produces the callab
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..block import CBAMResidualDynamicSA
+from ._common import HOST_ARGUMENTS, check_block_kwargs
 
 __all__ = ["HOST_ARGUMENTS", "attn_layer", "create_block"]
-
-#: Constructor arguments that the host model gives for each block, never the user.
-HOST_ARGUMENTS = ("channels", "device", "dtype")
-
-_BLOCK_PARAMETERS = tuple(inspect.signature(CBAMResidualDynamicSA).parameters)
-_OPTIONS = tuple(name for name in _BLOCK_PARAMETERS if name not in HOST_ARGUMENTS)
-
-
-def _check_block_kwargs(block_kwargs: dict[str, Any]) -> None:
-    """Refuse host arguments, unknown names, ``return_maps=True`` and bad values, naming what is allowed."""
-    for name in block_kwargs:
-        if name in HOST_ARGUMENTS:
-            raise TypeError(f"{name} is given by the model for each block; leave it out of the block options")
-        if name not in _OPTIONS:
-            raise TypeError(
-                f"{name!r} is not an option of CBAMResidualDynamicSA; the options are {', '.join(_OPTIONS)}"
-            )
-    if block_kwargs.get("return_maps") is True:
-        raise ValueError(
-            "return_maps=True makes each block return a tuple, which the model around it cannot use; "
-            "record the maps with cbam_dsa.MapRecorder instead"
-        )
-    # Build one block on the meta device: every value is checked now, and nothing is allocated.
-    CBAMResidualDynamicSA(16, **block_kwargs, device="meta")
 
 
 def _activation_name(act_layer: Any) -> str | None:
@@ -122,5 +98,5 @@ def attn_layer(**block_kwargs: Any) -> functools.partial[CBAMResidualDynamicSA]:
         >>> model.layer1[0].se.ca.hidden
         8
     """
-    _check_block_kwargs(block_kwargs)
+    check_block_kwargs(block_kwargs)
     return functools.partial(create_block, **block_kwargs)

@@ -16,12 +16,14 @@ import torchvision), hence the model survives ``copy.deepcopy``, pickling, ``tor
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .timm import attn_layer
+from ..block import CBAMResidualDynamicSA
+from ._common import check_block_kwargs
 
 # AttentionBasicBlock and AttentionBottleneck are served by __getattr__ (built on first use).
 __all__ = ["ATTENTION_NAME", "add_attention"]
@@ -128,7 +130,8 @@ def add_attention(model: nn.Module, **block_kwargs: Any) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a torchvision ResNet), but got {type(model).__name__}")
-    make_block = attn_layer(**block_kwargs)  # checks every option before the model is touched
+    check_block_kwargs(block_kwargs)  # every option, before the model is touched
+    make_block = functools.partial(CBAMResidualDynamicSA, **block_kwargs)
     classes = _attention_classes()
     attention_types = tuple(classes.values())
     bases = tuple(classes)

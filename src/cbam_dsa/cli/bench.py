@@ -1,5 +1,6 @@
 """``cbam-dsa bench``: time the block against timm's CBAM and SE (see :mod:`cbam_dsa.bench` and
-``benchmarks/README.md`` for the method).
+``benchmarks/README.md`` for the method): the eager operator, its no-compiler path, the reference path and the
+compiled block, timm's modules eager and compiled, the operator's per-call overhead and a resnet50 training step.
 
 Prints a table, and writes the results as JSON, the table as text and a PNG chart into ``--out``; with
 ``--markdown`` also writes ``docs/BENCHMARKS.md`` from this run and any earlier result files given with
@@ -15,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-HELP = "Benchmark the block against timm's CbamModule and SEModule (time, saved tensors, memory, resnet50)."
+HELP = "Benchmark the block against timm's CbamModule and SEModule (time, saved tensors, memory, overhead, resnet50)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--network-rounds", type=int, help="interleaved rounds of the resnet50 step (default: 21, quick: 1)"
     )
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
+    parser.add_argument("--no-compile", action="store_true", help="skip every torch.compile contender")
     parser.add_argument("--no-network", action="store_true", help="skip the resnet50 training-step comparison")
+    parser.add_argument(
+        "--network-compile",
+        action="store_true",
+        help="also time the compiled resnet50 steps (plain, SE, CBAM, ours; compiling them takes about 10 minutes)",
+    )
+    parser.add_argument("--no-overhead", action="store_true", help="skip the operator's per-call overhead")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="modules and inputs (default: float32)"
@@ -53,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_results(paths: list[str]) -> list[dict]:
-    from .cli import UserError
+    from .errors import UserError
 
     runs = []
     for path in paths:
@@ -67,7 +74,7 @@ def _load_results(paths: list[str]) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import UserError
+    from .errors import UserError
 
     for flag, value in (("--rounds", args.rounds), ("--network-rounds", args.network_rounds)):
         if value is not None and value < 1:
@@ -83,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import bench
+    from .. import bench
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
@@ -96,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {
         "compile": not args.no_compile and not args.quick,
         "network": not args.no_network,
+        "network_compile": args.network_compile and not args.no_compile,
+        "overhead": not args.no_overhead,
         "device": args.device,
         "dtype": args.dtype,
         "threads": threads,
@@ -121,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_markdown(runs: list[dict], path: str) -> None:
-    from . import bench
+    from .. import bench
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(bench.render_markdown(runs))
@@ -129,8 +138,8 @@ def _write_markdown(runs: list[dict], path: str) -> None:
 
 
 def _render(runs: list[dict], markdown: str | None) -> int:
-    from . import bench
-    from .cli import UserError
+    from .. import bench
+    from .errors import UserError
 
     for run in runs:
         try:

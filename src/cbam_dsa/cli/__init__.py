@@ -1,8 +1,9 @@
 """``cbam-dsa``: thin subcommands over the library.
 
-Each subcommand lives in its own module, which exposes ``HELP`` (one line), ``add_arguments(parser)`` and
+Each subcommand lives in its own module (:mod:`.bench`, :mod:`.export`, :mod:`.visualize`; the demo's is
+:mod:`cbam_dsa.demo.command`), which exposes ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(args) -> int``. Those modules import heavy dependencies inside ``run`` only, so ``--help`` stays fast.
-A user mistake raises :class:`UserError` and ends with a one-line message and exit code 2, never a traceback.
+A user mistake raises :class:`.errors.UserError` and ends with a one-line message and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,24 +13,22 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .errors import UserError  # also re-exported: the demo's command imports it from here
+
 __all__ = ["COMMANDS", "UserError", "build_parser", "main"]
 
 # name -> module implementing it
 COMMANDS: dict[str, str] = {
     "demo": "cbam_dsa.demo.command",
-    "visualize": "cbam_dsa.viz_command",
-    "bench": "cbam_dsa.bench_command",
-    "export": "cbam_dsa.export_command",
+    "visualize": "cbam_dsa.cli.visualize",
+    "bench": "cbam_dsa.cli.bench",
+    "export": "cbam_dsa.cli.export",
 }
-
-
-class UserError(Exception):
-    """A mistake in the user's options or files: reported as one line, exit code 2."""
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     """The argument parser with every subcommand, and the modules behind them."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="cbam-dsa",
@@ -59,7 +58,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cbam-dsa {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

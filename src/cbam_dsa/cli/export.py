@@ -70,8 +70,8 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
     """
     import inspect
 
-    from .block import CBAMResidualDynamicSA
-    from .cli import UserError
+    from ..block import CBAMResidualDynamicSA
+    from .errors import UserError
 
     parameters = inspect.signature(CBAMResidualDynamicSA).parameters
     defaults = {
@@ -112,9 +112,9 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
 
 
 def _build_block(args: argparse.Namespace) -> Any:
-    from .block import CBAMResidualDynamicSA
-    from .checkpoint import CheckpointError, load_block
-    from .cli import UserError
+    from ..block import CBAMResidualDynamicSA
+    from ..checkpoint import CheckpointError, load_block
+    from .errors import UserError
 
     settings = parse_settings(args.set)
     if args.checkpoint is not None:
@@ -132,7 +132,7 @@ def _build_block(args: argparse.Namespace) -> Any:
 
 
 def _check_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
-    from .cli import UserError
+    from .errors import UserError
 
     onnx_path = Path(args.output)
     ts_path = Path(args.torchscript) if args.torchscript else None
@@ -151,8 +151,7 @@ def _partial(path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .cli import UserError
-    from .export import (
+    from ..export import (
         DYNAMO_MIN_OPSET,
         LEGACY_DEFAULT_OPSET,
         ExportError,
@@ -161,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         verify_onnx,
         verify_torchscript,
     )
+    from .errors import UserError
 
     for name in ("batch", "height", "width"):
         size = getattr(args, name)

@@ -27,10 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_model(path: Path) -> tuple[Any, dict[str, Any]]:
-    from .checkpoint import CheckpointError, load_checkpoint
-    from .cli import UserError
-    from .demo.model import build_model
-    from .demo.report import CHECKPOINT_FORMAT
+    from ..checkpoint import CheckpointError, load_checkpoint
+    from ..demo.model import build_model
+    from ..demo.report import CHECKPOINT_FORMAT
+    from .errors import UserError
 
     try:
         state, config = load_checkpoint(path)
@@ -50,8 +50,8 @@ def _load_model(path: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def _folder_images(folder: Path, size: int, in_channels: int, limit: int) -> Any:
-    from .cli import UserError
-    from .demo.data import list_images, read_images
+    from ..demo.data import list_images, read_images
+    from .errors import UserError
 
     if not folder.is_dir():
         raise UserError(f"--images {str(folder)!r} is not a folder")
@@ -68,9 +68,9 @@ def _folder_images(folder: Path, size: int, in_channels: int, limit: int) -> Any
 
 
 def _demo_test_data(config: dict[str, Any], limit: int) -> tuple[Any, Any, Any]:
-    from .cli import UserError
-    from .demo.data import ClutteredDigitsConfig, load_image_folder, make_cluttered_digits
-    from .demo.report import gallery_order
+    from ..demo.data import ClutteredDigitsConfig, load_image_folder, make_cluttered_digits
+    from ..demo.report import gallery_order
+    from .errors import UserError
 
     data = dict(config.get("data") or {})
     try:
@@ -88,7 +88,7 @@ def _demo_test_data(config: dict[str, Any], limit: int) -> tuple[Any, Any, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Draw the figures; returns the exit code."""
-    from .cli import UserError
+    from .errors import UserError
 
     if args.count < 1:
         raise UserError(f"--count must be an integer >= 1, but got {args.count}")
@@ -101,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} exists and is not a folder")
 
-    from . import viz
-    from .maps import find_blocks
+    from .. import viz
+    from ..maps import find_blocks
 
     model, config = _load_model(path)
     if not find_blocks(model):

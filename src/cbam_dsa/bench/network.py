@@ -1,0 +1,121 @@
+"""The whole-network figure: one training step of timm's resnet50 with each attention layer, eager and compiled."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..block import CBAMResidualDynamicSA
+from .memory import minor_faults
+from .timing import interleaved_times, paired_comparison, round_ratio
+
+__all__ = ["NETWORK_LABELS", "measure_network"]
+
+NETWORK_LABELS = {
+    "plain": "resnet50, no attention",
+    "se": "+ timm SEModule",
+    "cbam": "+ timm CbamModule",
+    "ours_operator": "+ ours, operator",
+    "ours_reference": "+ ours, reference path",
+    "plain_compiled": "resnet50 + compile, no attention",
+    "se_compiled": "+ timm SEModule, compiled",
+    "cbam_compiled": "+ timm CbamModule, compiled",
+    "ours_compiled": "+ ours, compiled",
+}
+"""Display names, in the order of the table."""
+
+_ATTENTION = {"plain": None, "se": "se", "cbam": "cbam", "ours": CBAMResidualDynamicSA}
+
+
+def _network(attn: Any, num_classes: int, device: str, dtype: torch.dtype) -> nn.Module:
+    import timm
+
+    block_args = {} if attn is None else {"block_args": {"attn_layer": attn}}
+    model = timm.create_model("resnet50", pretrained=False, num_classes=num_classes, **block_args)
+    return model.to(device=device, dtype=dtype).train()
+
+
+def _variants(compile: bool, device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
+    variants = {
+        "plain": _network(None, 10, device, dtype),
+        "se": _network("se", 10, device, dtype),
+        "cbam": _network("cbam", 10, device, dtype),
+        "ours_operator": _network(CBAMResidualDynamicSA, 10, device, dtype),
+        "ours_reference": _network(CBAMResidualDynamicSA, 10, device, dtype),
+    }
+    for module in variants["ours_reference"].modules():
+        if isinstance(module, CBAMResidualDynamicSA):
+            module.fast_path = False
+    if compile:
+        for name, attn in _ATTENTION.items():
+            variants[f"{name}_compiled"] = torch.compile(_network(attn, 10, device, dtype), fullgraph=True)
+    return variants
+
+
+def measure_network(
+    settings: Any, dtype: torch.dtype, log: Callable[[str], None] = lambda line: None
+) -> dict[str, Any]:
+    """The time of one training step (forward, cross-entropy, backward, SGD step) of timm's resnet50 with each
+    attention layer, and each one's overhead over the plain network: the median over rounds of
+    ``time / plain time - 1`` (compiled variants against the compiled plain network).
+
+    ``settings`` is a :class:`.measure.Settings`; ``settings.network_compile`` adds the compiled variants, whose
+    compilation (the first step) is not timed. A compiled variant that fails is dropped and its error reported.
+    """
+    device = settings.device
+    torch.manual_seed(settings.seed)
+    variants = _variants(settings.network_compile, device, dtype)
+    size = settings.network_size
+    images = torch.randn(settings.network_batch, 3, size, size, device=device, dtype=dtype)
+    targets = torch.randint(0, 10, (settings.network_batch,), device=device)
+    faults: dict[str, list[int]] = {name: [] for name in variants}
+
+    def step(name: str, model: nn.Module) -> Callable[[], None]:
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def run() -> None:
+            before = minor_faults()
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(images), targets).backward()
+            optimizer.step()
+            if before is not None:
+                faults[name].append(minor_faults() - before)
+
+        return run
+
+    fns = {name: step(name, model) for name, model in variants.items()}
+    errors: dict[str, str] = {}
+    for name in [n for n in fns if n.endswith("_compiled")]:
+        log(f"  compiling {name} ...")
+        try:  # compile outside the timing; a compiler missing on this machine drops the compiled rows only
+            fns[name]()
+        except Exception as error:  # reported in the results
+            errors[name] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            del fns[name]
+    times = interleaved_times(fns, settings.network_rounds, 1, device, settings.seed)
+    results = {}
+    for name, values in times.items():
+        plain = "plain_compiled" if name.endswith("_compiled") else "plain"
+        ratio = round_ratio(times, name, plain)
+        timed = faults[name][-len(values) :]  # the timed steps
+        results[name] = {
+            "label": NETWORK_LABELS[name],
+            "step": {"min_ms": min(values) * 1e3, "median_ms": statistics.median(values) * 1e3},
+            "overhead": None if name == plain or ratio is None else ratio - 1.0,
+            "parameters": sum(p.numel() for p in variants[name].parameters()),
+            "page_faults": statistics.median(timed) if timed else None,
+        }
+    network = {
+        "model": "timm resnet50, num_classes=10",
+        "input": [settings.network_batch, 3, size, size],
+        "variants": results,
+        "errors": errors,
+        "ours_vs_se": paired_comparison(times["ours_operator"], times["se"]),
+    }
+    if "ours_compiled" in times and "se_compiled" in times:
+        network["ours_vs_se_compiled"] = paired_comparison(times["ours_compiled"], times["se_compiled"])
+    return network
