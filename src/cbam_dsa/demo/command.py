@@ -16,7 +16,8 @@ from typing import Any
 
 HELP = "train no attention, classic CBAM and the block on Cluttered Digits and write a report with figures"
 
-VARIANT_CHOICES = ("none", "cbam", "dsa", "dsa-learnable-alpha")  # same as demo.model.VARIANTS, kept light
+# The same as demo.model.VARIANTS, kept here so that `cbam-dsa demo --help` does not import torch.
+VARIANT_CHOICES = ("none", "cbam", "dsa", "dsa-learnable-alpha", "dsa-zero-start")
 
 # Defaults of a full run, and of --quick (which any explicit option overrides).
 DEFAULTS: dict[str, Any] = {
