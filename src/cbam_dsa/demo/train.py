@@ -31,6 +31,7 @@ __all__ = [
     "RunResult",
     "TrainConfig",
     "attention_stats",
+    "block_alphas",
     "box_coverage",
     "evaluate",
     "localisation_lift",
@@ -113,6 +114,13 @@ class RunResult:
     lift: dict[str, float] | None
     model: nn.Module | None
     map_stats: dict[str, dict[str, float]] | None = None
+
+
+def block_alphas(model: nn.Module) -> dict[str, float]:
+    """The blend weight ``alpha`` of every block of ``model`` that blends (block name -> float)."""
+    from ..maps import find_blocks
+
+    return {name: float(block.alpha.detach()) for name, block in find_blocks(model).items() if block.alpha is not None}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -241,26 +249,33 @@ def localisation_lift(sa: Tensor, boxes: Tensor, image_size: tuple[int, int], re
 
 
 def attention_stats(model: nn.Module, data: ImageSet, batch_size: int = 256) -> dict[str, dict[str, float]] | None:
-    """Per block of ``model`` on ``data``: the spatial map's mean, its spread within an image, and the lift.
+    """Per block of ``model`` on ``data``: the spatial map's mean, its spread and lift, and the effective factor.
 
     Returns:
         dict or None: ``{"spatial_mean": {block: float}, "spatial_spread": {block: float}, "lift": {block: float}}``
-        (``"lift"`` only when ``data`` has boxes); ``None`` when the model holds no block. ``spatial_mean`` near
-        1.0 means that block's spatial gate is almost fully open everywhere (features pass unchanged);
-        ``spatial_spread`` is the standard deviation of the map within an image, averaged over images.
+        (``"lift"`` only when ``data`` has boxes) plus the keys of :func:`~cbam_dsa.demo.effective.effective_stats`
+        (``alpha``, ``effective_mean``, ``effective_spread``, ``effective_min``, ``effective_lift``); ``None`` when
+        the model holds no block. ``spatial_mean`` near 1.0 means that block's spatial gate is almost fully open
+        everywhere; ``spatial_spread`` is the standard deviation of the map within an image, averaged over images.
     """
+    from ..maps import find_blocks
     from ..viz import collect_maps
+    from .effective import effective_stats
 
     maps = collect_maps(model, data.images, batch_size=batch_size)
     if not maps:
         return None
+
     stats = {
         "spatial_mean": {name: float(m.sa.double().mean()) for name, m in maps.items()},
         "spatial_spread": {name: float(m.sa.double().flatten(1).std(dim=1).mean()) for name, m in maps.items()},
     }
+    size = (data.images.shape[2], data.images.shape[3])
     if data.boxes is not None:
-        size = (data.images.shape[2], data.images.shape[3])
         stats["lift"] = {name: localisation_lift(m.sa, data.boxes, size) for name, m in maps.items()}
+    blocks = find_blocks(model)
+    alphas = {name: None if block.alpha is None else float(block.alpha.detach()) for name, block in blocks.items()}
+    stats.update(effective_stats(maps, alphas, data.boxes, size))
     return stats
 
 
@@ -366,6 +381,9 @@ def train_variant(
             evaluated = test if epoch == config.epochs - 1 else test.subset(config.curve_images)
             result = evaluate(model, evaluated, config.eval_batch_size)
             record.update(test_loss=result["loss"], test_accuracy=result["accuracy"], test_images=len(evaluated))
+        alphas = block_alphas(model)
+        if alphas:
+            record["alpha"] = alphas
             if show:
                 epochs.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{result['accuracy']:.3f}")
         history.append(record)
