@@ -38,6 +38,7 @@ __all__ = [
     "resolve_device",
     "setup_distributed",
     "teardown_distributed",
+    "train_model",
     "train_variant",
     "warmup_cosine",
 ]
@@ -322,12 +323,46 @@ def train_variant(
         same accuracy fields are absent (``nan``) and ``model`` is ``None``.
     """
     ctx = ctx if ctx is not None else DistContext()
+    _check_batch(config, ctx)
+    torch.manual_seed(seed)
+    model = build_model(model_config)
+    return train_model(model, train, test, config, seed, ctx, progress, name=model_config.get("variant", "model"))
+
+
+def _check_batch(config: TrainConfig, ctx: DistContext) -> None:
     if config.batch_size < ctx.world_size:
         raise ValueError(
             f"batch_size ({config.batch_size}) must be at least the number of processes ({ctx.world_size})"
         )
-    torch.manual_seed(seed)
-    model: nn.Module = build_model(model_config).to(ctx.device)
+
+
+def train_model(
+    model: nn.Module,
+    train: ImageSet,
+    test: ImageSet,
+    config: TrainConfig,
+    seed: int,
+    ctx: DistContext | None = None,
+    progress: bool = True,
+    name: str = "model",
+) -> RunResult:
+    """Train ``model`` in place from its current weights (a fresh optimiser and schedule), as :func:`train_variant`.
+
+    Args:
+        model (nn.Module): the network; moved to ``ctx.device``, and on rank 0 back to CPU in eval mode at the end.
+        train, test (ImageSet): the data.
+        config (TrainConfig): the schedule.
+        seed (int): seeds the batch order.
+        ctx (DistContext, optional): from :func:`setup_distributed`. Default: one process on CPU.
+        progress (bool): show tqdm progress bars (rank 0 only). Default: ``True``.
+        name (str): the run's name in the progress bar and the result. Default: ``"model"``.
+
+    Returns:
+        RunResult: as :func:`train_variant`.
+    """
+    ctx = ctx if ctx is not None else DistContext()
+    _check_batch(config, ctx)
+    model = model.to(ctx.device)
     params = sum(p.numel() for p in model.parameters())
     net = model
     if ctx.distributed:
@@ -341,7 +376,6 @@ def train_variant(
     images, labels = train.images.to(ctx.device), train.labels.to(ctx.device)
     generator = torch.Generator().manual_seed(seed)
     show = progress and ctx.is_main
-    name = model_config.get("variant", "model")
     history: list[dict[str, float]] = []
     train_seconds = 0.0
     epochs = _progress(range(config.epochs), show, desc=f"{name} (seed {seed})", unit="epoch", leave=True)
