@@ -47,6 +47,7 @@ def alpha_figure(curves: Mapping[str, Mapping[str, torch.Tensor]]) -> Figure:
         ValueError: if no run recorded ``alpha``.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from .report import stage_title
 
@@ -70,6 +71,7 @@ def alpha_figure(curves: Mapping[str, Mapping[str, torch.Tensor]]) -> Figure:
         ax.axhline(0.0, color="gray", lw=0.6)
         ax.set_title(stage_title(stage, index), fontsize=10)
         ax.set_xlabel("epoch (0 = start)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("alpha (blend weight)")
     axes[-1].legend(fontsize=8)

@@ -15,6 +15,7 @@ Step 4 is the control: the gap between 3 and 4 is what the block adds, not what 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,7 @@ def retrofit_experiment(
     in_channels: int = 1,
     attention: dict[str, Any] | None = None,
     progress: bool = True,
+    widths: Sequence[int] = (16, 32, 64),
 ) -> RetrofitResult:
     """Steps 1 to 4 of the module docstring for one seed.
 
@@ -127,13 +129,14 @@ def retrofit_experiment(
         in_channels (int): image channels. Default: ``1``.
         attention (dict, optional): extra block arguments. Default: ``None``.
         progress (bool): show progress bars (rank 0 only). Default: ``True``.
+        widths (Sequence[int]): channels of each stage. Default: ``(16, 32, 64)``.
 
     Returns:
         RetrofitResult: the three runs and the exactness check.
     """
     ctx = ctx if ctx is not None else DistContext()
     torch.manual_seed(seed)
-    pretrained_net = DemoNet("none", num_classes=num_classes, in_channels=in_channels)
+    pretrained_net = DemoNet("none", num_classes=num_classes, in_channels=in_channels, widths=widths)
     pretrained = train_model(pretrained_net, train, test, pretrain, seed, ctx, progress, name="none")
     plain = copy.deepcopy(pretrained_net)  # trained in place on every rank (the result holds it on rank 0 only)
     torch.manual_seed(seed)
