@@ -58,6 +58,13 @@ def test_the_effective_lift_sentence_names_alpha_and_both_lifts():
     lines = verdict(summary)
     expected = "`dsa-zero-start`: effective lift stage 1 1.100 (alpha 0.125, lift on sa 1.40)"
     assert any(line.startswith(expected) for line in lines)
+    assert not any("alpha is negative" in line for line in lines)
+
+
+def test_a_negative_alpha_is_called_out():
+    summary = _summary({"none": [0.9], "dsa-zero-start": [0.9]}, alphas={"dsa-zero-start": -0.3})
+    lines = verdict(summary)
+    assert any(line.startswith("`dsa-zero-start`: alpha is negative at stage 1, stage 2.") for line in lines)
 
 
 def test_stage_table_rows():

@@ -209,6 +209,13 @@ def effective_verdict(summary: Mapping[str, Any]) -> list[str]:
         best = max(effective.values(), key=lambda item: item["mean"])["mean"]
         status = "above" if best > 1.5 else "not above"
         lines.append(f"`{variant}`: effective lift {'; '.join(parts)}; {status} the 1.5 aim.")
+        negative = [stage_title(s, names.index(s)) for s in names if s in alphas and alphas[s]["mean"] < 0]
+        if negative:
+            lines.append(
+                f"`{variant}`: alpha is negative at {', '.join(negative)}. There `F = 1 + |alpha| (1 - mean_c(ca) "
+                "sa)`: the block keeps features most where `sa` is *low*, so its spatial map works inverted and "
+                "the lift on `sa` alone reads the wrong way round."
+            )
     return lines
 
 
