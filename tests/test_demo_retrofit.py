@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,8 @@ from cbam_dsa.demo.retrofit import insert_blocks, retrofit_experiment, same_outp
 from cbam_dsa.demo.train import TrainConfig
 from cbam_dsa.maps import find_blocks
 from test_demo_train import PNG_MAGIC, TINY, _toy_data
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,3 +153,22 @@ def test_quick_retrofit_writes_its_report(tmp_path):
 def test_retrofit_options_are_checked(tmp_path, capsys, argv, message):
     assert main(["demo", *TINY, *argv, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_retrofit_on_cpu(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "report"
+    command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "cbam_dsa.cli", "demo", "--retrofit", *TINY]
+    command += ["--no-figures", "--device", "cpu", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    try:
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"torchrun --retrofit with two processes did not finish within 150 s: {error.stderr!r}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("cbam-dsa demo: wrote") == 1  # only rank 0 writes
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["processes"] == 2
+    assert metrics["retrofit"]["exact"] == [True]
+    assert len(metrics["histories"]["dsa-zero-start"][0]) == 1
