@@ -24,6 +24,9 @@ __all__ = [
     "effective_verdict",
     "gallery_order",
     "learned_alpha_curves",
+    "noise_margin",
+    "paired_differences",
+    "spread",
     "stage_table",
     "stage_title",
     "summarize",
@@ -37,7 +40,8 @@ CHECKPOINT_FORMAT = "cbam_dsa.demo/1"
 STAGE_STATS = ("spatial_mean", "alpha", "effective_mean", "effective_min", "effective_lift")
 
 
-def _spread(values: Sequence[float]) -> dict[str, Any]:
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value), min, max and the values themselves."""
     values = [float(v) for v in values]
     return {
         "mean": statistics.fmean(values),
@@ -73,39 +77,39 @@ def summarize(results: Mapping[str, Sequence[RunResult]], test_size: int) -> dic
     for variant, runs in results.items():
         accuracies = [r.test_accuracy for r in runs]
         entry: dict[str, Any] = {
-            "accuracy": _spread(accuracies),
+            "accuracy": spread(accuracies),
             "accuracy_standard_error": math.sqrt(
                 max(statistics.fmean(accuracies) * (1 - statistics.fmean(accuracies)), 0.0) / max(1, test_size)
             ),
             "params": runs[0].params,
-            "train_seconds": _spread([r.train_seconds for r in runs]),
+            "train_seconds": spread([r.train_seconds for r in runs]),
             "lift": None,
             "seeds": [r.seed for r in runs],
             "attention": _attention_settings(variant, runs),
         }
         if runs[0].lift:
-            entry["lift"] = {stage: _spread([r.lift[stage] for r in runs]) for stage in runs[0].lift}
+            entry["lift"] = {stage: spread([r.lift[stage] for r in runs]) for stage in runs[0].lift}
         if runs[0].map_stats:
             for key in STAGE_STATS:
                 per_stage = runs[0].map_stats.get(key) or {}
                 values = {stage: [(r.map_stats.get(key) or {}).get(stage) for r in runs] for stage in per_stage}
                 values = {stage: v for stage, v in values.items() if all(x is not None for x in v)}
                 if values:
-                    entry[key] = {stage: _spread(v) for stage, v in values.items()}
+                    entry[key] = {stage: spread(v) for stage, v in values.items()}
         summary[variant] = entry
     return summary
 
 
-def _noise(summary: Mapping[str, Any], a: str, b: str) -> float:
+def noise_margin(summary: Mapping[str, Any], a: str, b: str) -> float:
     """The accuracy difference two variants need to count as different: the larger of the seed spreads and the
     test-set standard errors, combined."""
     ea, eb = summary[a], summary[b]
-    spread = math.hypot(ea["accuracy"]["std"], eb["accuracy"]["std"])
+    seed_spread = math.hypot(ea["accuracy"]["std"], eb["accuracy"]["std"])
     standard_error = math.hypot(ea["accuracy_standard_error"], eb["accuracy_standard_error"])
-    return max(spread, standard_error)
+    return max(seed_spread, standard_error)
 
 
-def _paired(summary: Mapping[str, Any], a: str, b: str) -> str:
+def paired_differences(summary: Mapping[str, Any], a: str, b: str) -> str:
     """``"; per seed +0.3, -1.2, +0.8 (ahead on 2 of 3)"``: the differences of runs that share a seed (the same
     backbone initialisation and batch order), or ``""`` with one seed."""
     seeds_a, seeds_b = summary[a]["seeds"], summary[b]["seeds"]
@@ -130,7 +134,7 @@ def verdict(summary: Mapping[str, Any]) -> list[str]:
             if baseline not in summary:
                 continue
             diff = acc - summary[baseline]["accuracy"]["mean"]
-            margin = _noise(summary, variant, baseline)
+            margin = noise_margin(summary, variant, baseline)
             if diff > margin:
                 word = "beats"
             elif diff >= -margin:
@@ -139,18 +143,18 @@ def verdict(summary: Mapping[str, Any]) -> list[str]:
                 word = "is worse than"
             lines.append(
                 f"`{variant}` {word} {label}: {100 * diff:+.1f} points (noise margin {100 * margin:.1f} points)"
-                + _paired(summary, variant, baseline)
+                + paired_differences(summary, variant, baseline)
                 + "."
             )
     if "cbam" in summary and "none" in summary:
         diff = summary["cbam"]["accuracy"]["mean"] - summary["none"]["accuracy"]["mean"]
-        margin = _noise(summary, "cbam", "none")
+        margin = noise_margin(summary, "cbam", "none")
         relation = "above" if diff > margin else ("below" if diff < -margin else "within noise of")
         lines.append(f"Classic CBAM is {relation} no attention: {100 * diff:+.1f} points (margin {100 * margin:.1f}).")
     attention = [v for v in summary if v != "none"]
     if "none" in summary and attention:
         helps = any(
-            summary[v]["accuracy"]["mean"] - summary["none"]["accuracy"]["mean"] > _noise(summary, v, "none")
+            summary[v]["accuracy"]["mean"] - summary["none"]["accuracy"]["mean"] > noise_margin(summary, v, "none")
             for v in attention
         )
         if not helps:

@@ -12,13 +12,13 @@ from .alpha_figure import alpha_figure
 from .data import ImageSet
 from .report import (
     CHECKPOINT_FORMAT,
-    _noise,
-    _paired,
-    _spread,
     attention_definitions,
     effective_verdict,
     gallery_order,
     learned_alpha_curves,
+    noise_margin,
+    paired_differences,
+    spread,
     stage_table,
     summarize,
 )
@@ -43,8 +43,8 @@ def retrofit_summary(results: Sequence[RetrofitResult], test_size: int) -> dict[
     )
     return {
         "finetuned": finetuned,
-        "pretrained_accuracy": _spread([r.pretrained.test_accuracy for r in results]),
-        "pretrained_train_seconds": _spread([r.pretrained.train_seconds for r in results]),
+        "pretrained_accuracy": spread([r.pretrained.test_accuracy for r in results]),
+        "pretrained_train_seconds": spread([r.pretrained.train_seconds for r in results]),
         "exact": [r.exact for r in results],
         "seeds": [r.seed for r in results],
     }
@@ -67,7 +67,7 @@ def retrofit_verdict(summary: Mapping[str, Any]) -> list[str]:
             "the retrofit does not start from the trained network (a bug)."
         )
     retro, plain = finetuned[RETROFIT_VARIANT]["accuracy"]["mean"], finetuned["none"]["accuracy"]["mean"]
-    diff, margin = retro - plain, _noise(finetuned, RETROFIT_VARIANT, "none")
+    diff, margin = retro - plain, noise_margin(finetuned, RETROFIT_VARIANT, "none")
     if diff > margin:
         word = "beats"
     elif diff >= -margin:
@@ -76,7 +76,7 @@ def retrofit_verdict(summary: Mapping[str, Any]) -> list[str]:
         word = "is worse than"
     lines.append(
         f"Retrofitted and fine-tuned {word} the plain network fine-tuned alike: {100 * diff:+.1f} points (noise "
-        f"margin {100 * margin:.1f} points){_paired(finetuned, RETROFIT_VARIANT, 'none')}."
+        f"margin {100 * margin:.1f} points){paired_differences(finetuned, RETROFIT_VARIANT, 'none')}."
     )
     pretrained = summary["pretrained_accuracy"]["mean"]
     lines.append(
