@@ -121,6 +121,8 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     options["finetune_lr"] = finetune_lr
     if args.retrofit and list(args.variants) != list(VARIANT_CHOICES):
         raise UserError("--variants does not apply with --retrofit (it compares `none` with `dsa-zero-start`)")
+    if args.retrofit and args.alpha_init is not None:
+        raise UserError("--alpha-init does not apply with --retrofit: the block is inserted at alpha 0")
     if not args.retrofit and (args.finetune_epochs is not None or args.finetune_lr is not None):
         raise UserError("--finetune-epochs and --finetune-lr apply only with --retrofit")
     if args.threads is not None and args.threads < 1:
@@ -284,8 +286,6 @@ def run(args: argparse.Namespace) -> int:
             "quick": bool(args.quick),
         }
         if args.retrofit:
-            if "alpha_init" in overrides:
-                raise UserError("--alpha-init does not apply with --retrofit: the block is inserted at alpha 0")
             try:
                 DemoNet("dsa-zero-start", num_classes, in_channels, attention=overrides)
             except (TypeError, ValueError) as error:
