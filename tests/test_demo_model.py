@@ -21,12 +21,25 @@ def test_forward_shape(variant, in_channels, num_classes):
     assert model(torch.randn(3, in_channels, 32, 32)).shape == (3, num_classes)
 
 
+def _without_gradient(model: nn.Module) -> list[str]:
+    model(torch.randn(4, 1, 32, 32)).logsumexp(1).sum().backward()
+    return [name for name, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_parameter_gets_a_gradient(variant):
     model = DemoNet(variant, widths=(8, 16, 16))
-    model(torch.randn(4, 1, 32, 32)).logsumexp(1).sum().backward()
-    missing = [name for name, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
-    assert missing == []
+    if variant == "dsa-zero-start":  # alpha = 0: the attention's weights get a gradient once alpha has moved
+        for block in find_blocks(model).values():
+            block.alpha.data.fill_(0.1)
+    assert _without_gradient(model) == []
+
+
+def test_zero_start_gives_a_gradient_to_alpha_only_at_first():
+    model = DemoNet("dsa-zero-start", widths=(8, 16, 16))
+    missing = _without_gradient(model)
+    attention = [name for name, _ in model.named_parameters() if ".attention." in name]
+    assert sorted(missing) == sorted(name for name in attention if not name.endswith(".alpha"))
 
 
 def test_one_block_per_stage_with_maps_at_every_resolution():
@@ -46,12 +59,34 @@ def test_cbam_variant_is_the_block_in_its_cbam_configuration():
         assert block.alpha is None and not block.residual
 
 
-def test_dsa_variants_use_the_block_defaults():
-    for variant, learnable in (("dsa", False), ("dsa-learnable-alpha", True)):
-        for block in find_blocks(DemoNet(variant, widths=(16,))).values():
-            expected = CBAMResidualDynamicSA(16, learnable_alpha=learnable).get_config()
-            assert block.get_config() == expected
-            assert isinstance(block.alpha, nn.Parameter) == learnable
+@pytest.mark.parametrize(
+    ("variant", "changed"),
+    [
+        ("dsa", {}),
+        ("dsa-learnable-alpha", {"learnable_alpha": True}),
+        ("dsa-zero-start", {"learnable_alpha": True, "alpha_init": 0.0}),
+    ],
+)
+def test_dsa_variants_use_the_block_defaults(variant, changed):
+    for block in find_blocks(DemoNet(variant, widths=(16,))).values():
+        assert block.get_config() == CBAMResidualDynamicSA(16, **changed).get_config()
+        assert isinstance(block.alpha, nn.Parameter) == changed.get("learnable_alpha", False)
+        assert float(block.alpha.detach()) == changed.get("alpha_init", 1.0)
+
+
+def test_zero_start_computes_what_the_plain_network_computes():
+    torch.manual_seed(3)
+    plain = DemoNet("none", widths=(8, 16)).eval()
+    torch.manual_seed(3)
+    zero = DemoNet("dsa-zero-start", widths=(8, 16)).eval()
+    x = torch.randn(3, 1, 32, 32)
+    assert torch.equal(zero(x), plain(x))
+
+
+def test_zero_start_keeps_its_alpha_init_against_overrides():
+    overrides = {"alpha_init": 0.5, "learnable_alpha": False, "sa_temperature": 2.0}
+    block = next(iter(find_blocks(DemoNet("dsa-zero-start", widths=(8,), attention=overrides)).values()))
+    assert float(block.alpha.detach()) == 0.0 and block.learnable_alpha and float(block.sa.temperature) == 2.0
 
 
 def test_overrides_reach_the_dsa_variants_only():

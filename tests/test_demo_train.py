@@ -15,7 +15,7 @@ import torch
 from cbam_dsa.checkpoint import load_checkpoint
 from cbam_dsa.cli import main
 from cbam_dsa.demo.data import ImageSet
-from cbam_dsa.demo.model import build_model
+from cbam_dsa.demo.model import VARIANTS, build_model
 from cbam_dsa.demo.train import (
     TrainConfig,
     box_coverage,
@@ -156,7 +156,8 @@ def test_quick_demo_writes_the_whole_report(tmp_path):
     assert main(["demo", *TINY, "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
-    variants = ["none", "cbam", "dsa", "dsa-learnable-alpha"]
+    variants = list(VARIANTS)
+    assert "dsa-zero-start" in variants
     assert list(metrics["variants"]) == variants
     for variant in variants:
         entry = metrics["variants"][variant]
@@ -174,9 +175,20 @@ def test_quick_demo_writes_the_whole_report(tmp_path):
     spatial = metrics["variants"]["dsa"]["spatial_mean"]
     assert all(0.0 < spatial[f"stages.{i}.attention"]["mean"] < 1.0 for i in range(3))
     assert "`dsa`: mean spatial map" in report and "This was a `--quick` run" in report
-    figures = ["learning_curves.png"] + [
+    zero = metrics["variants"]["dsa-zero-start"]
+    assert zero["attention"] == {"alpha_init": 0.0, "learnable_alpha": True}
+    stages = {f"stages.{i}.attention" for i in range(3)}
+    for variant in ("cbam", "dsa", "dsa-learnable-alpha", "dsa-zero-start"):
+        assert set(metrics["variants"][variant]["effective_lift"]) == stages, variant
+    assert "alpha" not in metrics["variants"]["cbam"]  # no blend
+    assert all(entry["mean"] == 1.0 for entry in metrics["variants"]["dsa"]["alpha"].values())
+    for stage in stages:  # alpha moved from 0 after one epoch, and the history records it
+        learned = [epoch["alpha"][stage] for epoch in metrics["histories"]["dsa-zero-start"][0]]
+        assert zero["alpha"][stage]["mean"] == learned[-1] != 0.0
+    assert "| `dsa-zero-start` | stage 1 |" in report and "**Effective lift**" in report
+    figures = ["learning_curves.png", "alpha_per_stage.png"] + [
         f"{v}_{kind}.png"
-        for v in ("dsa", "dsa-learnable-alpha")
+        for v in ("dsa", "dsa-learnable-alpha", "dsa-zero-start")
         for kind in ("gallery", "router", "fusion", "channels")
     ]
     figures += ["cbam_gallery.png", "cbam_channels.png"]
@@ -185,7 +197,7 @@ def test_quick_demo_writes_the_whole_report(tmp_path):
         assert f"]({name})" in report
     assert not (out / "cbam_router.png").exists()  # one branch: nothing to route
     assert "Command: `cbam-dsa demo --quick --out" in report
-    assert "What was measured" in report and "Localisation lift" in report
+    assert "What was measured" in report and "**Lift on sa**" in report
 
 
 @pytest.mark.slow

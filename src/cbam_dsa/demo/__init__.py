@@ -3,9 +3,15 @@
 Run it with ``cbam-dsa demo`` (see ``cbam-dsa demo --help``). The pieces are importable on their own:
 
 * :mod:`cbam_dsa.demo.data`: :func:`make_cluttered_digits`, :class:`ClutteredDigitsConfig`, :func:`load_image_folder`
-* :mod:`cbam_dsa.demo.model`: :class:`DemoNet` and the variants ``none``, ``cbam``, ``dsa``, ``dsa-learnable-alpha``
-* :mod:`cbam_dsa.demo.train`: :class:`TrainConfig`, :func:`train_variant`, :func:`localisation_lift`
-* :mod:`cbam_dsa.demo.report`: :func:`write_report`
+* :mod:`cbam_dsa.demo.model`: :class:`DemoNet` and the variants ``none``, ``cbam``, ``dsa``, ``dsa-learnable-alpha``,
+  ``dsa-zero-start``
+* :mod:`cbam_dsa.demo.train`: :class:`TrainConfig`, :func:`train_variant`, :func:`train_model`,
+  :func:`localisation_lift`
+* :mod:`cbam_dsa.demo.effective`: :func:`effective_spatial_factor`, :func:`effective_lift` (what the attention
+  really multiplies the features by, with the blend weight alpha)
+* :mod:`cbam_dsa.demo.retrofit`: :func:`insert_blocks`, :func:`retrofit_experiment` (``cbam-dsa demo --retrofit``)
+* :mod:`cbam_dsa.demo.report`, :mod:`cbam_dsa.demo.retrofit_report`: :func:`write_report`,
+  :func:`write_retrofit_report`
 
 Names are imported on first use, so ``import cbam_dsa.demo`` (and ``cbam-dsa --help``) stays light.
 """
@@ -25,8 +31,14 @@ _EXPORTS = {
     "build_model": "model",
     "TrainConfig": "train",
     "localisation_lift": "train",
+    "train_model": "train",
     "train_variant": "train",
+    "effective_lift": "effective",
+    "effective_spatial_factor": "effective",
+    "insert_blocks": "retrofit",
+    "retrofit_experiment": "retrofit",
     "write_report": "report",
+    "write_retrofit_report": "retrofit_report",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,7 +16,8 @@ from typing import Any
 
 HELP = "train no attention, classic CBAM and the block on Cluttered Digits and write a report with figures"
 
-VARIANT_CHOICES = ("none", "cbam", "dsa", "dsa-learnable-alpha")  # same as demo.model.VARIANTS, kept light
+# The same as demo.model.VARIANTS, kept here so that `cbam-dsa demo --help` does not import torch.
+VARIANT_CHOICES = ("none", "cbam", "dsa", "dsa-learnable-alpha", "dsa-zero-start")
 
 # Defaults of a full run, and of --quick (which any explicit option overrides).
 DEFAULTS: dict[str, Any] = {
@@ -25,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "train_per_scan": 2,
     "test_per_scan": 3,
     "max_scans": None,
+    "finetune_epochs": 3,
 }
 QUICK: dict[str, Any] = {
     "epochs": 3,
@@ -32,6 +34,7 @@ QUICK: dict[str, Any] = {
     "train_per_scan": 2,
     "test_per_scan": 1,
     "max_scans": 200,
+    "finetune_epochs": 1,
 }
 
 
@@ -63,9 +66,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--max-scans", type=int, help="use only N scans of each split (default: all, quick: 200)")
     data.add_argument("--data-seed", type=int, default=0, help="seed of the split and the canvases (default: 0)")
     block = parser.add_argument_group("the block (dsa variants only)")
-    block.add_argument("--alpha-init", type=float, help="initial residual blend weight (block default: 1.0)")
+    block.add_argument(
+        "--alpha-init",
+        type=float,
+        help="initial residual blend weight of dsa and dsa-learnable-alpha (block default: 1.0; dsa-zero-start "
+        "always starts at 0)",
+    )
     block.add_argument("--sa-temperature", type=float, help="spatial gate temperature (block default: 1.0)")
     block.add_argument("--learnable-temperature", action="store_true", help="learn both gate temperatures")
+    retrofit = parser.add_argument_group("retrofit: add the block to a trained network")
+    retrofit.add_argument(
+        "--retrofit",
+        action="store_true",
+        help="train the plain network, insert the block with alpha 0 into every stage (outputs unchanged), "
+        "fine-tune it, and compare with fine-tuning the plain network alike",
+    )
+    retrofit.add_argument(
+        "--finetune-epochs",
+        type=int,
+        help=f"fine-tuning epochs of --retrofit (default: {DEFAULTS['finetune_epochs']}, "
+        f"quick: {QUICK['finetune_epochs']})",
+    )
+    retrofit.add_argument("--finetune-lr", type=float, help="peak learning rate of the fine-tuning (default: --lr)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
     runtime.add_argument("--threads", type=int, help="CPU threads per process (default: idle cores / processes)")
@@ -80,7 +102,8 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     options = {
         key: getattr(args, key) if getattr(args, key, None) is not None else value for key, value in base.items()
     }
-    for name in ("seeds", "epochs", "train_per_scan", "test_per_scan", "batch_size", "canvas", "digit_scale"):
+    names = ("seeds", "epochs", "train_per_scan", "test_per_scan", "batch_size", "canvas", "digit_scale")
+    for name in (*names, "finetune_epochs"):
         value = options.get(name, getattr(args, name, None))
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be an integer >= 1, but got {value}")
@@ -92,6 +115,16 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--data-seed must be an integer >= 0, but got {args.data_seed}")
     if not args.lr > 0 or args.lr != args.lr or args.lr == float("inf"):
         raise UserError(f"--lr must be a finite number > 0, but got {args.lr}")
+    finetune_lr = args.lr if args.finetune_lr is None else args.finetune_lr
+    if not finetune_lr > 0 or finetune_lr != finetune_lr or finetune_lr == float("inf"):
+        raise UserError(f"--finetune-lr must be a finite number > 0, but got {finetune_lr}")
+    options["finetune_lr"] = finetune_lr
+    if args.retrofit and list(args.variants) != list(VARIANT_CHOICES):
+        raise UserError("--variants does not apply with --retrofit (it compares `none` with `dsa-zero-start`)")
+    if args.retrofit and args.alpha_init is not None:
+        raise UserError("--alpha-init does not apply with --retrofit: the block is inserted at alpha 0")
+    if not args.retrofit and (args.finetune_epochs is not None or args.finetune_lr is not None):
+        raise UserError("--finetune-epochs and --finetune-lr apply only with --retrofit")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be an integer >= 1, but got {args.threads}")
     out = Path(args.out)
@@ -212,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
 
     from .model import DemoNet
     from .report import write_report
+    from .retrofit import retrofit_experiment
+    from .retrofit_report import write_retrofit_report
     from .train import TrainConfig, setup_distributed, teardown_distributed, train_variant
 
     try:
@@ -228,38 +263,62 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--batch-size {args.batch_size} is smaller than the number of processes {ctx.world_size}")
         in_channels, num_classes = int(train.images.shape[1]), len(train.classes)
         if ctx.is_main:
+            what = (
+                f"retrofit (none, then dsa-zero-start inserted; {options['finetune_epochs']} fine-tuning epochs)"
+                if args.retrofit
+                else f"variants {', '.join(options['variants'])}"
+            )
             print(
-                f"cbam-dsa demo: {len(train)} training / {len(test)} test images, variants "
-                f"{', '.join(options['variants'])}, {options['seeds']} seed(s), {options['epochs']} epochs, "
+                f"cbam-dsa demo: {len(train)} training / {len(test)} test images, {what}, "
+                f"{options['seeds']} seed(s), {options['epochs']} epochs, "
                 f"{ctx.device} x {ctx.world_size} process(es), {threads} thread(s) each",
                 file=sys.stderr,
             )
-        results: dict[str, list[Any]] = {}
-        for variant in options["variants"]:
+        settings: dict[str, Any] = {
+            "command": command_line(args),
+            "seeds": options["seeds"],
+            "train": train_config.to_dict(),
+            "attention": overrides,
+            "device": str(ctx.device),
+            "processes": ctx.world_size,
+            "threads": threads,
+            "torch": torch.__version__,
+            "quick": bool(args.quick),
+        }
+        if args.retrofit:
             try:
-                model_config = DemoNet(variant, num_classes, in_channels, attention=overrides).get_config()
+                DemoNet("dsa-zero-start", num_classes, in_channels, attention=overrides)
             except (TypeError, ValueError) as error:
                 raise UserError(f"the block refuses these options: {error}") from error
-            results[variant] = [
-                train_variant(model_config, train, test, train_config, seed, ctx, progress=not args.no_progress)
+            finetune = TrainConfig(
+                epochs=options["finetune_epochs"], batch_size=args.batch_size, lr=options["finetune_lr"]
+            )
+            settings["finetune"] = finetune.to_dict()
+            outcome: Any = [
+                retrofit_experiment(
+                    train, test, train_config, finetune, seed, ctx, num_classes, in_channels, overrides,
+                    progress=not args.no_progress,
+                )
                 for seed in range(options["seeds"])
-            ]
+            ]  # fmt: skip
+            writer: Any = write_retrofit_report
+        else:
+            outcome = {}
+            for variant in options["variants"]:
+                try:
+                    model_config = DemoNet(variant, num_classes, in_channels, attention=overrides).get_config()
+                except (TypeError, ValueError) as error:
+                    raise UserError(f"the block refuses these options: {error}") from error
+                outcome[variant] = [
+                    train_variant(model_config, train, test, train_config, seed, ctx, progress=not args.no_progress)
+                    for seed in range(options["seeds"])
+                ]
+            settings["variants"] = options["variants"]
+            writer = write_report
         if ctx.is_main:
-            settings = {
-                "command": command_line(args),
-                "seeds": options["seeds"],
-                "variants": options["variants"],
-                "train": train_config.to_dict(),
-                "attention": overrides,
-                "device": str(ctx.device),
-                "processes": ctx.world_size,
-                "threads": threads,
-                "torch": torch.__version__,
-                "quick": bool(args.quick),
-            }
             settings["wall_seconds"] = time.perf_counter() - started
             try:
-                written = write_report(args.out, results, test, settings, data_info, figures=not args.no_figures)
+                written = writer(args.out, outcome, test, settings, data_info, figures=not args.no_figures)
             except OSError as error:
                 raise UserError(f"could not write the report to {args.out!r}: {error}") from error
             wall = time.perf_counter() - started

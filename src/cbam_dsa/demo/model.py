@@ -10,6 +10,9 @@ on the residual branch, before the addition of the shortcut. Variants:
   biases where timm uses a bias-free MLP and a BatchNorm after the 7x7 convolution.
 * ``dsa``: :class:`~cbam_dsa.CBAMResidualDynamicSA` with its defaults.
 * ``dsa-learnable-alpha``: the same with ``learnable_alpha=True``.
+* ``dsa-zero-start``: the same with ``alpha_init=0.0, learnable_alpha=True``: the block starts as the identity
+  (``out = x``) and learns how much attention to blend in, as ReZero (Bachlechner et al., 2020,
+  https://arxiv.org/abs/2003.04887) does for residual branches.
 
 Every variant has the same backbone, so the comparison isolates the attention layer.
 """
@@ -27,7 +30,7 @@ from ..block import CBAMResidualDynamicSA
 
 __all__ = ["VARIANTS", "DemoNet", "ResidualStage", "attention_kwargs", "build_model", "make_attention"]
 
-VARIANTS = ("none", "cbam", "dsa", "dsa-learnable-alpha")
+VARIANTS = ("none", "cbam", "dsa", "dsa-learnable-alpha", "dsa-zero-start")
 
 _CBAM_CONFIGURATION: dict[str, Any] = {
     "ca_fusion": "sum",
@@ -47,7 +50,8 @@ def attention_kwargs(variant: str, overrides: dict[str, Any] | None = None) -> d
     Args:
         variant (str): one of :data:`VARIANTS`.
         overrides (dict, optional): keyword arguments applied on top, to the ``dsa`` variants only (the ``cbam``
-            configuration is fixed, so it stays classic CBAM).
+            configuration is fixed, so it stays classic CBAM; ``dsa-zero-start`` always starts at ``alpha = 0``
+            and learns it, so an ``alpha_init`` or ``learnable_alpha`` override does not reach it).
     """
     check_choice("variant", variant, VARIANTS)
     if variant == "none":
@@ -57,6 +61,8 @@ def attention_kwargs(variant: str, overrides: dict[str, Any] | None = None) -> d
     kwargs = dict(overrides or {})
     if variant == "dsa-learnable-alpha":
         kwargs["learnable_alpha"] = True
+    if variant == "dsa-zero-start":
+        kwargs.update(alpha_init=0.0, learnable_alpha=True)
     return kwargs
 
 

@@ -12,16 +12,36 @@ from typing import Any
 import torch
 
 from ..checkpoint import save_checkpoint
+from .alpha_figure import alpha_curves, alpha_figure
 from .data import ImageSet
 from .model import attention_kwargs
 from .train import RunResult
 
-__all__ = ["CHECKPOINT_FORMAT", "gallery_order", "stage_title", "summarize", "verdict", "write_report"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "STAGE_STATS",
+    "attention_definitions",
+    "effective_verdict",
+    "gallery_order",
+    "learned_alpha_curves",
+    "noise_margin",
+    "paired_differences",
+    "spread",
+    "stage_table",
+    "stage_title",
+    "summarize",
+    "verdict",
+    "write_report",
+]
 
 CHECKPOINT_FORMAT = "cbam_dsa.demo/1"
 
+# Per-stage numbers of :func:`~cbam_dsa.demo.train.attention_stats` summarised over seeds.
+STAGE_STATS = ("spatial_mean", "alpha", "effective_mean", "effective_min", "effective_lift")
 
-def _spread(values: Sequence[float]) -> dict[str, Any]:
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value), min, max and the values themselves."""
     values = [float(v) for v in values]
     return {
         "mean": statistics.fmean(values),
@@ -57,34 +77,50 @@ def summarize(results: Mapping[str, Sequence[RunResult]], test_size: int) -> dic
     for variant, runs in results.items():
         accuracies = [r.test_accuracy for r in runs]
         entry: dict[str, Any] = {
-            "accuracy": _spread(accuracies),
+            "accuracy": spread(accuracies),
             "accuracy_standard_error": math.sqrt(
                 max(statistics.fmean(accuracies) * (1 - statistics.fmean(accuracies)), 0.0) / max(1, test_size)
             ),
             "params": runs[0].params,
-            "train_seconds": _spread([r.train_seconds for r in runs]),
+            "train_seconds": spread([r.train_seconds for r in runs]),
             "lift": None,
             "seeds": [r.seed for r in runs],
             "attention": _attention_settings(variant, runs),
         }
         if runs[0].lift:
-            entry["lift"] = {stage: _spread([r.lift[stage] for r in runs]) for stage in runs[0].lift}
+            entry["lift"] = {stage: spread([r.lift[stage] for r in runs]) for stage in runs[0].lift}
         if runs[0].map_stats:
-            entry["spatial_mean"] = {
-                stage: _spread([r.map_stats["spatial_mean"][stage] for r in runs])
-                for stage in runs[0].map_stats["spatial_mean"]
-            }
+            for key in STAGE_STATS:
+                per_stage = runs[0].map_stats.get(key) or {}
+                values = {stage: [(r.map_stats.get(key) or {}).get(stage) for r in runs] for stage in per_stage}
+                values = {stage: v for stage, v in values.items() if all(x is not None for x in v)}
+                if values:
+                    entry[key] = {stage: spread(v) for stage, v in values.items()}
         summary[variant] = entry
     return summary
 
 
-def _noise(summary: Mapping[str, Any], a: str, b: str) -> float:
+def noise_margin(summary: Mapping[str, Any], a: str, b: str) -> float:
     """The accuracy difference two variants need to count as different: the larger of the seed spreads and the
     test-set standard errors, combined."""
     ea, eb = summary[a], summary[b]
-    spread = math.hypot(ea["accuracy"]["std"], eb["accuracy"]["std"])
+    seed_spread = math.hypot(ea["accuracy"]["std"], eb["accuracy"]["std"])
     standard_error = math.hypot(ea["accuracy_standard_error"], eb["accuracy_standard_error"])
-    return max(spread, standard_error)
+    return max(seed_spread, standard_error)
+
+
+def paired_differences(summary: Mapping[str, Any], a: str, b: str) -> str:
+    """``"; per seed +0.3, -1.2, +0.8 (ahead on 2 of 3)"``: the differences of runs that share a seed (the same
+    backbone initialisation and batch order), or ``""`` with one seed."""
+    seeds_a, seeds_b = summary[a]["seeds"], summary[b]["seeds"]
+    shared = [seed for seed in seeds_a if seed in seeds_b]
+    if len(shared) < 2:
+        return ""
+    accuracy_a = dict(zip(seeds_a, summary[a]["accuracy"]["per_seed"], strict=True))
+    accuracy_b = dict(zip(seeds_b, summary[b]["accuracy"]["per_seed"], strict=True))
+    diffs = [100 * (accuracy_a[seed] - accuracy_b[seed]) for seed in shared]
+    ahead = sum(d > 0 for d in diffs)
+    return f"; per seed {', '.join(f'{d:+.1f}' for d in diffs)} (ahead on {ahead} of {len(diffs)})"
 
 
 def verdict(summary: Mapping[str, Any]) -> list[str]:
@@ -98,7 +134,7 @@ def verdict(summary: Mapping[str, Any]) -> list[str]:
             if baseline not in summary:
                 continue
             diff = acc - summary[baseline]["accuracy"]["mean"]
-            margin = _noise(summary, variant, baseline)
+            margin = noise_margin(summary, variant, baseline)
             if diff > margin:
                 word = "beats"
             elif diff >= -margin:
@@ -106,17 +142,19 @@ def verdict(summary: Mapping[str, Any]) -> list[str]:
             else:
                 word = "is worse than"
             lines.append(
-                f"`{variant}` {word} {label}: {100 * diff:+.1f} points (noise margin {100 * margin:.1f} points)."
+                f"`{variant}` {word} {label}: {100 * diff:+.1f} points (noise margin {100 * margin:.1f} points)"
+                + paired_differences(summary, variant, baseline)
+                + "."
             )
     if "cbam" in summary and "none" in summary:
         diff = summary["cbam"]["accuracy"]["mean"] - summary["none"]["accuracy"]["mean"]
-        margin = _noise(summary, "cbam", "none")
+        margin = noise_margin(summary, "cbam", "none")
         relation = "above" if diff > margin else ("below" if diff < -margin else "within noise of")
         lines.append(f"Classic CBAM is {relation} no attention: {100 * diff:+.1f} points (margin {100 * margin:.1f}).")
     attention = [v for v in summary if v != "none"]
     if "none" in summary and attention:
         helps = any(
-            summary[v]["accuracy"]["mean"] - summary["none"]["accuracy"]["mean"] > _noise(summary, v, "none")
+            summary[v]["accuracy"]["mean"] - summary["none"]["accuracy"]["mean"] > noise_margin(summary, v, "none")
             for v in attention
         )
         if not helps:
@@ -152,6 +190,36 @@ def verdict(summary: Mapping[str, Any]) -> list[str]:
             f"`{variant}`: highest localisation lift {best['mean']:.2f} at "
             f"{stage_title(best_stage, names.index(best_stage))} ({status} the 1.5 aim; 1.0 = chance)."
         )
+    lines += effective_verdict(summary)
+    return lines
+
+
+def effective_verdict(summary: Mapping[str, Any]) -> list[str]:
+    """Sentences on what the attention does to the features: the learned alpha and the effective lift per stage."""
+    lines = []
+    for variant, entry in summary.items():
+        effective = entry.get("effective_lift")
+        if not effective:
+            continue
+        alphas = entry.get("alpha") or {}
+        names = list(effective)
+        parts = []
+        for index, stage in enumerate(names):
+            alpha = f"alpha {alphas[stage]['mean']:.3f}, " if stage in alphas else ""
+            parts.append(
+                f"{stage_title(stage, index)} {effective[stage]['mean']:.3f} ({alpha}lift on sa "
+                f"{entry['lift'][stage]['mean']:.2f})"
+            )
+        best = max(effective.values(), key=lambda item: item["mean"])["mean"]
+        status = "above" if best > 1.5 else "not above"
+        lines.append(f"`{variant}`: effective lift {'; '.join(parts)}; {status} the 1.5 aim.")
+        negative = [stage_title(s, names.index(s)) for s in names if s in alphas and alphas[s]["mean"] < 0]
+        if negative:
+            lines.append(
+                f"`{variant}`: alpha is negative at {', '.join(negative)}. There `F = 1 + |alpha| (1 - mean_c(ca) "
+                "sa)`: the block keeps features most where `sa` is *low*, so its spatial map works inverted and "
+                "the lift on `sa` alone reads the wrong way round."
+            )
     return lines
 
 
@@ -170,17 +238,17 @@ def gallery_order(data: ImageSet, count: int) -> torch.Tensor:
     return torch.tensor(firsts + rest, dtype=torch.int64)
 
 
-def _table(summary: Mapping[str, Any]) -> list[str]:
+def _stages(summary: Mapping[str, Any]) -> list[str]:
     stages: list[str] = []
     for entry in summary.values():
-        for stage in entry["lift"] or {}:
-            if stage not in stages:
-                stages.append(stage)
+        stages += [stage for stage in entry["lift"] or {} if stage not in stages]
+    return stages
+
+
+def _table(summary: Mapping[str, Any]) -> list[str]:
     seeds = max(len(entry["seeds"]) for entry in summary.values())
     accuracy_header = f"test accuracy % (mean ± std, {seeds} seed{'s' if seeds > 1 else ''})"
-    header = ["variant", accuracy_header, "params", "train time (s)"] + [
-        f"lift {stage_title(s, i)}" for i, s in enumerate(stages)
-    ]
+    header = ["variant", accuracy_header, "params", "train time (s)"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant, entry in summary.items():
         acc = entry["accuracy"]
@@ -190,11 +258,64 @@ def _table(summary: Mapping[str, Any]) -> list[str]:
             f"{entry['params']:,}",
             f"{entry['train_seconds']['mean']:.0f}",
         ]
-        for stage in stages:
-            lift = (entry["lift"] or {}).get(stage)
-            cells.append("—" if lift is None else f"{lift['mean']:.2f} ± {lift['std']:.2f}")
         rows.append("| " + " | ".join(cells) + " |")
     return rows
+
+
+def _cell(entry: Mapping[str, Any], key: str, stage: str, digits: int = 2) -> str:
+    value = (entry.get(key) or {}).get(stage)
+    return "—" if value is None else f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
+
+
+def stage_table(summary: Mapping[str, Any]) -> list[str]:
+    """Markdown rows, one per attention variant and stage: alpha, the spatial map and the effective factor."""
+    stages = _stages(summary)
+    if not stages:
+        return []
+    header = ["variant", "stage", "alpha", "mean sa", "lift on sa", "mean effective factor", "effective lift"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant, entry in summary.items():
+        if not entry["lift"]:
+            continue
+        for index, stage in enumerate(stages):
+            alpha = _cell(entry, "alpha", stage, 3)
+            if alpha == "—" and entry.get("attention") is not None and not entry["attention"].get("residual", True):
+                alpha = "no blend (1)"
+            cells = [
+                f"`{variant}`",
+                stage_title(stage, index),
+                alpha,
+                _cell(entry, "spatial_mean", stage),
+                _cell(entry, "lift", stage),
+                _cell(entry, "effective_mean", stage, 3),
+                _cell(entry, "effective_lift", stage, 3),
+            ]
+            rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def attention_definitions(data_info: Mapping[str, Any]) -> list[str]:
+    """The report's definitions of the per-stage numbers: lift, mean map, alpha, effective factor and lift."""
+    most = f" (about {data_info['max_lift']:.1f} here)" if data_info.get("max_lift") else ""
+    return [
+        "- **Lift on sa** (localisation lift) per attention stage: for each test image, the share of the spatial "
+        "map's mass inside the digit's ink box divided by the box's share of the image, averaged over test images. "
+        f"1.0 is chance (attention spread evenly); the most possible is 1 / box share{most}.",
+        "- **Mean sa**: the spatial gate's average value over test images; near 1.0 the gate is open everywhere.",
+        "- **alpha**: the blend weight of `out = x + alpha * (y - x)` at the end of training (learned, or fixed "
+        "at its `alpha_init`); `cbam` has no blend (`out = y`, as alpha = 1).",
+        "- **Effective factor**: the block computes `y = x * ca * sa`, so `out = x * ((1 - alpha) + alpha * ca * "
+        "sa)`: feature `(c, h, w)` is multiplied by `(1 - alpha) + alpha * ca[c] * sa[h, w]`. The report gives "
+        "this factor's mean over the channels, which is exactly `F = (1 - alpha) + alpha * mean_c(ca) * sa` (the "
+        "factor is linear in `ca`; one value per image and position). With alpha = 0 it is 1 everywhere, whatever "
+        "`sa` is; with alpha = 1 it is `sa` scaled by one number per image. It multiplies the stage's residual "
+        "branch only; the shortcut is added after it.",
+        "- **Effective lift**: the lift above computed on `F` instead of `sa`: the mean of `F` inside the box "
+        "divided by its mean over the map, i.e. how much more the digit's features are kept than the average "
+        "feature. alpha = 0 gives 1.0 for any `sa`; alpha = 1 gives the lift on `sa`; a negative alpha turns the "
+        "map around (below 1.0 when `sa` favours the box). This, not the lift on `sa`, is what the attention "
+        "does to the features.",
+    ]
 
 
 def _markdown(
@@ -219,6 +340,17 @@ def _markdown(
     ]
     lines += _table(summary)
     lines += [""]
+    seeds = settings["seeds"]
+    lines += [
+        f"Seeds: {seeds} (0 to {seeds - 1}); the noise margins below combine the seed spreads"
+        if seeds > 1
+        else "Seeds: 1; the noise margins below count only the test set's sampling error",
+        "(see *What was measured*).",
+        "",
+    ]
+    stage_rows = stage_table(summary)
+    if stage_rows:
+        lines += ["### Attention per stage", "", *stage_rows, ""]
     if settings.get("quick"):
         lines += [
             "This was a `--quick` run: a smoke test far too short to learn the task, so its numbers compare "
@@ -231,23 +363,23 @@ def _markdown(
         "## What was measured",
         "",
         "- **Test accuracy**: share of test images classified correctly after the last epoch; mean and sample "
-        "standard deviation over seeds (0 with one seed). With one seed the test-set standard error "
-        "(`sqrt(p (1 - p) / n)`, in `metrics.json`) is the noise margin used above.",
+        "standard deviation over seeds (0 with one seed).",
+        "- **Noise margin** of a difference between two variants: the larger of `sqrt(std_a^2 + std_b^2)` (the "
+        "seed spreads: how far two single runs of equal variants fall apart) and the combined test-set standard "
+        "error `sqrt(p (1 - p) / n)` (in `metrics.json`). A variant *beats* another only by more than that margin. "
+        "*Per seed* lists the differences of runs with the same seed, which share the backbone's initial weights "
+        "and the batch order.",
         "- **Params**: trainable and fixed parameters of the whole network.",
         "- **Train time**: seconds spent in training steps (evaluation excluded), mean over seeds; on a shared "
         "machine this includes slow-down from other work.",
-        "- **Localisation lift** per attention stage: for each test image, the share of the spatial map's mass "
-        "inside the digit's ink box divided by the box's share of the image, averaged over test images. 1.0 is "
-        "chance (attention spread evenly); the most possible is 1 / box share"
-        + (f" (about {data_info['max_lift']:.1f} here)." if data_info.get("max_lift") else "."),
-        "- **Mean spatial map** (in the notes under the table and in `metrics.json`): the spatial gate's average "
-        "value over test images per stage; near 1.0 the gate is open everywhere and the stage does not localise.",
+        *attention_definitions(data_info),
         "- Variants: `none` (no attention); `cbam`: classic CBAM, built as the block in its CBAM configuration "
         "(sum fusion, one 7x7 spatial branch, no router, sigmoid gates, T = 1, no residual blend; unlike timm's "
         "`CbamModule`, its MLP and 7x7 convolution carry biases instead of a BatchNorm); `dsa`: "
         "`CBAMResidualDynamicSA` with its defaults"
         + (f" plus {settings['attention']}" if settings.get("attention") else "")
-        + "; `dsa-learnable-alpha`: the same with a learned blend weight. The attention layer sits on each "
+        + "; `dsa-learnable-alpha`: the same with a learned blend weight; `dsa-zero-start`: the same with "
+        "`alpha_init=0` and a learned blend weight, so it starts as the identity. The attention layer sits on each "
         "stage's residual branch, before the shortcut is added.",
         "",
     ]
@@ -257,6 +389,20 @@ def _markdown(
             lines += [f"### {title}", "", f"![{title}]({path})", ""]
     lines += ["Every number above is in `metrics.json`; trained weights (first seed) are in `weights/`.", ""]
     return "\n".join(lines)
+
+
+def learned_alpha_curves(
+    results: Mapping[str, Sequence[RunResult]], summary: Mapping[str, Any]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`~cbam_dsa.demo.alpha_figure.alpha_curves` of every variant whose blocks learn ``alpha``."""
+    curves = {}
+    for variant, runs in results.items():
+        kwargs = summary[variant].get("attention") or {}
+        if kwargs.get("learnable_alpha"):
+            per_stage = alpha_curves([r.history for r in runs], float(kwargs.get("alpha_init", 1.0)))
+            if per_stage:
+                curves[variant] = per_stage
+    return curves
 
 
 def write_report(
@@ -300,6 +446,10 @@ def write_report(
         histories = {variant: [r.history for r in runs] for variant, runs in results.items()}
         path = viz.save_figure(viz.learning_curves_figure(histories), out / "learning_curves.png")
         written["learning_curves"], shown["Learning curves"] = path, path.name
+        curves = learned_alpha_curves(results, summary)
+        if curves:
+            path = viz.save_figure(alpha_figure(curves), out / "alpha_per_stage.png")
+            written["alpha_per_stage"], shown["Learned alpha per stage over training"] = path, path.name
         order = gallery_order(test, gallery_count)
         ordered = ImageSet(
             test.images[order],

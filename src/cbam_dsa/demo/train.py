@@ -31,12 +31,14 @@ __all__ = [
     "RunResult",
     "TrainConfig",
     "attention_stats",
+    "block_alphas",
     "box_coverage",
     "evaluate",
     "localisation_lift",
     "resolve_device",
     "setup_distributed",
     "teardown_distributed",
+    "train_model",
     "train_variant",
     "warmup_cosine",
 ]
@@ -113,6 +115,13 @@ class RunResult:
     lift: dict[str, float] | None
     model: nn.Module | None
     map_stats: dict[str, dict[str, float]] | None = None
+
+
+def block_alphas(model: nn.Module) -> dict[str, float]:
+    """The blend weight ``alpha`` of every block of ``model`` that blends (block name -> float)."""
+    from ..maps import find_blocks
+
+    return {name: float(block.alpha.detach()) for name, block in find_blocks(model).items() if block.alpha is not None}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -241,26 +250,33 @@ def localisation_lift(sa: Tensor, boxes: Tensor, image_size: tuple[int, int], re
 
 
 def attention_stats(model: nn.Module, data: ImageSet, batch_size: int = 256) -> dict[str, dict[str, float]] | None:
-    """Per block of ``model`` on ``data``: the spatial map's mean, its spread within an image, and the lift.
+    """Per block of ``model`` on ``data``: the spatial map's mean, its spread and lift, and the effective factor.
 
     Returns:
         dict or None: ``{"spatial_mean": {block: float}, "spatial_spread": {block: float}, "lift": {block: float}}``
-        (``"lift"`` only when ``data`` has boxes); ``None`` when the model holds no block. ``spatial_mean`` near
-        1.0 means that block's spatial gate is almost fully open everywhere (features pass unchanged);
-        ``spatial_spread`` is the standard deviation of the map within an image, averaged over images.
+        (``"lift"`` only when ``data`` has boxes) plus the keys of :func:`~cbam_dsa.demo.effective.effective_stats`
+        (``alpha``, ``effective_mean``, ``effective_spread``, ``effective_min``, ``effective_lift``); ``None`` when
+        the model holds no block. ``spatial_mean`` near 1.0 means that block's spatial gate is almost fully open
+        everywhere; ``spatial_spread`` is the standard deviation of the map within an image, averaged over images.
     """
+    from ..maps import find_blocks
     from ..viz import collect_maps
+    from .effective import effective_stats
 
     maps = collect_maps(model, data.images, batch_size=batch_size)
     if not maps:
         return None
+
     stats = {
         "spatial_mean": {name: float(m.sa.double().mean()) for name, m in maps.items()},
         "spatial_spread": {name: float(m.sa.double().flatten(1).std(dim=1).mean()) for name, m in maps.items()},
     }
+    size = (data.images.shape[2], data.images.shape[3])
     if data.boxes is not None:
-        size = (data.images.shape[2], data.images.shape[3])
         stats["lift"] = {name: localisation_lift(m.sa, data.boxes, size) for name, m in maps.items()}
+    blocks = find_blocks(model)
+    alphas = {name: None if block.alpha is None else float(block.alpha.detach()) for name, block in blocks.items()}
+    stats.update(effective_stats(maps, alphas, data.boxes, size))
     return stats
 
 
@@ -307,12 +323,46 @@ def train_variant(
         same accuracy fields are absent (``nan``) and ``model`` is ``None``.
     """
     ctx = ctx if ctx is not None else DistContext()
+    _check_batch(config, ctx)
+    torch.manual_seed(seed)
+    model = build_model(model_config)
+    return train_model(model, train, test, config, seed, ctx, progress, name=model_config.get("variant", "model"))
+
+
+def _check_batch(config: TrainConfig, ctx: DistContext) -> None:
     if config.batch_size < ctx.world_size:
         raise ValueError(
             f"batch_size ({config.batch_size}) must be at least the number of processes ({ctx.world_size})"
         )
-    torch.manual_seed(seed)
-    model: nn.Module = build_model(model_config).to(ctx.device)
+
+
+def train_model(
+    model: nn.Module,
+    train: ImageSet,
+    test: ImageSet,
+    config: TrainConfig,
+    seed: int,
+    ctx: DistContext | None = None,
+    progress: bool = True,
+    name: str = "model",
+) -> RunResult:
+    """Train ``model`` in place from its current weights (a fresh optimiser and schedule), as :func:`train_variant`.
+
+    Args:
+        model (nn.Module): the network; moved to ``ctx.device``, and on rank 0 back to CPU in eval mode at the end.
+        train, test (ImageSet): the data.
+        config (TrainConfig): the schedule.
+        seed (int): seeds the batch order.
+        ctx (DistContext, optional): from :func:`setup_distributed`. Default: one process on CPU.
+        progress (bool): show tqdm progress bars (rank 0 only). Default: ``True``.
+        name (str): the run's name in the progress bar and the result. Default: ``"model"``.
+
+    Returns:
+        RunResult: as :func:`train_variant`.
+    """
+    ctx = ctx if ctx is not None else DistContext()
+    _check_batch(config, ctx)
+    model = model.to(ctx.device)
     params = sum(p.numel() for p in model.parameters())
     net = model
     if ctx.distributed:
@@ -326,7 +376,6 @@ def train_variant(
     images, labels = train.images.to(ctx.device), train.labels.to(ctx.device)
     generator = torch.Generator().manual_seed(seed)
     show = progress and ctx.is_main
-    name = model_config.get("variant", "model")
     history: list[dict[str, float]] = []
     train_seconds = 0.0
     epochs = _progress(range(config.epochs), show, desc=f"{name} (seed {seed})", unit="epoch", leave=True)
@@ -366,6 +415,9 @@ def train_variant(
             evaluated = test if epoch == config.epochs - 1 else test.subset(config.curve_images)
             result = evaluate(model, evaluated, config.eval_batch_size)
             record.update(test_loss=result["loss"], test_accuracy=result["accuracy"], test_images=len(evaluated))
+        alphas = block_alphas(model)
+        if alphas:
+            record["alpha"] = alphas
             if show:
                 epochs.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{result['accuracy']:.3f}")
         history.append(record)
