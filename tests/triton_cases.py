@@ -23,27 +23,26 @@ from cbam_dsa import functional as FA
 # sa_gate, ca_t, sa_t, alpha (None = no residual), hidden, router_hidden, special ("ties"|"nan"|"inf"), maps
 # (loss on the maps too).
 CASES: dict[str, tuple[tuple[int, int, int, int], torch.dtype, dict]] = {
-    "default_f32": ((2, 8, 5, 6), torch.float32, {}),
-    "default_f64": ((2, 8, 5, 6), torch.float64, {}),
-    "default_bf16": ((2, 8, 5, 6), torch.bfloat16, {}),
-    "default_f16": ((2, 8, 5, 6), torch.float16, {}),
-    "hard_gates_sum_silu": ((2, 6, 4, 7), torch.float32,
-                            {"fusion": "sum", "act": "silu", "ca_gate": "hardsigmoid", "sa_gate": "hardsigmoid",
-                             "ca_t": 0.7, "sa_t": 1.6, "alpha": 0.6}),
+    "default_f32": ((2, 8, 5, 6), torch.float32, {"repeat": True}),
+    "hard_gates_sum_silu_f64": ((2, 6, 4, 7), torch.float64,
+                                {"fusion": "sum", "act": "silu", "ca_gate": "hardsigmoid", "sa_gate": "hardsigmoid",
+                                 "ca_t": 0.7, "sa_t": 1.6, "alpha": 0.6}),
+    "maps_bf16": ((2, 8, 5, 6), torch.bfloat16, {"maps": True, "repeat": True}),
+    "maps_f16_params_f32": ((2, 8, 4, 5), torch.float16, {"maps": True, "params": torch.float32, "alpha": 0.8}),
     "one_branch_no_residual": ((2, 5, 6, 5), torch.float32, {"kernels": [(5, 1)], "alpha": None}),
     "four_branches_dilated": ((1, 4, 9, 8), torch.float32,
                               {"kernels": [(1, 1), (3, 1), (3, 3), (5, 2)], "alpha": 1.3, "router_hidden": 3}),
-    "maps_loss": ((2, 8, 5, 5), torch.float32, {"maps": True, "ca_t": 1.4, "sa_t": 0.8, "alpha": 0.5}),
-    "maps_loss_bf16_params_f32": ((2, 8, 4, 4), torch.bfloat16, {"maps": True, "params": torch.float32}),
-    "one_by_one_map": ((3, 16, 1, 1), torch.float32, {}),
+    "maps_temperatures": ((2, 8, 5, 5), torch.float32, {"maps": True, "ca_t": 1.4, "sa_t": 0.8, "alpha": 0.5}),
+    "one_by_one_map_b1": ((1, 16, 1, 1), torch.float32, {}),
     "one_channel": ((2, 1, 5, 4), torch.float32, {"hidden": 1}),
     "large_c_tiny_map": ((2, 300, 2, 3), torch.float32, {"hidden": 19}),
     "tiny_c_large_map": ((1, 2, 21, 19), torch.float32, {"hidden": 2}),
     "ties": ((2, 6, 4, 5), torch.float32, {"special": "ties"}),
-    "ties_bf16": ((2, 6, 4, 5), torch.bfloat16, {"special": "ties", "maps": True}),
-    "nan": ((3, 6, 5, 4), torch.float32, {"special": "nan", "maps": True}),
+    "ties_bf16_params_f32": ((2, 6, 4, 5), torch.bfloat16, {"special": "ties", "maps": True, "params": torch.float32}),
+    "nan": ((3, 6, 5, 4), torch.float32, {"special": "nan", "maps": True, "repeat": True}),
     "inf": ((3, 6, 5, 4), torch.float32, {"special": "inf", "ca_gate": "hardsigmoid"}),
 }
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 GRAD_NAMES = ["x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "fusion_logits", "ca_temperature",
               "sa_temperature", "alpha", "router_fc1_weight", "router_fc1_bias", "router_fc2_weight",
@@ -151,45 +150,73 @@ def _bits(t: torch.Tensor) -> bytes:
     return t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def compare(case: dict) -> dict:
-    """Errors of the fused results relative to each reference tensor's largest finite magnitude, the names whose
-    non-finite masks differ, and whether two fused runs are bitwise equal."""
-    want_outs, want_grads = reference(case)
-    got_outs, got_grads = fused(case)
-    again_outs, again_grads = fused(case)
+def upcast(case: dict) -> dict:
+    """The case in float64 (the truth the low-precision results are measured against)."""
+    def up(t):
+        if isinstance(t, list):
+            return [up(u) for u in t]
+        return t.double() if isinstance(t, torch.Tensor) else t
+    return {name: up(value) for name, value in case.items()}
+
+
+def _error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``max |got - want|`` over want's finite entries, relative to want's largest finite magnitude."""
+    w, g = want.double().cpu(), got.double().cpu()
+    finite = torch.isfinite(w)
+    if not finite.any():
+        return 0.0
+    scale = w[finite].abs().max().clamp_min(1e-6)
+    return float(((w - g)[finite].abs().max() / scale).item())
+
+
+def result_names(case: dict) -> list[str]:
     names = ["out", "ca", "sa", "fusion_w", "router_w"] + [f"grad_{n}" for n in GRAD_NAMES]
     names += [f"grad_branch_weight{k}" for k in range(len(case["branch_weights"]))]
     names += [f"grad_branch_bias{k}" for k in range(len(case["branch_biases"]))]
-    errors, masks, shapes = {}, [], []
-    bitwise = True
-    for name, want, got, again in zip(names, want_outs + want_grads, got_outs + got_grads,
-                                      again_outs + again_grads, strict=True):
-        if want is None or got is None:
-            if (want is None) != (got is None):
-                shapes.append(name)
+    return names
+
+
+def _flat(results: tuple[list, list]) -> list:
+    return [*results[0], *results[1]]
+
+
+def compare(case: dict, repeat: bool = True) -> dict:
+    """The fused results against the reference in the same dtype: ``errors`` (relative to each reference tensor's
+    largest finite magnitude), ``masks`` (names whose NaN or non-finite masks differ), ``shapes`` (names whose
+    shape, dtype or presence differ) and ``bitwise`` (two fused runs equal bit for bit, with ``repeat``). For
+    float16 and bfloat16 also ``truth`` and ``reference_truth``: the fused and the reference errors against the
+    reference in float64 on the same inputs."""
+    want = _flat(reference(case))
+    got = _flat(fused(case))
+    again = _flat(fused(case)) if repeat else got
+    truth = _flat(reference(upcast(case))) if case["x"].dtype in LOW_PRECISION else None
+    report: dict = {"errors": {}, "masks": [], "shapes": [], "bitwise": True, "truth": {}, "reference_truth": {}}
+    for i, name in enumerate(result_names(case)):
+        w, g = want[i], got[i]
+        if w is None or g is None:
+            if (w is None) != (g is None):
+                report["shapes"].append(name)
             continue
-        if got.shape != want.shape or got.dtype != want.dtype:
-            shapes.append(name)
+        if g.shape != w.shape or g.dtype != w.dtype or g.device != w.device:
+            report["shapes"].append(name)
             continue
-        bitwise &= _bits(got) == _bits(again)
-        w, g = want.double().cpu(), got.double().cpu()
-        finite = torch.isfinite(w)
-        if not torch.equal(finite, torch.isfinite(g)) or not torch.equal(torch.isnan(w), torch.isnan(g)):
-            masks.append(name)
+        report["bitwise"] &= _bits(g) == _bits(again[i])
+        same_nan = torch.equal(torch.isnan(w), torch.isnan(g))
+        if not same_nan or not torch.equal(torch.isfinite(w), torch.isfinite(g)):
+            report["masks"].append(name)
             continue
-        if not finite.any():
-            errors[name] = 0.0
-            continue
-        scale = w[finite].abs().max().clamp_min(1e-6)
-        errors[name] = float(((w - g)[finite].abs().max() / scale).item())
-    return {"errors": errors, "masks": masks, "shapes": shapes, "bitwise": bool(bitwise)}
+        report["errors"][name] = _error(g, w)
+        if truth is not None:
+            report["truth"][name] = _error(g, truth[i])
+            report["reference_truth"][name] = _error(w, truth[i])
+    return report
 
 
 def main(names: list[str]) -> None:
     results = {}
     for name in names or list(CASES):
         shape, dtype, config = CASES[name]
-        results[name] = compare(build(shape, dtype, config))
+        results[name] = compare(build(shape, dtype, config), repeat=config.get("repeat", False))
     print(json.dumps(results))
 
 

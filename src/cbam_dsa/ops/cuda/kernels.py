@@ -33,6 +33,33 @@ def _max_nan(a, b):
 
 
 @triton.jit
+def _max_reduce(v, axis: tl.constexpr):
+    """``tl.max`` that keeps NaN (``tl.max`` drops it, as its interpreter does: ``np.nanmax``)."""
+    has_nan = tl.max(tl.where(v != v, 1, 0), axis) > 0
+    return tl.where(has_nan, float("nan"), tl.max(v, axis))
+
+
+@triton.jit
+def _round(v, XDT: tl.constexpr):
+    """``v`` rounded to nearest-even in ``XDT`` and kept in ``v``'s dtype (as the reference's tensors are rounded
+    after each product). bfloat16 is rounded on the float32 bits, as torch does; the interpreter's own cast to
+    bfloat16 truncates."""
+    if v.dtype == XDT:
+        return v
+    if tl.bfloat16 == XDT:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+    return v.to(XDT).to(v.dtype)
+
+
+@triton.jit
+def _to_x(v, XDT: tl.constexpr):
+    """``v`` stored in ``XDT``, rounded to nearest-even."""
+    return _round(v, XDT).to(XDT)
+
+
+@triton.jit
 def _gate(q, GATE: tl.constexpr):
     if GATE == 0:
         return 1.0 / (1.0 + tl.exp(-q))
@@ -149,7 +176,7 @@ def _router(spart_ptr, n_tiles, N, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr, RH, K: tl
     prod = tl.where(kmask[:, None] & rmask[None, :], w2.to(ACC) * hidden[None, :], 0.0)
     logits = tl.sum(prod, axis=1) + tl.load(rb2_ptr + kk, mask=kmask, other=0.0).to(ACC)
     logits = tl.where(kmask, logits, float("-inf"))
-    top = tl.reduce(logits, 0, _max_nan)
+    top = _max_reduce(logits, 0)
     e = tl.where(kmask, tl.exp(logits - top), 0.0)
     return e / tl.sum(e, axis=0), hidden, pooled0, pooled1
 
@@ -225,7 +252,7 @@ def channel_pool_kernel(x_ptr, avg_ptr, max_ptr, C, N, CB: tl.constexpr, NB: tl.
         mask = cmask[:, None] & (n < N)[None, :]
         v = tl.load(base + cc[:, None] * N + n[None, :], mask=mask, other=0.0).to(ACC)
         total += tl.sum(v, axis=1)
-        best = _max_nan(best, tl.reduce(tl.where(mask, v, float("-inf")), 1, _max_nan))
+        best = _max_nan(best, _max_reduce(tl.where(mask, v, float("-inf")), 1))
     tl.store(avg_ptr + b * C + cc, total / N, mask=cmask)
     tl.store(max_ptr + b * C + cc, best, mask=cmask)
 
@@ -243,8 +270,8 @@ def spatial_pool_kernel(x_ptr, avg_ptr, max_ptr, fc1w_ptr, fc1b_ptr, fc2w_ptr, f
     tile = tl.program_id(1)
     fw0, fw1 = _fusion(fusion_ptr, HAS_FUSION, ACC)
     if (b == 0) & (tile == 0):
-        tl.store(fw_ptr, fw0.to(XDT))
-        tl.store(fw_ptr + 1, fw1.to(XDT))
+        tl.store(fw_ptr, _to_x(fw0, XDT))
+        tl.store(fw_ptr + 1, _to_x(fw1, XDT))
     temperature = tl.load(tca_ptr).to(ACC)
     _, h_avg = _mlp_hidden(avg_ptr + b * C, fc1w_ptr, fc1b_ptr, C, RM, ACT, RB, CBM, ACC)
     _, h_max = _mlp_hidden(max_ptr + b * C, fc1w_ptr, fc1b_ptr, C, RM, ACT, RB, CBM, ACC)
@@ -258,15 +285,15 @@ def spatial_pool_kernel(x_ptr, avg_ptr, max_ptr, fc1w_ptr, fc1b_ptr, fc2w_ptr, f
         cmask = cc < C
         z = fw0 * _mlp_out(h_avg, cc, cmask, fc2w_ptr, fc2b_ptr, RM, RB, ACC) + fw1 * _mlp_out(
             h_max, cc, cmask, fc2w_ptr, fc2b_ptr, RM, RB, ACC)
-        ca = _gate(z / temperature, GATE).to(XDT)
+        ca = _to_x(_gate(z / temperature, GATE), XDT)
         if tile == 0:
             tl.store(ca_ptr + b * C + cc, ca, mask=cmask)
             tl.store(ca_saved_ptr + b * C + cc, ca, mask=cmask)
         mask = cmask[:, None] & nmask[None, :]
         v = tl.load(base + cc[:, None] * N + n[None, :], mask=mask, other=0.0).to(ACC)
-        y = (v * ca.to(ACC)[:, None]).to(XDT).to(ACC)
+        y = _round(v * ca.to(ACC)[:, None], XDT)
         total += tl.sum(tl.where(mask, y, 0.0), axis=0)
-        best = _max_nan(best, tl.reduce(tl.where(mask, y, float("-inf")), 0, _max_nan))
+        best = _max_nan(best, _max_reduce(tl.where(mask, y, float("-inf")), 0))
     s0 = total / C
     tl.store(s_ptr + b * 2 * N + n, s0, mask=nmask)
     tl.store(s_ptr + b * 2 * N + N + n, best, mask=nmask)
@@ -291,14 +318,14 @@ def blend_kernel(x_ptr, s_ptr, spart_ptr, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr,
                           KB, TPB, ACC)
     kk = tl.arange(0, KB)
     if tile == 0:
-        tl.store(rwout_ptr + b * K + kk, rw.to(XDT), mask=kk < K)
+        tl.store(rwout_ptr + b * K + kk, _to_x(rw, XDT), mask=kk < K)
     n = tile * NB + tl.arange(0, NB)
     nmask = n < N
     hh = n // W
     ww = n % W
     logit = _logit(s_ptr + b * 2 * N, hh, ww, nmask, H, W, N, rw, w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                    w3_ptr, b3_ptr, K, KB, KS0, KS1, KS2, KS3, D0, D1, D2, D3, TB0, TB1, TB2, TB3, ACC)
-    sa = _gate(logit / tl.load(tsa_ptr).to(ACC), GATE).to(XDT)
+    sa = _to_x(_gate(logit / tl.load(tsa_ptr).to(ACC), GATE), XDT)
     tl.store(sa_ptr + b * N + n, sa, mask=nmask)
     tl.store(sa_saved_ptr + b * N + n, sa, mask=nmask)
     sa = sa.to(ACC)
@@ -312,12 +339,12 @@ def blend_kernel(x_ptr, s_ptr, spart_ptr, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr,
         offs = base + cc[:, None] * N + n[None, :]
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         ca = tl.load(ca_ptr + b * C + cc, mask=cmask, other=0.0).to(ACC)
-        y = (v * ca[:, None]).to(XDT).to(ACC)
-        y = (y * sa[None, :]).to(XDT).to(ACC)
+        y = _round(v * ca[:, None], XDT)
+        y = _round(y * sa[None, :], XDT)
         if HAS_ALPHA:
-            d = (y - v).to(XDT).to(ACC)
-            y = (v + (alpha * d).to(XDT).to(ACC)).to(XDT).to(ACC)
-        tl.store(out_ptr + offs, y.to(XDT), mask=mask)
+            d = _round(y - v, XDT)
+            y = _round(v + _round(alpha * d, XDT), XDT)
+        tl.store(out_ptr + offs, y.to(XDT), mask=mask)  # y is rounded already
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -353,22 +380,22 @@ def backward_pool_kernel(x_ptr, gout_ptr, ca_ptr, sa_ptr, alpha_ptr, s_ptr, cntc
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         g = tl.load(gout_ptr + offs, mask=mask, other=0.0).to(ACC)
         ca = tl.load(ca_ptr + b * C + cc, mask=cmask, other=0.0).to(ACC)
-        y = (v * ca[:, None]).to(XDT).to(ACC)
+        y = _round(v * ca[:, None], XDT)
         total += tl.sum(tl.where(mask, y, 0.0), axis=0)
         masked_y = tl.where(mask, y, float("-inf"))
-        chunk_best = tl.reduce(masked_y, 0, _max_nan)
+        chunk_best = _max_reduce(masked_y, 0)
         chunk_ties = tl.sum(tl.where(masked_y == chunk_best[None, :], 1.0, 0.0), axis=0)
         best, ties = _merge_max_count(best, ties, chunk_best, chunk_ties)
         if HAS_ALPHA:
             g2 = alpha * g
-            y2 = (y * sa[None, :]).to(XDT).to(ACC)
-            d = (y2 - v).to(XDT).to(ACC)
+            y2 = _round(y * sa[None, :], XDT)
+            d = _round(y2 - v, XDT)
             alpha_part += tl.sum(tl.where(mask, g * d, 0.0), axis=0)
         else:
             g2 = g
         gsum += tl.sum(tl.where(mask, g2 * y, 0.0), axis=0)
         masked_x = tl.where(mask, v, float("-inf"))
-        x_best = tl.reduce(masked_x, 1, _max_nan)
+        x_best = _max_reduce(masked_x, 1)
         prow = (b * n_tiles + tile) * C + cc
         tl.store(psum_ptr + prow, tl.sum(tl.where(mask, v, 0.0), axis=1), mask=cmask)
         tl.store(pmax_ptr + prow, x_best, mask=cmask)
@@ -552,7 +579,7 @@ def backward_spatial_kernel(s_ptr, spart_ptr, t1_ptr, gsa_ptr, grw_ptr, rw1_ptr,
 @triton.jit
 def _grad_y(v, g, ca, sa, gs0, gs1, s1, ties, alpha, C, HAS_ALPHA: tl.constexpr, XDT: tl.constexpr):
     """The gradient of ``y = x * ca`` on a tile: through ``y * sa`` and through the mean and max over C."""
-    y = (v * ca[:, None]).to(XDT).to(v.dtype)
+    y = _round(v * ca[:, None], XDT)
     if HAS_ALPHA:
         g = alpha * g
     at_max = tl.where(y == s1[None, :], 1.0, 0.0)
@@ -717,4 +744,4 @@ def backward_input_kernel(x_ptr, gout_ptr, ca_ptr, sa_ptr, alpha_ptr, s_ptr, cnt
         g_x = g_y * ca[:, None] + g_avg[:, None] + (g_max / count)[:, None] * tl.where(v == best[:, None], 1.0, 0.0)
         if HAS_ALPHA:
             g_x += g - alpha * g
-        tl.store(gx_ptr + offs, g_x.to(XDT), mask=mask)
+        tl.store(gx_ptr + offs, _to_x(g_x, XDT), mask=mask)
