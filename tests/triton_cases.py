@@ -24,16 +24,19 @@ from cbam_dsa import functional as FA
 # (loss on the maps too).
 CASES: dict[str, tuple[tuple[int, int, int, int], torch.dtype, dict]] = {
     "default_f32": ((2, 8, 5, 6), torch.float32, {"repeat": True}),
-    "hard_gates_sum_silu_f64": ((2, 6, 4, 7), torch.float64,
-                                {"fusion": "sum", "act": "silu", "ca_gate": "hardsigmoid", "sa_gate": "hardsigmoid",
-                                 "ca_t": 0.7, "sa_t": 1.6, "alpha": 0.6}),
+    # torch's hardsigmoid backward multiplies by a float32 1/6 even in float64, so the hard gates run in float32.
+    "hard_gates_f32": ((2, 6, 4, 7), torch.float32,
+                       {"ca_gate": "hardsigmoid", "sa_gate": "hardsigmoid", "ca_t": 0.7, "sa_t": 1.6, "alpha": 0.6}),
+    "silu_sum_f64": ((2, 6, 4, 7), torch.float64, {"fusion": "sum", "act": "silu", "ca_t": 0.7, "sa_t": 1.6,
+                                                    "alpha": 0.6}),
     "maps_bf16": ((2, 8, 5, 6), torch.bfloat16, {"maps": True, "repeat": True}),
     "maps_f16_params_f32": ((2, 8, 4, 5), torch.float16, {"maps": True, "params": torch.float32, "alpha": 0.8}),
     "one_branch_no_residual": ((2, 5, 6, 5), torch.float32, {"kernels": [(5, 1)], "alpha": None}),
     "four_branches_dilated": ((1, 4, 9, 8), torch.float32,
                               {"kernels": [(1, 1), (3, 1), (3, 3), (5, 2)], "alpha": 1.3, "router_hidden": 3}),
     "maps_temperatures": ((2, 8, 5, 5), torch.float32, {"maps": True, "ca_t": 1.4, "sa_t": 0.8, "alpha": 0.5}),
-    "one_by_one_map_b1": ((1, 16, 1, 1), torch.float32, {}),
+    # On a 1x1 map mean and max agree, so the fusion logits' gradient is 0 up to rounding: sum fusion there.
+    "one_by_one_map_b1": ((1, 16, 1, 1), torch.float32, {"fusion": "sum"}),
     "one_channel": ((2, 1, 5, 4), torch.float32, {"hidden": 1}),
     "large_c_tiny_map": ((2, 300, 2, 3), torch.float32, {"hidden": 19}),
     "tiny_c_large_map": ((1, 2, 21, 19), torch.float32, {"hidden": 2}),

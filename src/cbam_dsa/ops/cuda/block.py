@@ -38,23 +38,32 @@ first.
 
 from __future__ import annotations
 
+import functools
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
-
-from . import kernels as K
 
 __all__ = ["MAX_BRANCHES", "MAX_KERNEL_SIZE", "block_backward", "block_forward", "saved_like", "supports"]
 
 MAX_BRANCHES = 4
 MAX_KERNEL_SIZE = 15
 
-_ACTS = {"relu": K.RELU, "silu": K.SILU}
-_GATES = {"sigmoid": K.SIGMOID, "hardsigmoid": K.HARDSIGMOID}
+_ACTS = {"relu": 0, "silu": 1}  # the kernels' ACT and GATE codes
+_GATES = {"sigmoid": 0, "hardsigmoid": 1}
 _TILE = 4096  # elements of one (channels x pixels) tile
 
 
+@functools.lru_cache(maxsize=1)
+def _kernels() -> ModuleType:
+    """:mod:`.kernels`, imported on first launch (so that :func:`saved_like` and :func:`supports` need no triton)."""
+    from . import kernels
+
+    return kernels
+
+
+@functools.lru_cache(maxsize=1)
 def _dtypes() -> dict:
     import triton.language as tl
 
@@ -176,6 +185,7 @@ def block_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: T
         tuple: ``(out, ca (B, C, 1, 1), sa (B, 1, H, W), fusion_w (2,), router_w (B, K), saved)``, the maps in
         ``x``'s dtype; ``saved`` goes to :func:`block_backward`.
     """
+    K = _kernels()
     x = _c(x, x)
     p = _plan(x, fc1_weight, router_fc1_weight, branch_weights, dilations)
     xdt = _dtypes()[x.dtype]
@@ -232,6 +242,7 @@ def block_backward(grad_out: Tensor | None, grad_ca: Tensor | None, grad_sa: Ten
     sa_temperature, alpha, router_fc1_weight, router_fc1_bias, router_fc2_weight, router_fc2_bias, *branch_weights,
     *branch_biases]`` in five kernels (module docstring), each in its input's dtype and shape; ``None`` where the
     input is None or not needed. Any ``grad_*`` may be None (zero)."""
+    K = _kernels()
     x = _c(x, x)
     p = _plan(x, fc1_weight, router_fc1_weight, branch_weights, dilations)
     xdt = _dtypes()[x.dtype]
