@@ -52,7 +52,7 @@ MAX_KERNEL_SIZE = 15
 
 _ACTS = {"relu": 0, "silu": 1}  # the kernels' ACT and GATE codes
 _GATES = {"sigmoid": 0, "hardsigmoid": 1}
-_TILE = 4096  # elements of one (channels x pixels) tile
+_TILE = 2048  # elements of one (channels x pixels) tile: 16 per thread at 4 warps
 
 
 @functools.lru_cache(maxsize=1)
@@ -110,6 +110,7 @@ class _Plan(NamedTuple):
     RH: int
     K: int
     NB: int  # pixels per tile
+    NBS: int  # pixels per chunk of the spatial backward (its tap tiles are taps x NBS)
     CB: int  # channels per chunk
     tiles: int
     NB1: int  # pixels per chunk of the channel pooling
@@ -130,7 +131,7 @@ def _plan(x: Tensor, fc1_weight: Tensor, router_fc1_weight: Tensor | None, branc
     RM = fc1_weight.shape[0]
     RH = 1 if router_fc1_weight is None else router_fc1_weight.shape[0]
     count = len(branch_weights)
-    NB = min(128, _pow2(N, 16))
+    NB = min(64, _pow2(N, 16))
     CB = max(2, min(_pow2(C), _TILE // NB))
     NB1 = min(1024, _pow2(N, 16))
     CB1 = max(2, min(_pow2(C), _TILE // NB1))
@@ -143,7 +144,7 @@ def _plan(x: Tensor, fc1_weight: Tensor, router_fc1_weight: Tensor | None, branc
         meta[f"D{k}"] = int(dilations[k]) if k < count else 1
         meta[f"TB{k}"] = _pow2(size * size)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return _Plan(B, C, H, W, N, RM, RH, count, NB, CB, tiles, NB1, CB1, RB, max(2, min(_pow2(C), _TILE // RB)),
+    return _Plan(B, C, H, W, N, RM, RH, count, NB, min(32, NB), CB, tiles, NB1, CB1, RB, max(2, min(_pow2(C), _TILE // RB)),
                  _pow2(RH), _pow2(count), min(1024, _pow2(tiles)), meta, acc)
 
 
@@ -266,7 +267,7 @@ def block_backward(grad_out: Tensor | None, grad_ca: Tensor | None, grad_sa: Ten
             *_branches(branch_weights, branch_biases), _c(sa_temperature, x), glogit, gs, grads, lay["P"],
             lay["router"], lay["branch0"], lay["branch1"], lay["branch2"], lay["branch3"], lay["bias"], lay["tsa"],
             p.H, p.W, p.N, p.RH, p.tiles, K=p.K, **p.branch_meta, GATE=_GATES[sa_gate],
-            HAS_GSA=grad_sa is not None, HAS_GRW=grad_router_w is not None, NB=p.NB, RHB=p.RHB, KB=p.KB, TPB=p.TPB,
+            HAS_GSA=grad_sa is not None, HAS_GRW=grad_router_w is not None, NB=p.NBS, RHB=p.RHB, KB=p.KB, TPB=p.TPB,
             ACC=acc)
 
     pg = new(p.B, p.tiles, p.C)
