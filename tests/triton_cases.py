@@ -116,16 +116,25 @@ def _leaves(case: dict) -> dict:
     return out
 
 
-def reference(case: dict) -> tuple[list, list]:
-    """Outputs and gradients by autograd through :func:`functional.cbam_residual_dynamic_sa`."""
-    c = _leaves(case)
+def _reference_call(c: dict) -> tuple:
     router = None
     if c["router_fc1_weight"] is not None:
         router = (c["router_fc1_weight"], c["router_fc1_bias"], c["router_fc2_weight"], c["router_fc2_bias"])
-    outs = FA.cbam_residual_dynamic_sa(
+    return FA.cbam_residual_dynamic_sa(
         c["x"], (c["fc1_weight"], c["fc1_bias"], c["fc2_weight"], c["fc2_bias"]), c["fusion_logits"],
         c["branch_weights"], c["branch_biases"], c["dilations"], router, c["alpha"], c["act"], c["ca_gate"],
         c["ca_temperature"], c["sa_gate"], c["sa_temperature"])
+
+
+def reference_outputs(case: dict) -> tuple:
+    """The reference's outputs alone (no autograd graph needed)."""
+    return _reference_call(case)
+
+
+def reference(case: dict) -> tuple[list, list]:
+    """Outputs and gradients by autograd through :func:`functional.cbam_residual_dynamic_sa`."""
+    c = _leaves(case)
+    outs = _reference_call(c)
     loss = (outs[0].double() * c["grad_out"].double()).sum()
     for out, grad in zip(outs[1:], c["grad_maps"], strict=True):
         if grad is not None:

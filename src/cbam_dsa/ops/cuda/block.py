@@ -144,8 +144,9 @@ def _plan(x: Tensor, fc1_weight: Tensor, router_fc1_weight: Tensor | None, branc
         meta[f"D{k}"] = int(dilations[k]) if k < count else 1
         meta[f"TB{k}"] = _pow2(size * size)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return _Plan(B, C, H, W, N, RM, RH, count, NB, min(32, NB), CB, tiles, NB1, CB1, RB, max(2, min(_pow2(C), _TILE // RB)),
-                 _pow2(RH), _pow2(count), min(1024, _pow2(tiles)), meta, acc)
+    CBM = max(2, min(_pow2(C), _TILE // RB))
+    return _Plan(B, C, H, W, N, RM, RH, count, NB, min(32, NB), CB, tiles, NB1, CB1, RB, CBM, _pow2(RH),
+                 _pow2(count), min(1024, _pow2(tiles)), meta, acc)
 
 
 def _c(t: Tensor | None, fallback: Tensor) -> Tensor:
