@@ -16,7 +16,7 @@ Forward, three kernels, one pass over ``x`` each (three reads and one write of `
 Saved for backward: ``ca`` ``(B, C)`` and ``sa`` ``(B, H * W)`` in ``x``'s dtype (``1 / (H W) + 1 / C`` of the
 input; at most 0.022x at the stage shapes). Everything else is recomputed.
 
-Backward, five kernels and one sum over the batch:
+Backward, six kernels:
 
 1. :func:`.kernels.backward_pool_kernel`, the two-axis reduction (grid ``(B, tiles)``): over C, the descriptors,
    the ties at their max and ``sum_c g * alpha * y``; over H, W, per tile, the channel pooling's sum, max and ties;
@@ -27,8 +27,10 @@ Backward, five kernels and one sum over the batch:
 5. :func:`.kernels.backward_input_kernel`: the gradient of ``x``, written once (skipped where not needed).
 
 Every reduction is a fixed-order sum of partials (one row per sample or per tile), with no atomics, so two runs
-give bitwise-equal results. The parameters' gradients are summed over the batch by one ``sum(0)`` of a packed
-``(B, P)`` buffer.
+give bitwise-equal results. The per-sample kernels write the parameters' gradients to rows of a packed ``(B, P)``
+buffer; a sixth kernel (:func:`.kernels.finish_kernel`) sums them over the batch and applies the chain rule of the
+fusion softmax and the temperatures, so that the gradients come back as views of one buffer (cast only where a
+parameter's dtype differs from float32).
 
 Not given a kernel (:func:`supports` says why; route them to the reference): more than :data:`MAX_BRANCHES`
 branches, branch kernels over :data:`MAX_KERNEL_SIZE`, dtypes other than float16/bfloat16/float32/float64, and
@@ -242,7 +244,7 @@ def block_backward(grad_out: Tensor | None, grad_ca: Tensor | None, grad_sa: Ten
                    sa_gate: str, needs: list[bool]) -> list[Tensor | None]:
     """The gradients of ``[x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fusion_logits, ca_temperature,
     sa_temperature, alpha, router_fc1_weight, router_fc1_bias, router_fc2_weight, router_fc2_bias, *branch_weights,
-    *branch_biases]`` in five kernels (module docstring), each in its input's dtype and shape; ``None`` where the
+    *branch_biases]`` in six kernels (module docstring), each in its input's dtype and shape; ``None`` where the
     input is None or not needed. Any ``grad_*`` may be None (zero)."""
     K = _kernels()
     x = _c(x, x)
@@ -289,7 +291,11 @@ def block_backward(grad_out: Tensor | None, grad_ca: Tensor | None, grad_sa: Ten
         _launch(K.backward_input_kernel, (p.B, p.tiles), x, grad_out, ca, sa, _c(alpha, x), s, ties_c, gs, g_avg,
                 g_max, mx, ties_hw, grad_x, p.C, p.N, HAS_ALPHA=has_alpha, CB=p.CB, NB=p.NB, XDT=xdt, ACC=acc)
 
-    total = grads.sum(0)
+    P = lay["P"]
+    total = x.new_empty((P + 4,), dtype=p.acc)
+    _launch(K.finish_kernel, (-(-P // 1024),), grads, total, _c(fusion_logits, x), _c(grad_fusion_w, x),
+            _c(ca_temperature, x), _c(sa_temperature, x), p.B, P, lay["fw"], lay["tca"], lay["tsa"],
+            HAS_FUSION=fusion_logits is not None, HAS_GFW=grad_fusion_w is not None, PB=1024, ACC=acc)
     at = lambda name, size: total[lay[name] : lay[name] + size]  # noqa: E731
     found: list[Tensor | None] = [
         grad_x,
@@ -297,17 +303,11 @@ def block_backward(grad_out: Tensor | None, grad_ca: Tensor | None, grad_sa: Ten
         at("fc1b", p.RM),
         at("fc2w", p.C * p.RM),
         at("fc2b", p.C),
-        None,
-        -at("tca", 1) / ca_temperature.to(p.acc) ** 2,
-        -at("tsa", 1) / sa_temperature.to(p.acc) ** 2,
+        total[P : P + 2] if fusion_logits is not None else None,
+        total[P + 2],
+        total[P + 3],
         at("alpha", 1) if has_alpha else None,
     ]
-    if fusion_logits is not None:
-        g_fw = at("fw", 2)
-        if grad_fusion_w is not None:
-            g_fw = g_fw + grad_fusion_w.to(p.acc)
-        fw = torch.softmax(fusion_logits.to(p.acc), dim=0)
-        found[5] = fw * (g_fw - (g_fw * fw).sum())
     router = at("router", 3 * p.RH + p.K * p.RH + p.K) if p.K > 1 else None
     if router is None:
         found += [None] * 4

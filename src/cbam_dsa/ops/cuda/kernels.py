@@ -745,3 +745,39 @@ def backward_input_kernel(x_ptr, gout_ptr, ca_ptr, sa_ptr, alpha_ptr, s_ptr, cnt
         if HAS_ALPHA:
             g_x += g - alpha * g
         tl.store(gx_ptr + offs, _to_x(g_x, XDT), mask=mask)
+
+
+@triton.jit
+def finish_kernel(grad_ptr, total_ptr, fusion_ptr, gfw_ptr, tca_ptr, tsa_ptr, B, P, off_fw, off_tca, off_tsa,
+                  HAS_FUSION: tl.constexpr, HAS_GFW: tl.constexpr, PB: tl.constexpr, ACC: tl.constexpr):
+    """The parameters' gradients: the per-sample rows of ``grad`` (``(B, P)``) summed over B in order into
+    ``total[:P]`` (grid ``(cdiv(P, PB),)``); the first program also writes the chain rule of the scalars after
+    them: ``total[P:P + 2]`` the fusion logits' gradient (softmax backward), ``total[P + 2]`` and ``total[P + 3]``
+    the temperatures' (``-sum(g_q * z) / T ** 2``)."""
+    cols = tl.program_id(0) * PB + tl.arange(0, PB)
+    cmask = cols < P
+    acc = tl.zeros((PB,), ACC)
+    for b in range(0, B):
+        acc += tl.load(grad_ptr + b * P + cols, mask=cmask, other=0.0)
+    tl.store(total_ptr + cols, acc, mask=cmask)
+    if tl.program_id(0) == 0:
+        g_fw0 = tl.zeros((), ACC)
+        g_fw1 = tl.zeros((), ACC)
+        g_tca = tl.zeros((), ACC)
+        g_tsa = tl.zeros((), ACC)
+        for b in range(0, B):
+            g_fw0 += tl.load(grad_ptr + b * P + off_fw)
+            g_fw1 += tl.load(grad_ptr + b * P + off_fw + 1)
+            g_tca += tl.load(grad_ptr + b * P + off_tca)
+            g_tsa += tl.load(grad_ptr + b * P + off_tsa)
+        if HAS_GFW:
+            g_fw0 += tl.load(gfw_ptr).to(ACC)
+            g_fw1 += tl.load(gfw_ptr + 1).to(ACC)
+        fw0, fw1 = _fusion(fusion_ptr, HAS_FUSION, ACC)
+        inner = g_fw0 * fw0 + g_fw1 * fw1
+        tl.store(total_ptr + P, fw0 * (g_fw0 - inner))
+        tl.store(total_ptr + P + 1, fw1 * (g_fw1 - inner))
+        t_ca = tl.load(tca_ptr).to(ACC)
+        t_sa = tl.load(tsa_ptr).to(ACC)
+        tl.store(total_ptr + P + 2, -g_tca / (t_ca * t_ca))
+        tl.store(total_ptr + P + 3, -g_tsa / (t_sa * t_sa))
