@@ -16,26 +16,37 @@ Forward, three kernels, one pass over ``x`` each (three reads and one write of `
 Saved for backward: ``ca`` ``(B, C)`` and ``sa`` ``(B, H * W)`` in ``x``'s dtype (``1 / (H W) + 1 / C`` of the
 input; at most 0.022x at the stage shapes). Everything else is recomputed.
 
-Backward, six kernels:
+Backward, seven kernels:
 
-1. :func:`.kernels.backward_pool_kernel`, the two-axis reduction (grid ``(B, tiles)``): over C, the descriptors,
-   the ties at their max and ``sum_c g * alpha * y``; over H, W, per tile, the channel pooling's sum, max and ties;
-   alpha's gradient per tile;
-2. :func:`.kernels.backward_spatial_kernel`: the gate, branches and router backward per sample (grid ``(B,)``);
-3. :func:`.kernels.backward_channel_reduce_kernel`: ``sum_hw g_y * x`` per channel and tile (``ca``'s gradient);
-4. :func:`.kernels.backward_channel_kernel`: the gate, fusion and MLP backward per sample (grid ``(B,)``);
-5. :func:`.kernels.backward_input_kernel`: the gradient of ``x``, written once (skipped where not needed).
+1. :func:`.kernels.backward_pool_kernel`, the two-axis reduction (grid ``(B, tiles)``): over C, the descriptors
+   again, the ties at their max and ``sum_c g * alpha * y`` (the spatial map's gradient); over H, W, per tile, the
+   channel pooling's sum, max and ties; alpha's gradient per tile;
+2. :func:`.kernels.backward_spatial_kernel` (grid ``(B, tiles of 32 pixels)``): the spatial gate's backward and
+   ``g_logit`` on the tile, and the tile's parts of the gradients of the branch kernels, biases, router weights and
+   spatial temperature;
+3. :func:`.kernels.backward_router_kernel` (grid ``(B,)``): those parts summed per sample, and the router's
+   backward;
+4. :func:`.kernels.backward_channel_reduce_kernel` (grid ``(B, tiles)``): the descriptors' gradient on the tile
+   (the branches' transposed convolutions) and ``sum_hw g_y * x`` per channel (``ca``'s gradient);
+5. :func:`.kernels.backward_channel_kernel` (grid ``(B,)``): the channel gate, fusion and MLP backward per sample;
+6. :func:`.kernels.backward_input_kernel` (grid ``(B, tiles)``): the gradient of ``x``, written once (skipped
+   where it is not needed);
+7. :func:`.kernels.finish_kernel`: the parameters' gradients summed over the batch (below).
 
 Every reduction is a fixed-order sum of partials (one row per sample or per tile), with no atomics, so two runs
 give bitwise-equal results. The per-sample kernels write the parameters' gradients to rows of a packed ``(B, P)``
-buffer; a sixth kernel (:func:`.kernels.finish_kernel`) sums them over the batch and applies the chain rule of the
+buffer; the last kernel (:func:`.kernels.finish_kernel`) sums them over the batch and applies the chain rule of the
 fusion softmax and the temperatures, so that the gradients come back as views of one buffer (cast only where a
 parameter's dtype differs from float32).
 
 Not given a kernel (:func:`supports` says why; route them to the reference): more than :data:`MAX_BRANCHES`
 branches, branch kernels over :data:`MAX_KERNEL_SIZE`, dtypes other than float16/bfloat16/float32/float64, and
-inputs on different devices. A non-contiguous (e.g. channels_last) ``x`` or ``grad_out`` is copied to contiguous
-first.
+inputs on different devices. :func:`block_backward` is not itself differentiable: a backward pass with
+``create_graph=True`` (double backward) must go through the reference. A non-contiguous (e.g. channels_last) ``x``
+or ``grad_out`` is copied to contiguous first.
+
+The block shapes (pixels per tile, channels per chunk, 4 warps) are chosen for the H200 by reasoning and by the
+compiler's register counts (no spills at sm_90), not yet by measurement.
 """
 
 from __future__ import annotations
@@ -223,9 +234,8 @@ def block_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: T
 def _layout(p: _Plan) -> dict[str, int]:
     """Offsets in a row of the packed per-sample gradient buffer; ``"P"`` is the row's length."""
     sizes = [("fc1w", p.RM * p.C), ("fc1b", p.RM), ("fc2w", p.C * p.RM), ("fc2b", p.C), ("fw", 2), ("tca", 1),
-             ("tsa", 1), ("alpha", 1), ("router", (3 * p.RH + p.K * p.RH + p.K) if p.K > 1 else 0)]
+             ("tsa", 1), ("alpha", 1), ("router", (3 * p.RH + p.K * p.RH + p.K) if p.K > 1 else 0), ("bias", p.K)]
     sizes += [(f"branch{k}", 2 * p.branch_meta[f"KS{k}"] ** 2 if k < p.K else 0) for k in range(MAX_BRANCHES)]
-    sizes.append(("bias", p.K))
     offsets, at = {}, 0
     for name, size in sizes:
         offsets[name] = at
@@ -244,7 +254,7 @@ def block_backward(grad_out: Tensor | None, grad_ca: Tensor | None, grad_sa: Ten
                    sa_gate: str, needs: list[bool]) -> list[Tensor | None]:
     """The gradients of ``[x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fusion_logits, ca_temperature,
     sa_temperature, alpha, router_fc1_weight, router_fc1_bias, router_fc2_weight, router_fc2_bias, *branch_weights,
-    *branch_biases]`` in six kernels (module docstring), each in its input's dtype and shape; ``None`` where the
+    *branch_biases]`` in seven kernels (module docstring), each in its input's dtype and shape; ``None`` where the
     input is None or not needed. Any ``grad_*`` may be None (zero)."""
     K = _kernels()
     x = _c(x, x)
@@ -264,18 +274,25 @@ def block_backward(grad_out: Tensor | None, grad_ca: Tensor | None, grad_sa: Ten
 
     lay = _layout(p)
     grads = new(p.B, lay["P"])
-    glogit, gs = new(p.B, p.N), new(p.B, 2, p.N)
-    _launch(K.backward_spatial_kernel, (p.B,), s, spart, gsum, _c(grad_sa, x), _c(grad_router_w, x),
-            _c(router_fc1_weight, x), _c(router_fc1_bias, x), _c(router_fc2_weight, x), _c(router_fc2_bias, x),
-            *_branches(branch_weights, branch_biases), _c(sa_temperature, x), glogit, gs, grads, lay["P"],
-            lay["router"], lay["branch0"], lay["branch1"], lay["branch2"], lay["branch3"], lay["bias"], lay["tsa"],
-            p.H, p.W, p.N, p.RH, p.tiles, K=p.K, **p.branch_meta, GATE=_GATES[sa_gate],
-            HAS_GSA=grad_sa is not None, HAS_GRW=grad_router_w is not None, NB=p.NBS, RHB=p.RHB, KB=p.KB, TPB=p.TPB,
-            ACC=acc)
+    # The spatial backward's per-tile parts: [T_sa, router (K), then biases and kernels as in grad's rows].
+    Q = 1 + p.K + (lay["P"] - lay["bias"])
+    q_branch = [1 + p.K + lay[f"branch{k}"] - lay["bias"] for k in range(1, MAX_BRANCHES)]
+    tiles_s = -(-p.N // p.NBS)
+    glogit, part, gpool = new(p.B, p.N), new(p.B, tiles_s, Q), new(p.B, 2)
+    router_args = (_c(router_fc1_weight, x), _c(router_fc1_bias, x), _c(router_fc2_weight, x), _c(router_fc2_bias, x))
+    branch_args = _branches(branch_weights, branch_biases)
+    _launch(K.backward_spatial_kernel, (p.B, tiles_s), s, spart, gsum, _c(grad_sa, x), *router_args, *branch_args,
+            _c(sa_temperature, x), glogit, part, Q, *q_branch, p.H, p.W, p.N, p.RH, p.tiles, tiles_s, K=p.K,
+            **p.branch_meta, GATE=_GATES[sa_gate], HAS_GSA=grad_sa is not None, NB=p.NBS, RHB=p.RHB, KB=p.KB,
+            TPB=p.TPB, ACC=acc)
+    _launch(K.backward_router_kernel, (p.B,), part, Q, tiles_s, spart, _c(grad_router_w, x), *router_args, gpool,
+            grads, lay["P"], lay["tsa"], lay["router"], lay["bias"], p.N, p.RH, p.tiles, K=p.K,
+            HAS_GRW=grad_router_w is not None, QB=_pow2(Q), RHB=p.RHB, KB=p.KB, TPB=p.TPB, ACC=acc)
 
-    pg = new(p.B, p.tiles, p.C)
-    _launch(K.backward_channel_reduce_kernel, (p.B, p.tiles), x, grad_out, ca, sa, _c(alpha, x), s, ties_c, gs, pg,
-            p.C, p.N, p.tiles, HAS_ALPHA=has_alpha, CB=p.CB, NB=p.NB, XDT=xdt, ACC=acc)
+    gs, pg = new(p.B, 2, p.N), new(p.B, p.tiles, p.C)
+    _launch(K.backward_channel_reduce_kernel, (p.B, p.tiles), x, grad_out, ca, sa, _c(alpha, x), s, ties_c, spart,
+            *router_args, *branch_args, glogit, gpool, gs, pg, p.C, p.H, p.W, p.N, p.RH, p.tiles, K=p.K,
+            **p.branch_meta, HAS_ALPHA=has_alpha, CB=p.CB, NB=p.NB, RHB=p.RHB, KB=p.KB, TPB=p.TPB, XDT=xdt, ACC=acc)
 
     avg, mx, ties_hw, g_avg, g_max = (new(p.B, p.C) for _ in range(5))
     _launch(K.backward_channel_kernel, (p.B,), psum, pmax, pcnt, pg, palpha, _c(grad_ca, x), _c(fc1_weight, x),

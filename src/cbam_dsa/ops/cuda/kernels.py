@@ -441,101 +441,100 @@ def _store_taps(ptr, gw0, gw1, KS: tl.constexpr, TB: tl.constexpr):
 
 
 @triton.jit
-def backward_spatial_kernel(s_ptr, spart_ptr, t1_ptr, gsa_ptr, grw_ptr, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr,
+def backward_spatial_kernel(s_ptr, spart_ptr, t1_ptr, gsa_ptr, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr,
                             w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, tsa_ptr, glogit_ptr,
-                            gs_ptr, grad_ptr, P, off_router, off_branch0, off_branch1, off_branch2, off_branch3,
-                            off_bias, off_tsa, H, W, N, RH, n_tiles,
+                            part_ptr, Q, q_branch1, q_branch2, q_branch3, H, W, N, RH, n_tiles, n_stiles,
                             K: tl.constexpr, KS0: tl.constexpr, KS1: tl.constexpr, KS2: tl.constexpr,
                             KS3: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
                             D3: tl.constexpr, TB0: tl.constexpr, TB1: tl.constexpr, TB2: tl.constexpr,
-                            TB3: tl.constexpr, GATE: tl.constexpr, HAS_GSA: tl.constexpr, HAS_GRW: tl.constexpr,
-                            NB: tl.constexpr, RHB: tl.constexpr, KB: tl.constexpr, TPB: tl.constexpr,
-                            ACC: tl.constexpr):
-    """Backward of the spatial part for one sample (grid ``(B,)``): the gate, the routed branches and the router,
-    down to the gradient of the descriptors ``s``; the sample's parts of the parameters' gradients go to row ``b``
-    of ``grad`` (``(B, P)``, summed over B afterwards)."""
+                            TB3: tl.constexpr, GATE: tl.constexpr, HAS_GSA: tl.constexpr, NB: tl.constexpr,
+                            RHB: tl.constexpr, KB: tl.constexpr, TPB: tl.constexpr, ACC: tl.constexpr):
+    """Backward of the spatial gate and the routed branches on one pixel tile (grid ``(B, tiles)``): writes
+    ``g_logit`` for the tile, and the tile's parts of the gradients of the spatial temperature, the router weights,
+    the branch biases and the branch kernels to row ``(b, tile)`` of ``part`` (``Q`` values: ``[T_sa, router (K),
+    biases (K), kernel 0, kernel 1 from q_branch1, ...]``)."""
     b = tl.program_id(0)
-    rw, hidden, pooled0, pooled1 = _router(spart_ptr + b * n_tiles * 2, n_tiles, N, rw1_ptr, rb1_ptr, rw2_ptr,
-                                           rb2_ptr, RH, K, RHB, KB, TPB, ACC)
-    temperature = tl.load(tsa_ptr).to(ACC)
+    tile = tl.program_id(1)
+    rw, _, _, _ = _router(spart_ptr + b * n_tiles * 2, n_tiles, N, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr, RH, K, RHB,
+                          KB, TPB, ACC)
     kk = tl.arange(0, KB)
-    s_base = s_ptr + b * 2 * N
-    g_base = glogit_ptr + b * N
-    grad_row = grad_ptr + b * P
-    g_router = tl.zeros((KB,), ACC)
-    g_temp = tl.zeros((NB,), ACC)
-    gw00 = tl.zeros((TB0,), ACC)
-    gw01 = tl.zeros((TB0,), ACC)
-    gw10 = tl.zeros((TB1,), ACC)
-    gw11 = tl.zeros((TB1,), ACC)
-    gw20 = tl.zeros((TB2,), ACC)
-    gw21 = tl.zeros((TB2,), ACC)
-    gw30 = tl.zeros((TB3,), ACC)
-    gw31 = tl.zeros((TB3,), ACC)
-    g_bias = tl.zeros((KB,), ACC)
-    r0 = _pick(rw, 0, KB)
-    r1 = _pick(rw, 1, KB)
-    r2 = _pick(rw, 2, KB)
-    r3 = _pick(rw, 3, KB)
-    for n0 in range(0, N, NB):
-        n = n0 + tl.arange(0, NB)
-        nmask = n < N
-        hh = n // W
-        ww = n % W
-        logit = _logit(s_base, hh, ww, nmask, H, W, N, rw, w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr,
-                       b3_ptr, K, KB, KS0, KS1, KS2, KS3, D0, D1, D2, D3, TB0, TB1, TB2, TB3, ACC)
-        q = logit / temperature
-        g_sa = tl.load(t1_ptr + b * N + n, mask=nmask, other=0.0)
-        if HAS_GSA:
-            g_sa = g_sa + tl.load(gsa_ptr + b * N + n, mask=nmask, other=0.0).to(ACC)
-        g_q = tl.where(nmask, _gate_grad(q, g_sa, GATE), 0.0)
-        g_logit = g_q / temperature
-        g_temp += tl.where(nmask, g_q * logit, 0.0)
-        tl.store(g_base + n, g_logit, mask=nmask)
-        value, d0, d1, db = _branch_backward(s_base, hh, ww, nmask, H, W, N, g_logit, r0, w0_ptr, b0_ptr,
-                                             KS0, D0, TB0, ACC)
-        gw00 += d0
-        gw01 += d1
-        g_bias += tl.where(kk == 0, db, 0.0)
-        g_router += tl.where(kk == 0, tl.sum(tl.where(nmask, g_logit * value, 0.0), axis=0), 0.0)
-        if K > 1:
-            value, d0, d1, db = _branch_backward(s_base, hh, ww, nmask, H, W, N, g_logit, r1, w1_ptr,
-                                                 b1_ptr, KS1, D1, TB1, ACC)
-            gw10 += d0
-            gw11 += d1
-            g_bias += tl.where(kk == 1, db, 0.0)
-            g_router += tl.where(kk == 1, tl.sum(tl.where(nmask, g_logit * value, 0.0), axis=0), 0.0)
-        if K > 2:
-            value, d0, d1, db = _branch_backward(s_base, hh, ww, nmask, H, W, N, g_logit, r2, w2_ptr,
-                                                 b2_ptr, KS2, D2, TB2, ACC)
-            gw20 += d0
-            gw21 += d1
-            g_bias += tl.where(kk == 2, db, 0.0)
-            g_router += tl.where(kk == 2, tl.sum(tl.where(nmask, g_logit * value, 0.0), axis=0), 0.0)
-        if K > 3:
-            value, d0, d1, db = _branch_backward(s_base, hh, ww, nmask, H, W, N, g_logit, r3, w3_ptr,
-                                                 b3_ptr, KS3, D3, TB3, ACC)
-            gw30 += d0
-            gw31 += d1
-            g_bias += tl.where(kk == 3, db, 0.0)
-            g_router += tl.where(kk == 3, tl.sum(tl.where(nmask, g_logit * value, 0.0), axis=0), 0.0)
-    tl.debug_barrier()  # g_logit of the whole sample is in memory before the transposed convolutions read it
-    tl.store(grad_row + off_tsa, tl.sum(g_temp, axis=0))
-    _store_taps(grad_row + off_branch0, gw00, gw01, KS0, TB0)
-    if K > 1:
-        _store_taps(grad_row + off_branch1, gw10, gw11, KS1, TB1)
-    if K > 2:
-        _store_taps(grad_row + off_branch2, gw20, gw21, KS2, TB2)
-    if K > 3:
-        _store_taps(grad_row + off_branch3, gw30, gw31, KS3, TB3)
     kmask = kk < K
-    tl.store(grad_row + off_bias + kk, g_bias, mask=kmask)
+    s_base = s_ptr + b * 2 * N
+    n = tile * NB + tl.arange(0, NB)
+    nmask = n < N
+    hh = n // W
+    ww = n % W
+    temperature = tl.load(tsa_ptr).to(ACC)
+    logit = _logit(s_base, hh, ww, nmask, H, W, N, rw, w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr,
+                   b3_ptr, K, KB, KS0, KS1, KS2, KS3, D0, D1, D2, D3, TB0, TB1, TB2, TB3, ACC)
+    g_sa = tl.load(t1_ptr + b * N + n, mask=nmask, other=0.0)
+    if HAS_GSA:
+        g_sa = g_sa + tl.load(gsa_ptr + b * N + n, mask=nmask, other=0.0).to(ACC)
+    g_q = tl.where(nmask, _gate_grad(logit / temperature, g_sa, GATE), 0.0)
+    g_logit = g_q / temperature
+    tl.store(glogit_ptr + b * N + n, g_logit, mask=nmask)
+    row = part_ptr + (b * n_stiles + tile) * Q
+    tl.store(row, tl.sum(tl.where(nmask, g_q * logit, 0.0), axis=0))
+    g_router = tl.zeros((KB,), ACC)
+    g_bias = tl.zeros((KB,), ACC)
+    value, d0, d1, db = _branch_backward(s_base, hh, ww, nmask, H, W, N, g_logit, _pick(rw, 0, KB), w0_ptr, b0_ptr,
+                                         KS0, D0, TB0, ACC)
+    _store_taps(row + 1 + 2 * K, d0, d1, KS0, TB0)
+    g_bias += tl.where(kk == 0, db, 0.0)
+    g_router += tl.where(kk == 0, tl.sum(tl.where(nmask, g_logit * value, 0.0), axis=0), 0.0)
+    if K > 1:
+        value, d0, d1, db = _branch_backward(s_base, hh, ww, nmask, H, W, N, g_logit, _pick(rw, 1, KB), w1_ptr,
+                                             b1_ptr, KS1, D1, TB1, ACC)
+        _store_taps(row + q_branch1, d0, d1, KS1, TB1)
+        g_bias += tl.where(kk == 1, db, 0.0)
+        g_router += tl.where(kk == 1, tl.sum(tl.where(nmask, g_logit * value, 0.0), axis=0), 0.0)
+    if K > 2:
+        value, d0, d1, db = _branch_backward(s_base, hh, ww, nmask, H, W, N, g_logit, _pick(rw, 2, KB), w2_ptr,
+                                             b2_ptr, KS2, D2, TB2, ACC)
+        _store_taps(row + q_branch2, d0, d1, KS2, TB2)
+        g_bias += tl.where(kk == 2, db, 0.0)
+        g_router += tl.where(kk == 2, tl.sum(tl.where(nmask, g_logit * value, 0.0), axis=0), 0.0)
+    if K > 3:
+        value, d0, d1, db = _branch_backward(s_base, hh, ww, nmask, H, W, N, g_logit, _pick(rw, 3, KB), w3_ptr,
+                                             b3_ptr, KS3, D3, TB3, ACC)
+        _store_taps(row + q_branch3, d0, d1, KS3, TB3)
+        g_bias += tl.where(kk == 3, db, 0.0)
+        g_router += tl.where(kk == 3, tl.sum(tl.where(nmask, g_logit * value, 0.0), axis=0), 0.0)
+    tl.store(row + 1 + kk, g_router, mask=kmask)
+    tl.store(row + 1 + K + kk, g_bias, mask=kmask)
+
+
+@triton.jit
+def backward_router_kernel(part_ptr, Q, n_stiles, spart_ptr, grw_ptr, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr,
+                           gpool_ptr, grad_ptr, P, off_tsa, off_router, off_bias, N, RH, n_tiles,
+                           K: tl.constexpr, HAS_GRW: tl.constexpr, QB: tl.constexpr, RHB: tl.constexpr,
+                           KB: tl.constexpr, TPB: tl.constexpr, ACC: tl.constexpr):
+    """Per sample (grid ``(B,)``): the spatial backward's per-tile parts summed in order into row ``b`` of ``grad``
+    (``T_sa`` and the biases followed by the kernels go to their offsets; the router's part is used here), then the
+    router's backward (softmax, second layer, ReLU, first layer) down to the gradient of the pooled descriptors,
+    ``gpool[b] = (g_p0 / N, g_p1 / N)``."""
+    b = tl.program_id(0)
+    q = tl.arange(0, QB)
+    qmask = q < Q
+    total = tl.zeros((QB,), ACC)
+    for t in range(0, n_stiles):
+        total += tl.load(part_ptr + (b * n_stiles + t) * Q + q, mask=qmask, other=0.0)
+    grad_row = grad_ptr + b * P
+    tl.store(grad_row + off_tsa, tl.sum(tl.where(q == 0, total, 0.0), axis=0))
+    # The biases (K values) and then the kernels, in the same order in part's row and in grad's.
+    tl.store(grad_row + off_bias + (q - 1 - K), total, mask=(q >= 1 + K) & qmask)
     g_pooled0 = 0.0
     g_pooled1 = 0.0
     if K > 1:
-        # The router's backward: softmax, second layer, ReLU, first layer, down to the pooled descriptors.
+        kk = tl.arange(0, KB)
+        kmask = kk < K
+        g_router = tl.zeros((KB,), ACC)
+        for k in tl.static_range(K):
+            g_router += tl.where(kk == k, tl.sum(tl.where(q == 1 + k, total, 0.0), axis=0), 0.0)
         if HAS_GRW:
             g_router += tl.load(grw_ptr + b * K + kk, mask=kmask, other=0.0).to(ACC)
+        rw, hidden, pooled0, pooled1 = _router(spart_ptr + b * n_tiles * 2, n_tiles, N, rw1_ptr, rb1_ptr, rw2_ptr,
+                                               rb2_ptr, RH, K, RHB, KB, TPB, ACC)
         g_router = tl.where(kmask, g_router, 0.0)
         g_logits = tl.where(kmask, rw * (g_router - tl.sum(g_router * rw, axis=0)), 0.0)
         r = tl.arange(0, RHB)
@@ -554,26 +553,8 @@ def backward_spatial_kernel(s_ptr, spart_ptr, t1_ptr, gsa_ptr, grw_ptr, rw1_ptr,
         w1b = tl.load(rw1_ptr + 2 * r + 1, mask=rmask, other=0.0).to(ACC)
         g_pooled0 = tl.sum(tl.where(rmask, w1a * g_pre, 0.0), axis=0) / N
         g_pooled1 = tl.sum(tl.where(rmask, w1b * g_pre, 0.0), axis=0) / N
-    for n0 in range(0, N, NB):
-        n = n0 + tl.arange(0, NB)
-        nmask = n < N
-        hh = n // W
-        ww = n % W
-        gs0, gs1 = _branch_transpose(g_base, hh, ww, nmask, H, W, r0, w0_ptr, KS0, D0, TB0, ACC)
-        if K > 1:
-            a, c = _branch_transpose(g_base, hh, ww, nmask, H, W, r1, w1_ptr, KS1, D1, TB1, ACC)
-            gs0 += a
-            gs1 += c
-        if K > 2:
-            a, c = _branch_transpose(g_base, hh, ww, nmask, H, W, r2, w2_ptr, KS2, D2, TB2, ACC)
-            gs0 += a
-            gs1 += c
-        if K > 3:
-            a, c = _branch_transpose(g_base, hh, ww, nmask, H, W, r3, w3_ptr, KS3, D3, TB3, ACC)
-            gs0 += a
-            gs1 += c
-        tl.store(gs_ptr + b * 2 * N + n, gs0 + g_pooled0, mask=nmask)
-        tl.store(gs_ptr + b * 2 * N + N + n, gs1 + g_pooled1, mask=nmask)
+    tl.store(gpool_ptr + 2 * b, g_pooled0)
+    tl.store(gpool_ptr + 2 * b + 1, g_pooled1)
 
 
 @triton.jit
@@ -587,18 +568,45 @@ def _grad_y(v, g, ca, sa, gs0, gs1, s1, ties, alpha, C, HAS_ALPHA: tl.constexpr,
 
 
 @triton.jit
-def backward_channel_reduce_kernel(x_ptr, gout_ptr, ca_ptr, sa_ptr, alpha_ptr, s_ptr, cntc_ptr, gs_ptr, pg_ptr, C, N,
-                                   n_tiles, HAS_ALPHA: tl.constexpr, CB: tl.constexpr, NB: tl.constexpr,
-                                   XDT: tl.constexpr, ACC: tl.constexpr):
-    """Backward pass 2 (grid ``(B, tiles)``): per channel, the tile's part of ``sum_hw g_y * x`` (the gradient of
-    ``ca``)."""
+def backward_channel_reduce_kernel(x_ptr, gout_ptr, ca_ptr, sa_ptr, alpha_ptr, s_ptr, cntc_ptr, spart_ptr, rw1_ptr,
+                                   rb1_ptr, rw2_ptr, rb2_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr,
+                                   b3_ptr, glogit_ptr, gpool_ptr, gs_ptr, pg_ptr, C, H, W, N, RH, n_tiles,
+                                   K: tl.constexpr, KS0: tl.constexpr, KS1: tl.constexpr, KS2: tl.constexpr,
+                                   KS3: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                                   D3: tl.constexpr, TB0: tl.constexpr, TB1: tl.constexpr, TB2: tl.constexpr,
+                                   TB3: tl.constexpr, HAS_ALPHA: tl.constexpr, CB: tl.constexpr, NB: tl.constexpr,
+                                   RHB: tl.constexpr, KB: tl.constexpr, TPB: tl.constexpr, XDT: tl.constexpr,
+                                   ACC: tl.constexpr):
+    """Backward pass 2 (grid ``(B, tiles)``): the gradient of the descriptors on the tile (the branches' transposed
+    convolutions of ``r_k * g_logit`` plus the router's part), written for pass 3, then per channel the tile's part
+    of ``sum_hw g_y * x`` (the gradient of ``ca``)."""
     b = tl.program_id(0)
     tile = tl.program_id(1)
     n = tile * NB + tl.arange(0, NB)
     nmask = n < N
+    hh = n // W
+    ww = n % W
+    rw, _, _, _ = _router(spart_ptr + b * n_tiles * 2, n_tiles, N, rw1_ptr, rb1_ptr, rw2_ptr, rb2_ptr, RH, K, RHB,
+                          KB, TPB, ACC)
+    g_base = glogit_ptr + b * N
+    gs0, gs1 = _branch_transpose(g_base, hh, ww, nmask, H, W, _pick(rw, 0, KB), w0_ptr, KS0, D0, TB0, ACC)
+    if K > 1:
+        a, c = _branch_transpose(g_base, hh, ww, nmask, H, W, _pick(rw, 1, KB), w1_ptr, KS1, D1, TB1, ACC)
+        gs0 += a
+        gs1 += c
+    if K > 2:
+        a, c = _branch_transpose(g_base, hh, ww, nmask, H, W, _pick(rw, 2, KB), w2_ptr, KS2, D2, TB2, ACC)
+        gs0 += a
+        gs1 += c
+    if K > 3:
+        a, c = _branch_transpose(g_base, hh, ww, nmask, H, W, _pick(rw, 3, KB), w3_ptr, KS3, D3, TB3, ACC)
+        gs0 += a
+        gs1 += c
+    gs0 = gs0 + tl.load(gpool_ptr + 2 * b).to(ACC)
+    gs1 = gs1 + tl.load(gpool_ptr + 2 * b + 1).to(ACC)
+    tl.store(gs_ptr + b * 2 * N + n, gs0, mask=nmask)
+    tl.store(gs_ptr + b * 2 * N + N + n, gs1, mask=nmask)
     sa = tl.load(sa_ptr + b * N + n, mask=nmask, other=0.0).to(ACC)
-    gs0 = tl.load(gs_ptr + b * 2 * N + n, mask=nmask, other=0.0)
-    gs1 = tl.load(gs_ptr + b * 2 * N + N + n, mask=nmask, other=0.0)
     s1 = tl.load(s_ptr + b * 2 * N + N + n, mask=nmask, other=0.0)
     ties = tl.load(cntc_ptr + b * N + n, mask=nmask, other=1.0)
     alpha = 1.0
