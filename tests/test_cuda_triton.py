@@ -74,6 +74,7 @@ def test_cases_cover_the_brief() -> None:
     assert any(len(config.get("kernels", [1, 2, 3])) == 1 for config in configs)
     assert any(config.get("alpha", 1.0) is None for config in configs)
     assert any(config.get("maps") for config in configs)
+    assert any(config.get("no_out_grad") for config in configs) and any(config.get("skip") for config in configs)
     shapes = [shape for shape, _, _ in triton_cases.CASES.values()]
     assert any(h != w for _, _, h, w in shapes) and any(h == w == 1 for _, _, h, w in shapes)
     assert any(c == 1 for _, c, _, _ in shapes) and any(b == 1 for b, _, _, _ in shapes)

@@ -21,7 +21,8 @@ from cbam_dsa import functional as FA
 
 # name: (shape, dtype, config). Config keys: kernels [(size, dilation)], fusion ("softmax"|"sum"), act, ca_gate,
 # sa_gate, ca_t, sa_t, alpha (None = no residual), hidden, router_hidden, special ("ties"|"nan"|"inf"), maps
-# (loss on the maps too).
+# (loss on the maps too), no_out_grad (no loss on the output: its gradient is None), skip (inputs whose gradient is
+# not asked for), params (the parameters' dtype), repeat (check that two runs are bitwise equal).
 CASES: dict[str, tuple[tuple[int, int, int, int], torch.dtype, dict]] = {
     "default_f32": ((2, 8, 5, 6), torch.float32, {"repeat": True}),
     # torch's hardsigmoid backward multiplies by a float32 1/6 even in float64, so the hard gates run in float32.
@@ -42,6 +43,8 @@ CASES: dict[str, tuple[tuple[int, int, int, int], torch.dtype, dict]] = {
     "tiny_c_large_map": ((1, 2, 15, 13), torch.float32, {"hidden": 2}),
     "ties": ((2, 6, 4, 5), torch.float32, {"special": "ties"}),
     "ties_bf16_params_f32": ((2, 6, 4, 5), torch.bfloat16, {"special": "ties", "maps": True, "params": torch.float32}),
+    "maps_only_partial_needs": ((2, 6, 4, 4), torch.float32,
+                                {"maps": True, "no_out_grad": True, "skip": ["x", "fc2_bias", "alpha"]}),
     "nan": ((3, 6, 5, 4), torch.float32, {"special": "nan", "maps": True, "repeat": True}),
     "inf": ((3, 6, 5, 4), torch.float32, {"special": "inf", "ca_gate": "hardsigmoid"}),
 }
@@ -96,7 +99,8 @@ def build(shape: tuple[int, int, int, int], dtype: torch.dtype, config: dict, de
         "act": config.get("act", "relu"),
         "ca_gate": config.get("ca_gate", "sigmoid"),
         "sa_gate": config.get("sa_gate", "sigmoid"),
-        "grad_out": rand(*shape, dt=dtype),
+        "grad_out": None if config.get("no_out_grad") else rand(*shape, dt=dtype),
+        "skip": list(config.get("skip", [])),
         "grad_maps": [rand(B, C, 1, 1, dt=dtype), rand(B, 1, H, W, dt=dtype), rand(2, dt=dtype),
                       rand(B, count, dt=dtype)] if config.get("maps") else [None] * 4,
     }
@@ -135,14 +139,15 @@ def reference(case: dict) -> tuple[list, list]:
     """Outputs and gradients by autograd through :func:`functional.cbam_residual_dynamic_sa`."""
     c = _leaves(case)
     outs = _reference_call(c)
-    loss = (outs[0].double() * c["grad_out"].double()).sum()
+    loss = 0.0 if c["grad_out"] is None else (outs[0].double() * c["grad_out"].double()).sum()
     for out, grad in zip(outs[1:], c["grad_maps"], strict=True):
         if grad is not None:
             loss = loss + (out.double() * grad.double()).sum()
     leaves = [t for t in _tensors(c) if t is not None]
     found = iter(torch.autograd.grad(loss, leaves, allow_unused=True))
     grads = [None if t is None else next(found) for t in _tensors(c)]
-    return [o.detach() for o in outs], grads
+    skipped = [name in c["skip"] for name in GRAD_NAMES] + [False] * (len(grads) - len(GRAD_NAMES))
+    return [o.detach() for o in outs], [None if skip else g for g, skip in zip(grads, skipped, strict=True)]
 
 
 def fused(case: dict) -> tuple[list, list]:
@@ -153,7 +158,8 @@ def fused(case: dict) -> tuple[list, list]:
     spec = [case["dilations"], case["act"], case["ca_gate"], case["sa_gate"]]
     out, ca, sa, fw, rw, saved = block.block_forward(*args, *spec)
     assert [tuple(t.shape) for t in saved] == [tuple(t.shape) for t in block.saved_like(*args, *spec)]
-    needs = [t is not None for t in _tensors(case)]
+    names = GRAD_NAMES + [""] * (len(case["branch_weights"]) + len(case["branch_biases"]))
+    needs = [t is not None and name not in case["skip"] for t, name in zip(_tensors(case), names, strict=True)]
     grads = block.block_backward(case["grad_out"], *case["grad_maps"], *args, saved, *spec, needs)
     return [out, ca, sa, fw, rw], grads
 
