@@ -7,7 +7,7 @@ float64 reference (within 2e-2, or within 3x the bfloat16 reference's own error)
 of forward + backward bitwise equal. Then, with ``--time``, a side-by-side timing of the fused forward and
 forward + backward against the reference at the stage shapes (median of CUDA-event timings, interleaved rounds).
 
-    PYTHONPATH=src python benchmarks/gpu_check.py [--time] [--json OUT.json] [--limit N]
+    PYTHONPATH=src python benchmarks/gpu_check.py [--time] [--full] [--json OUT.json] [--limit N]
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/gpu_check.py --device cpu --limit 2   # the script itself
 
 Prints one line per case and a summary; exits 1 if any check fails.
@@ -39,13 +39,21 @@ CONFIGS = {
 }
 
 
-def _cases() -> list[tuple[str, tuple, torch.dtype, dict]]:
+# The cases of the default run: each new combination of settings compiles the kernels again (seconds each), so the
+# default run keeps to a few; --full runs every case of tests/triton_cases.py and every configuration above.
+QUICK = ["default_f32", "maps_temperatures", "four_branches_dilated", "one_branch_no_residual", "large_c_tiny_map",
+         "ties", "nan", "inf"]
+
+
+def _cases(full: bool) -> list[tuple[str, tuple, torch.dtype, dict]]:
     cases = []
     for dtype in (torch.float32, torch.bfloat16):
         for name, (shape, case_dtype, config) in T.CASES.items():
-            if case_dtype in (torch.float32, torch.bfloat16):
+            if case_dtype in (torch.float32, torch.bfloat16) and (full or name in QUICK):
                 cases.append((f"{name}[{dtype}]", shape, dtype, dict(config, repeat=True)))
         for name, stage_config in CONFIGS.items():
+            if not full and name != "default":
+                continue
             for shape in STAGES:
                 small = (min(shape[0], 4), *shape[1:])
                 config = dict(stage_config, repeat=True, hidden=shape[1] // 16)
@@ -138,6 +146,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu under TRITON_INTERPRET=1 to try the script")
     parser.add_argument("--limit", type=int, default=None, help="run only the first LIMIT cases")
+    parser.add_argument("--full", action="store_true", help="every case and configuration (many more compilations)")
     options = parser.parse_args()
     if options.device == "cuda" and not torch.cuda.is_available():
         print("gpu check: no CUDA device")
@@ -148,9 +157,11 @@ def main() -> int:
     print(f"gpu check: {device_name}, torch {torch.__version__}", flush=True)
     started = time.perf_counter()
     results, failed = {}, []
-    for name, shape, dtype, config in _cases()[: options.limit]:
+    for name, shape, dtype, config in _cases(options.full)[: options.limit]:
         try:
+            case_started = time.perf_counter()
             ok, found = _check(name, shape, dtype, config, options.device)
+            found["seconds"] = time.perf_counter() - case_started
         except Exception as error:  # report it and go on to the next case
             ok, found = False, {"exception": repr(error)[:2000]}
             print(f"FAIL {name:60s} {found['exception']}", flush=True)
