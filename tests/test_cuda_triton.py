@@ -4,7 +4,8 @@ The interpreter must be switched on (``TRITON_INTERPRET=1``) before triton is im
 triton first, so the cases run in one subprocess (``tests/triton_cases.py``) that prints its figures as JSON; the
 tests here check them. Every case compares outputs, maps and every gradient (through the maps too, where the case
 puts a loss on them) with autograd through :func:`cbam_dsa.functional.cbam_residual_dynamic_sa`, the non-finite
-masks, and, for some, that two runs are bitwise equal.
+masks, and, for some, that two runs are bitwise equal. With ``CBAM_DSA_COMPILE_CHECK=1``, every kernel is also
+compiled for sm_90 without a GPU (``tests/triton_compile.py``), which the interpreter does not do.
 """
 
 from __future__ import annotations
@@ -109,3 +110,22 @@ def test_supports_names_what_falls_back() -> None:
     assert block.supports(x, kernel_sizes=[3, 7, 7]) is None
     assert "branches" in block.supports(x, kernel_sizes=[3] * (block.MAX_BRANCHES + 1))
     assert "dtype" in block.supports(x.int(), kernel_sizes=[3])
+
+
+@requires_triton
+@pytest.mark.skipif(os.environ.get("CBAM_DSA_COMPILE_CHECK") != "1",
+                    reason="compiling for sm_90 takes a minute or more here: set CBAM_DSA_COMPILE_CHECK=1")
+def test_compiles_for_sm90() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(cbam_dsa.__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, str(HERE / "triton_compile.py"), "--all"], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 10 * len(triton_compile_configs()), "every kernel of every config compiled"
+
+
+def triton_compile_configs() -> list[str]:
+    import triton_compile
+
+    return list(triton_compile.CONFIGS)
