@@ -89,9 +89,13 @@ def _pow2(n: int, low: int = 2) -> int:
 
 
 def _launch(kernel, grid, *args, **meta) -> None:
-    """Launch through ``torch.library.wrap_triton`` where torch has it, so that torch.compile sees the kernel."""
+    """Launch ``kernel`` directly on plain tensors, and through ``torch.library.wrap_triton`` while the call is traced
+    (fake or functional tensors: torch.compile tracing a ``triton_op`` that calls these functions), so that the
+    compiler sees the kernel. (``wrap_triton`` outside a ``triton_op`` dispatches through a higher-order operator in
+    eager, about a millisecond per launch.)"""
+    traced = any(isinstance(a, Tensor) and type(a) not in (Tensor, torch.nn.Parameter) for a in args)
     wrap = getattr(torch.library, "wrap_triton", None)
-    (wrap(kernel) if wrap is not None else kernel)[grid](*args, **meta)
+    (wrap(kernel) if traced and wrap is not None else kernel)[grid](*args, **meta)
 
 
 def supports(x: Tensor, *tensors: Tensor | None, kernel_sizes: list[int] | None = None) -> str | None:
