@@ -1,4 +1,5 @@
-"""The fused block on CUDA: launchers of the Triton kernels (:mod:`.kernels`) for the operator's CUDA implementation.
+"""The fused block on CUDA: launchers of the Triton kernels (:mod:`.kernels`, :mod:`.kernels_backward`) for the
+operator's CUDA implementation.
 
 The math is :func:`cbam_dsa.functional.cbam_residual_dynamic_sa`; the tensors come in the operator's order (``None``
 where the block has no such part) and the spec after them (:func:`block_forward`).
@@ -16,26 +17,26 @@ Forward, three kernels, one pass over ``x`` each (three reads and one write of `
 Saved for backward: ``ca`` ``(B, C)`` and ``sa`` ``(B, H * W)`` in ``x``'s dtype (``1 / (H W) + 1 / C`` of the
 input; at most 0.022x at the stage shapes). Everything else is recomputed.
 
-Backward, seven kernels:
+Backward, seven kernels (:mod:`.kernels_backward`):
 
-1. :func:`.kernels.backward_pool_kernel`, the two-axis reduction (grid ``(B, tiles)``): over C, the descriptors
+1. ``backward_pool_kernel``, the two-axis reduction (grid ``(B, tiles)``): over C, the descriptors
    again, the ties at their max and ``sum_c g * alpha * y`` (the spatial map's gradient); over H, W, per tile, the
    channel pooling's sum, max and ties; alpha's gradient per tile;
-2. :func:`.kernels.backward_spatial_kernel` (grid ``(B, tiles of 32 pixels)``): the spatial gate's backward and
+2. ``backward_spatial_kernel`` (grid ``(B, tiles of 32 pixels)``): the spatial gate's backward and
    ``g_logit`` on the tile, and the tile's parts of the gradients of the branch kernels, biases, router weights and
    spatial temperature;
-3. :func:`.kernels.backward_router_kernel` (grid ``(B,)``): those parts summed per sample, and the router's
+3. ``backward_router_kernel`` (grid ``(B,)``): those parts summed per sample, and the router's
    backward;
-4. :func:`.kernels.backward_channel_reduce_kernel` (grid ``(B, tiles)``): the descriptors' gradient on the tile
+4. ``backward_channel_reduce_kernel`` (grid ``(B, tiles)``): the descriptors' gradient on the tile
    (the branches' transposed convolutions) and ``sum_hw g_y * x`` per channel (``ca``'s gradient);
-5. :func:`.kernels.backward_channel_kernel` (grid ``(B,)``): the channel gate, fusion and MLP backward per sample;
-6. :func:`.kernels.backward_input_kernel` (grid ``(B, tiles)``): the gradient of ``x``, written once (skipped
+5. ``backward_channel_kernel`` (grid ``(B,)``): the channel gate, fusion and MLP backward per sample;
+6. ``backward_input_kernel`` (grid ``(B, tiles)``): the gradient of ``x``, written once (skipped
    where it is not needed);
-7. :func:`.kernels.finish_kernel`: the parameters' gradients summed over the batch (below).
+7. ``finish_kernel``: the parameters' gradients summed over the batch (below).
 
 Every reduction is a fixed-order sum of partials (one row per sample or per tile), with no atomics, so two runs
 give bitwise-equal results. The per-sample kernels write the parameters' gradients to rows of a packed ``(B, P)``
-buffer; the last kernel (:func:`.kernels.finish_kernel`) sums them over the batch and applies the chain rule of the
+buffer; the last kernel (``finish_kernel``) sums them over the batch and applies the chain rule of the
 fusion softmax and the temperatures, so that the gradients come back as views of one buffer (cast only where a
 parameter's dtype differs from float32).
 
@@ -52,7 +53,7 @@ compiler's register counts (no spills at sm_90), not yet by measurement.
 from __future__ import annotations
 
 import functools
-from types import ModuleType
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -69,11 +70,14 @@ _TILE = 2048  # elements of one (channels x pixels) tile: 16 per thread at 4 war
 
 
 @functools.lru_cache(maxsize=1)
-def _kernels() -> ModuleType:
-    """:mod:`.kernels`, imported on first launch (so that :func:`saved_like` and :func:`supports` need no triton)."""
-    from . import kernels
+def _kernels() -> SimpleNamespace:
+    """The kernels of :mod:`.kernels` and :mod:`.kernels_backward`, imported on first launch (so that
+    :func:`saved_like` and :func:`supports` need no triton)."""
+    from . import kernels, kernels_backward
 
-    return kernels
+    found = {name: getattr(module, name) for module in (kernels, kernels_backward) for name in dir(module)
+             if name.endswith("_kernel")}
+    return SimpleNamespace(**found)
 
 
 @functools.lru_cache(maxsize=1)
