@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark. First checks that the fast path equals the reference path on this GPU (outputs and every
-# gradient, float32 and float64, and under bfloat16 autocast), then runs `cbam-dsa bench` on CUDA once per dtype:
-# eager and compiled contenders, forward and forward + backward, saved tensors and peak memory.
+# gradient, float32 and float64, and under bfloat16 autocast), then checks the Triton block (`cbam_dsa.ops.cuda`)
+# against the reference and for bitwise repeatability, float32 and bfloat16, and times it beside the reference
+# (benchmarks/gpu_check.py, figures in $OUT/gpu-check-triton.json), then runs `cbam-dsa bench` on CUDA once per
+# dtype: eager and compiled contenders, forward and forward + backward, saved tensors and peak memory.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh                 # float32 and bfloat16, no resnet50 step
 #   DTYPES=bfloat16 ROUNDS=30 bash benchmarks/gpu.sh    # other settings; extra arguments go to `cbam-dsa bench`
@@ -56,6 +58,9 @@ print(f"gpu check: bfloat16 autocast, error relative to max {error:.2e}")
 assert error < 5e-2
 print("gpu check: ok")
 PY
+
+mkdir -p "$out"
+python3 benchmarks/gpu_check.py --time --json "$out/gpu-check-triton.json" || echo "triton gpu check: FAILED"
 
 for dtype in ${DTYPES:-float32 bfloat16}; do
     python3 -m cbam_dsa.cli bench --device cuda --dtype "$dtype" --rounds "${ROUNDS:-15}" --no-network \
