@@ -164,7 +164,7 @@ def test_user_error_lives_in_a_leaf_module():
     from cbam_dsa.cli import UserError, errors
 
     assert UserError is errors.UserError  # the demo's command imports it from cbam_dsa.cli until it moves
-    assert COMMANDS["bench"] == "cbam_dsa.cli.bench" and COMMANDS["demo"] == "cbam_dsa.demo.command"
+    assert COMMANDS["bench"] == "cbam_dsa.cli.bench" and COMMANDS["demo"] == "cbam_dsa.cli.demo"
 
 
 def test_help_imports_no_tool_and_no_optional_dependency():

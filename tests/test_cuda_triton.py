@@ -129,3 +129,18 @@ def triton_compile_configs() -> list[str]:
     import triton_compile
 
     return list(triton_compile.CONFIGS)
+
+
+@requires_triton
+def test_the_cuda_registration_glue_equals_the_cpu_operators() -> None:
+    """ops/cuda/impl.py, as the dispatcher calls it: the Triton kernels, and the PyTorch implementation for the
+    configurations they do not cover, give what the CPU operators give, outputs, maps and gradients."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    source = str(Path(cbam_dsa.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([source, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    done = subprocess.run([sys.executable, str(HERE / "triton_glue.py")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    worst = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(worst) == {"triton", "fallback_five_branches", "fallback_wide_kernel"}
+    assert all(value < 1e-4 for value in worst.values()), worst

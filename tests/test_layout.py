@@ -64,7 +64,6 @@ def _registered_commands() -> set[str]:
 GRAPH = {_module_name(path): _imports(path) for path in SOURCES}
 GRAPH["cbam_dsa.cli"] |= _registered_commands()
 COMMAND_LINE = {name for name in GRAPH if name == "cbam_dsa.cli" or name.startswith("cbam_dsa.cli.")}
-COMMAND_LINE.add("cbam_dsa.demo.command")  # the demo's subcommand, until it moves into cli/
 
 
 def _reaches(imported: str, target: str) -> bool:
@@ -74,11 +73,11 @@ def _reaches(imported: str, target: str) -> bool:
 def test_the_graph_sees_the_known_edges():
     # the reader itself: a relative import inside a function, and one from a package's __init__
     assert "cbam_dsa.cli.errors" in GRAPH["cbam_dsa.cli.bench"]
-    assert "cbam_dsa.cli" in GRAPH["cbam_dsa.demo.command"]  # from ..cli import UserError
+    assert "cbam_dsa.cli.errors" in GRAPH["cbam_dsa.cli.demo"]
     assert "cbam_dsa.cli.errors" in GRAPH["cbam_dsa.cli"]
     assert "cbam_dsa.block" in GRAPH["cbam_dsa.integrations.timm"]
     assert "cbam_dsa.demo.model" in GRAPH["cbam_dsa.cli.visualize"]
-    assert {"cbam_dsa.cli.bench", "cbam_dsa.demo.command"} <= GRAPH["cbam_dsa.cli"]  # the registered subcommands
+    assert {"cbam_dsa.cli.bench", "cbam_dsa.cli.demo"} <= GRAPH["cbam_dsa.cli"]  # the registered subcommands
 
 
 @pytest.mark.parametrize("module", sorted(set(GRAPH) - COMMAND_LINE))
@@ -91,8 +90,6 @@ def test_the_command_line_modules_import_user_error_from_its_leaf_module():
     errors = PACKAGE / "cli" / "errors.py"
     assert _imports(errors) == set()  # a leaf: imports nothing of cbam_dsa
     for name in COMMAND_LINE - {"cbam_dsa.cli", "cbam_dsa.cli.errors", "cbam_dsa.cli.__main__"}:
-        if name == "cbam_dsa.demo.command":
-            continue  # imports cbam_dsa.cli.UserError (re-exported) until the demo's command moves into cli/
         assert "cbam_dsa.cli" not in GRAPH[name], name
 
 
@@ -127,9 +124,6 @@ def test_no_import_circle_between_modules():
         module: {target for target in imported if target != module and not module.startswith(target + ".")}
         for module, imported in GRAPH.items()
     }
-    # Known, and cut by a one-line change in demo/command.py (`from ..cli.errors import UserError`), which is not
-    # made here: the demo's command imports UserError through cbam_dsa.cli, which registers the demo's command.
-    edges["cbam_dsa.demo.command"].discard("cbam_dsa.cli")
     state: dict[str, int] = {}
 
     def visit(node: str, path: list[str]) -> None:

@@ -1,9 +1,9 @@
 """``cbam-dsa``: thin subcommands over the library.
 
-Each subcommand lives in its own module (:mod:`.bench`, :mod:`.export`, :mod:`.visualize`; the demo's is
-:mod:`cbam_dsa.demo.command`), which exposes ``HELP`` (one line), ``add_arguments(parser)`` and
-``run(args) -> int``. Those modules import heavy dependencies inside ``run`` only, so ``--help`` stays fast.
-A user mistake raises :class:`.errors.UserError` and ends with a one-line message and exit code 2, never a traceback.
+Each subcommand lives in its own module (:mod:`.demo`, :mod:`.bench`, :mod:`.export`, :mod:`.visualize`), which
+exposes ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. Those modules import heavy
+dependencies inside ``run`` only, so ``--help`` stays fast. A user mistake raises :class:`.errors.UserError` and ends
+with a one-line message and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ __all__ = ["COMMANDS", "UserError", "build_parser", "main"]
 
 # name -> module implementing it
 COMMANDS: dict[str, str] = {
-    "demo": "cbam_dsa.demo.command",
+    "demo": "cbam_dsa.cli.demo",
     "visualize": "cbam_dsa.cli.visualize",
     "bench": "cbam_dsa.cli.bench",
     "export": "cbam_dsa.cli.export",

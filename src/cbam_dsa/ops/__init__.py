@@ -2,7 +2,8 @@
 
 * :mod:`.library`: the two operators' schemas, fake kernels and autograd;
 * :mod:`.cpu`: the C kernels (built on first use) and, without a C compiler, :mod:`.pytorch`;
-* :mod:`.cuda`: the Triton kernels (opt-in, see :func:`.cuda.available`).
+* :mod:`.cuda`: the Triton kernels, opt-in (:func:`use_triton`, or ``CBAM_DSA_TRITON=1`` in the environment) until
+  they have passed the correctness check on a real GPU and measured faster than the reference there.
 
 :func:`fused_block` is the block's one call into them; :func:`runs_on` says where they run. Everywhere else
 (TorchScript, ONNX export, ``torch.export``, functorch transforms, devices without an implementation) the block runs
@@ -11,6 +12,7 @@ the reference math of :mod:`..functional`, which exports as standard operators.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -20,10 +22,33 @@ from torch import Tensor
 from . import cpu, library
 from .library import BACKWARD, FORWARD
 
-__all__ = ["BACKWARD", "FORWARD", "BlockSpec", "fused_block", "runs_on"]
+__all__ = ["BACKWARD", "FORWARD", "BlockSpec", "fused_block", "runs_on", "use_triton"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _ = cpu  # registers the CPU implementation
+
+
+def use_triton() -> bool:
+    """Register the Triton kernels as the operators' CUDA implementation, where triton can launch them
+    (:func:`.cuda.available`); returns whether they are registered. Until then CUDA tensors run the reference path.
+
+    Opt-in: the kernels are tested under Triton's interpreter, and become the default once they have passed the
+    correctness check on a real GPU and measured faster than the reference there (``benchmarks/gpu.sh``).
+    """
+    from . import cuda
+
+    if "cuda" in library.devices():
+        return True
+    if not cuda.available():
+        return False
+    from .cuda import impl
+
+    library.implement("cuda", impl.block_forward, impl.block_backward, impl.saved_like)
+    return True
+
+
+if os.environ.get("CBAM_DSA_TRITON") == "1":
+    use_triton()
 
 
 class BlockSpec(NamedTuple):

@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace) -> dict[str, Any]:
-    from ..cli import UserError
+    from .errors import UserError
 
     base = QUICK if args.quick else DEFAULTS
     options = {
@@ -173,7 +173,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _attention_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from ..cli import UserError
+    from .errors import UserError
 
     overrides: dict[str, Any] = {}
     if args.alpha_init is not None:
@@ -188,8 +188,8 @@ def _attention_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load_data(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
-    from ..cli import UserError
-    from .data import ClutteredDigitsConfig, load_image_folder, make_cluttered_digits
+    from ..demo.data import ClutteredDigitsConfig, load_image_folder, make_cluttered_digits
+    from .errors import UserError
 
     try:
         if args.data is not None:
@@ -236,18 +236,18 @@ def _load_data(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Any, 
 
 def run(args: argparse.Namespace) -> int:
     """Train the chosen variants and write the report; returns the exit code."""
-    from ..cli import UserError
+    from .errors import UserError
 
     options = _resolve(args)
     overrides = _attention_overrides(args)
 
     import torch
 
-    from .model import DemoNet
-    from .report import write_report
-    from .retrofit import retrofit_experiment
-    from .retrofit_report import write_retrofit_report
-    from .train import TrainConfig, setup_distributed, teardown_distributed, train_variant
+    from ..demo.model import DemoNet
+    from ..demo.report import write_report
+    from ..demo.retrofit import retrofit_experiment
+    from ..demo.retrofit_report import write_retrofit_report
+    from ..demo.train import TrainConfig, setup_distributed, teardown_distributed, train_variant
 
     try:
         ctx = setup_distributed(args.device)

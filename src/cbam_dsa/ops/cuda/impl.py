@@ -1,0 +1,55 @@
+"""The operators' CUDA implementation: the Triton kernels of :mod:`.block`, and for what they do not cover (more than
+four branches, kernels over 15 pixels wide: :func:`.block.supports`) the PyTorch implementation of :mod:`..pytorch`.
+
+Registered by :func:`..use_triton` (opt-in until the kernels have passed the correctness check on a real GPU and
+measured faster there: ``benchmarks/gpu.sh``); without it, CUDA tensors run the block's reference path.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .. import library, pytorch
+from . import block
+
+__all__ = ["block_backward", "block_forward", "saved_like"]
+
+_N = len(library.TENSOR_ARGS)
+
+
+def _triton(args: tuple) -> bool:
+    weights = args[_N]
+    return block.supports(args[0], *args[1:_N], *weights, kernel_sizes=[int(w.shape[-1]) for w in weights]) is None
+
+
+def saved_like(*args: object) -> list[Tensor]:
+    """Empty tensors shaped as ``block_forward``'s saved list, for the fake kernel."""
+    if _triton(args):
+        return block.saved_like(*args)
+    return pytorch.saved_like(args[0], args[1], args[9], len(args[_N]))  # type: ignore[arg-type]
+
+
+def block_forward(*args: object) -> tuple:
+    """``cbam_dsa::block_forward`` on CUDA."""
+    library.check_arguments(args)
+    if _triton(args):
+        return block.block_forward(*args)
+    return pytorch.block_forward(*args[:9], args[9:13], *args[13:])  # type: ignore[arg-type]
+
+
+def block_backward(*args: object) -> list[Tensor]:
+    """``cbam_dsa::block_backward`` on CUDA."""
+    forward_args = library.forward_arguments(args)
+    library.check_arguments(forward_args)
+    rest, needs = args[5:], args[-1]
+    flat = library.gradient_inputs(rest)
+    if _triton(forward_args):
+        found = block.block_backward(*args)
+    else:
+        branches = len(rest[_N])
+        saved, (dilations, act, ca_gate, sa_gate) = rest[_N + 2], rest[_N + 3 : _N + 7]
+        found = pytorch.block_backward(
+            args[:5], flat[0], flat[1:_N], flat[_N : _N + branches], flat[_N + branches :], saved, dilations, act,
+            ca_gate, sa_gate, needs,
+        )  # fmt: skip
+    return library.gradients_like(found, flat, needs)
