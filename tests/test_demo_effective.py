@@ -7,7 +7,7 @@ import torch
 
 from cbam_dsa import CBAMResidualDynamicSA
 from cbam_dsa.demo.effective import effective_lift, effective_spatial_factor, effective_stats
-from cbam_dsa.demo.train import localisation_lift
+from cbam_dsa.demo.localisation import localisation_lift
 from cbam_dsa.maps import AttentionMaps, MapRecorder
 
 BOXES = torch.tensor([[0, 0, 4, 4], [2, 2, 8, 6], [1, 0, 7, 3]])

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from cbam_dsa.demo.alpha_figure import alpha_curves, alpha_figure
-from cbam_dsa.demo.report import stage_table, summarize, verdict
+from cbam_dsa.demo.report import stage_table
 from cbam_dsa.demo.train import RunResult
+from cbam_dsa.demo.verdicts import summarize, verdict
 
 STAGES = ("stages.0.attention", "stages.1.attention")
 

@@ -15,14 +15,9 @@ import torch
 from cbam_dsa.checkpoint import load_checkpoint
 from cbam_dsa.cli import main
 from cbam_dsa.demo.data import ImageSet
+from cbam_dsa.demo.localisation import box_coverage, localisation_lift
 from cbam_dsa.demo.model import VARIANTS, build_model
-from cbam_dsa.demo.train import (
-    TrainConfig,
-    box_coverage,
-    localisation_lift,
-    train_variant,
-    warmup_cosine,
-)
+from cbam_dsa.demo.train import TrainConfig, train_variant, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -243,11 +243,12 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..demo.distributed import setup_distributed, teardown_distributed
     from ..demo.model import DemoNet
     from ..demo.report import write_report
     from ..demo.retrofit import retrofit_experiment
     from ..demo.retrofit_report import write_retrofit_report
-    from ..demo.train import TrainConfig, setup_distributed, teardown_distributed, train_variant
+    from ..demo.train import TrainConfig, train_variant
 
     try:
         ctx = setup_distributed(args.device)

@@ -49,7 +49,7 @@ def alpha_figure(curves: Mapping[str, Mapping[str, torch.Tensor]]) -> Figure:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from .report import stage_title
+    from .verdicts import stage_title
 
     stages: list[str] = []
     for per_stage in curves.values():

@@ -13,7 +13,7 @@ the *effective spatial factor* this module reports. Without a blend (classic CBA
 factor is ``mean_c(ca) * sa``, as with ``alpha = 1``. With ``alpha = 0`` it is 1 everywhere, whatever ``sa`` is:
 a map that never reaches the features localises nothing, and its lift on ``sa`` alone says nothing.
 
-The *effective lift* is :func:`~cbam_dsa.demo.train.localisation_lift` on ``F``: the mean of ``F`` inside the
+The *effective lift* is :func:`~cbam_dsa.demo.localisation.localisation_lift` on ``F``: the mean of ``F`` inside the
 digit's box divided by its mean over the whole map, i.e. how much more the box's features are kept than the
 average feature. ``mean_c(ca)`` is one number per image, so with ``alpha = 1`` the effective lift equals the
 lift on ``sa``.
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..maps import AttentionMaps
-from .train import localisation_lift
+from .localisation import localisation_lift
 
 __all__ = ["effective_lift", "effective_spatial_factor", "effective_stats"]
 
@@ -91,7 +91,7 @@ def effective_lift(
     ca: Tensor | None = None,
     alpha: float | Tensor | None = None,
 ) -> float:
-    """:func:`~cbam_dsa.demo.train.localisation_lift` of :func:`effective_spatial_factor`, averaged over images.
+    """:func:`~cbam_dsa.demo.localisation.localisation_lift` of :func:`effective_spatial_factor`, averaged over images.
 
     ``alpha = 0`` gives 1.0 (chance) for any ``sa``; ``alpha = 1`` or ``None`` gives the lift of ``sa``.
 

@@ -23,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from .data import ImageSet
+from .distributed import DistContext
 from .model import DemoNet
-from .train import DistContext, RunResult, TrainConfig, train_model
+from .train import RunResult, TrainConfig, train_model
 
 __all__ = ["RETROFIT_VARIANT", "RetrofitResult", "insert_blocks", "retrofit_experiment", "same_outputs"]
 
@@ -124,7 +125,8 @@ def retrofit_experiment(
         pretrain (TrainConfig): the schedule of step 1.
         finetune (TrainConfig): the schedule of steps 3 and 4 (a fresh optimiser and warm-up for each).
         seed (int): seeds step 1's weights, the block's weights and every batch order.
-        ctx (DistContext, optional): from :func:`~cbam_dsa.demo.train.setup_distributed`. Default: one CPU process.
+        ctx (DistContext, optional): from :func:`~cbam_dsa.demo.distributed.setup_distributed`.
+            Default: one CPU process.
         num_classes (int): classes of the task. Default: ``10``.
         in_channels (int): image channels. Default: ``1``.
         attention (dict, optional): extra block arguments. Default: ``None``.

@@ -10,25 +10,15 @@ from typing import Any
 from ..checkpoint import save_checkpoint
 from .alpha_figure import alpha_figure
 from .data import ImageSet
-from .report import (
-    CHECKPOINT_FORMAT,
-    attention_definitions,
-    effective_verdict,
-    gallery_order,
-    learned_alpha_curves,
-    noise_margin,
-    paired_differences,
-    spread,
-    stage_table,
-    summarize,
-)
+from .report import CHECKPOINT_FORMAT, attention_definitions, gallery_order, learned_alpha_curves, stage_table
 from .retrofit import RETROFIT_VARIANT, RetrofitResult
+from .verdicts import effective_verdict, noise_margin, paired_differences, spread, summarize
 
 __all__ = ["retrofit_summary", "retrofit_verdict", "write_retrofit_report"]
 
 
 def retrofit_summary(results: Sequence[RetrofitResult], test_size: int) -> dict[str, Any]:
-    """The numbers of the report: the fine-tuned networks as :func:`~cbam_dsa.demo.report.summarize` gives them
+    """The numbers of the report: the fine-tuned networks as :func:`~cbam_dsa.demo.verdicts.summarize` gives them
     (``"none"``: the plain network fine-tuned; ``"dsa-zero-start"``: the retrofitted one), the pretrained
     network's accuracy and the exactness check per seed.
 

@@ -3,19 +3,16 @@
 Every variant is trained with the same data, seed, optimiser, schedule and number of steps. Under
 ``torchrun --nproc_per_node=N`` each process takes ``1/N`` of every global batch (so the global batches and the
 schedule are those of a single process), gradients are averaged by DDP (gloo on CPU, NCCL on GPU), and only rank 0
-evaluates, keeps the model and writes anything.
-
-Localisation lift (:func:`localisation_lift`): for each attention stage, the share of the spatial map's mass that
-falls inside the digit's box, divided by the box's share of the image; 1.0 is chance, ``1 / box share`` is the most.
+evaluates, keeps the model and writes anything. The process setup is in :mod:`cbam_dsa.demo.distributed`, the
+localisation lift (:func:`~cbam_dsa.demo.localisation.localisation_lift`) in :mod:`cbam_dsa.demo.localisation`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -24,20 +21,16 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from .data import ImageSet
+from .distributed import DistContext
+from .localisation import localisation_lift
 from .model import build_model
 
 __all__ = [
-    "DistContext",
     "RunResult",
     "TrainConfig",
     "attention_stats",
     "block_alphas",
-    "box_coverage",
     "evaluate",
-    "localisation_lift",
-    "resolve_device",
-    "setup_distributed",
-    "teardown_distributed",
     "train_model",
     "train_variant",
     "warmup_cosine",
@@ -83,26 +76,6 @@ class TrainConfig:
 
 
 @dataclass
-class DistContext:
-    """Where this process runs: its rank among ``world_size`` processes and its device."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    backend: str | None = None
-
-    @property
-    def is_main(self) -> bool:
-        """True on the process that evaluates and writes (rank 0)."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        """True when this process belongs to a process group (launched by ``torchrun``, even with one process)."""
-        return self.backend is not None
-
-
-@dataclass
 class RunResult:
     """One trained variant under one seed (complete on rank 0; other ranks get ``model=None``)."""
 
@@ -122,49 +95,6 @@ def block_alphas(model: nn.Module) -> dict[str, float]:
     from ..maps import find_blocks
 
     return {name: float(block.alpha.detach()) for name, block in find_blocks(model).items() if block.alpha is not None}
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; ``"cpu"`` and ``"cuda"`` are taken as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but torch.cuda.is_available() is False")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be one of 'auto', 'cpu', 'cuda', but got {device!r}")
-    return torch.device(device)
-
-
-def setup_distributed(device: str = "auto") -> DistContext:
-    """Join the process group when launched by ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set); else one process.
-
-    The backend is NCCL on CUDA and gloo on CPU; under CUDA each process takes the GPU of its ``LOCAL_RANK``.
-    """
-    target = resolve_device(device)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # not launched by torchrun
-        return DistContext(device=target)
-    world_size = int(os.environ["WORLD_SIZE"])
-    import torch.distributed as dist
-
-    rank = int(os.environ["RANK"])
-    if target.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        target = torch.device("cuda", local_rank)
-    backend = "nccl" if target.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return DistContext(rank=rank, world_size=world_size, device=target, backend=backend)
-
-
-def teardown_distributed(ctx: DistContext) -> None:
-    """Wait for every process, then leave the process group (nothing to do for a single process)."""
-    if ctx.distributed:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
 
 
 def _progress(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
@@ -196,57 +126,6 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 256, device: to
     predictions = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64)
     accuracy = float((predictions == data.labels).float().mean()) if len(data) else float("nan")
     return {"loss": total_loss / max(1, len(data)), "accuracy": accuracy, "predictions": predictions}
-
-
-def box_coverage(boxes: Tensor, map_size: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
-    """The share of each map cell's area that lies inside each box.
-
-    A map of ``h x w`` cells covers the image of ``H x W`` pixels; cell ``(i, j)`` spans rows
-    ``[i H / h, (i + 1) H / h)`` and columns ``[j W / w, (j + 1) W / w)``.
-
-    Args:
-        boxes (Tensor): ``(N, 4)`` ``(x0, y0, x1, y1)`` in image pixels, ends exclusive.
-        map_size (tuple): ``(h, w)``.
-        image_size (tuple): ``(H, W)``.
-
-    Shape:
-        - Output: :math:`(N, h, w)` with values in ``[0, 1]``.
-    """
-
-    def overlap(lo: Tensor, hi: Tensor, cells: int, pixels: int) -> Tensor:
-        edges = torch.arange(cells + 1, dtype=torch.float64) * (pixels / cells)
-        start, end = edges[:-1].unsqueeze(0), edges[1:].unsqueeze(0)
-        covered = torch.minimum(end, hi.unsqueeze(1)) - torch.maximum(start, lo.unsqueeze(1))
-        return covered.clamp(min=0) / (pixels / cells)
-
-    boxes = boxes.to(torch.float64)
-    fy = overlap(boxes[:, 1], boxes[:, 3], map_size[0], image_size[0])
-    fx = overlap(boxes[:, 0], boxes[:, 2], map_size[1], image_size[1])
-    return fy.unsqueeze(2) * fx.unsqueeze(1)
-
-
-def localisation_lift(sa: Tensor, boxes: Tensor, image_size: tuple[int, int], reduce: bool = True) -> Tensor | float:
-    """Share of spatial-attention mass inside each box, divided by the box's share of the image.
-
-    Args:
-        sa (Tensor): spatial maps ``(N, 1, h, w)``, non-negative.
-        boxes (Tensor): ``(N, 4)`` ``(x0, y0, x1, y1)`` in image pixels, ends exclusive.
-        image_size (tuple): ``(H, W)`` of the images the boxes refer to.
-        reduce (bool): return the mean over images (a float) rather than one value per image. Default: ``True``.
-
-    Returns:
-        float or Tensor: the lift (``1.0`` = chance).
-    """
-    if sa.dim() != 4 or sa.shape[1] != 1:
-        raise ValueError(f"sa must have shape (N, 1, h, w), but got {tuple(sa.shape)}")
-    if boxes.shape != (sa.shape[0], 4):
-        raise ValueError(f"boxes must have shape ({sa.shape[0]}, 4), but got {tuple(boxes.shape)}")
-    mass = sa[:, 0].to(torch.float64)
-    coverage = box_coverage(boxes, (mass.shape[1], mass.shape[2]), image_size)
-    inside = (mass * coverage).sum(dim=(1, 2)) / mass.sum(dim=(1, 2)).clamp(min=1e-12)
-    box_share = coverage.sum(dim=(1, 2)) / (mass.shape[1] * mass.shape[2])
-    lift = inside / box_share.clamp(min=1e-12)
-    return float(lift.mean()) if reduce else lift
 
 
 def attention_stats(model: nn.Module, data: ImageSet, batch_size: int = 256) -> dict[str, dict[str, float]] | None:
@@ -315,7 +194,8 @@ def train_variant(
         train, test (ImageSet): the data.
         config (TrainConfig): the schedule.
         seed (int): seeds the initial weights and the batch order.
-        ctx (DistContext, optional): from :func:`setup_distributed`. Default: one process on CPU.
+        ctx (DistContext, optional): from :func:`~cbam_dsa.demo.distributed.setup_distributed`.
+            Default: one process on CPU.
         progress (bool): show tqdm progress bars (rank 0 only). Default: ``True``.
 
     Returns:
@@ -353,7 +233,8 @@ def train_model(
         train, test (ImageSet): the data.
         config (TrainConfig): the schedule.
         seed (int): seeds the batch order.
-        ctx (DistContext, optional): from :func:`setup_distributed`. Default: one process on CPU.
+        ctx (DistContext, optional): from :func:`~cbam_dsa.demo.distributed.setup_distributed`.
+            Default: one process on CPU.
         progress (bool): show tqdm progress bars (rank 0 only). Default: ``True``.
         name (str): the run's name in the progress bar and the result. Default: ``"model"``.
 
