@@ -5,10 +5,8 @@ such as ``ccache gcc`` is split as build tools split it; OpenMP, ``-O3 -march=na
 (:func:`cache_dir`), keyed by the source, the flags, the compiler command and its version, and the CPU. OpenMP is the
 one PyTorch already loaded, so both share one thread pool.
 
-The cache folder is ``$CBAM_DSA_CACHE``, else ``$XDG_CACHE_HOME/cbam_dsa`` (an absolute ``XDG_CACHE_HOME`` only),
-else ``~/.cache/cbam_dsa`` (the home directory looked up only then, and its absence tolerated); where that folder is
-not writable, a private per-user folder in the temporary directory; where neither is, no cache (the library is built
-in a temporary folder and loaded from there).
+The cache folder is ``$CBAM_DSA_CACHE``, else ``$XDG_CACHE_HOME/cbam_dsa``, else ``~/.cache/cbam_dsa``, with
+fallbacks where it is not writable (:mod:`.cache`, which also holds the record, the failure marker and the lock).
 
 What the cache guarantees:
 
@@ -33,16 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import hashlib
-import json
 import logging
 import os
 import platform
 import shlex
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -50,6 +45,20 @@ import threading
 import time
 import warnings
 from pathlib import Path
+
+from .cache import (
+    LOCK_TIMEOUT,
+    RECORD_FORMAT,
+    BuildError,
+    _FileLock,
+    _remembered_failure,
+    _remove_stale,
+    _seconds,
+    _sha256,
+    _verified,
+    _write_atomic,
+    cache_dir,
+)
 
 __all__ = [
     "ENTRY_POINTS",
@@ -73,10 +82,6 @@ SCALARS = {"f32": "float", "f64": "double"}  # the suffix of each entry point, a
 ENTRY_POINTS = tuple(f"{name}_{suffix}" for name in ("block_forward", "block_backward") for suffix in SCALARS)
 STEP_TIMEOUT = 300.0
 """Seconds each external step (version probe, compile, link) may take; ``CBAM_DSA_BUILD_TIMEOUT`` overrides it."""
-LOCK_TIMEOUT = 900.0
-"""Seconds to wait for another process's build; ``CBAM_DSA_LOCK_TIMEOUT`` overrides it."""
-LOCK_POLL = 0.05  # seconds between two tries of the lock
-RECORD_FORMAT = 1  # the version of the record's layout, part of the key
 _LIBRARY_SUFFIX = ".dll" if os.name == "nt" else ".so"
 
 _lock = threading.Lock()
@@ -85,14 +90,6 @@ _state: dict[str, object] = {}
 
 class NativeBuildWarning(RuntimeWarning):
     """The C kernels could not be built or loaded: the CPU operator runs its (slower) PyTorch implementation."""
-
-
-class BuildError(Exception):
-    """Why the library is unavailable; ``remember``: a build failure to record for later processes."""
-
-    def __init__(self, reason: str, remember: bool = False) -> None:
-        super().__init__(reason)
-        self.reason, self.remember = reason, remember
 
 
 def enabled() -> bool:
@@ -106,88 +103,6 @@ def why() -> str | None:
     if not enabled():
         return "disabled by CBAM_DSA_NATIVE=0"
     return _state.get("why")  # type: ignore[return-value]
-
-
-def _seconds(name: str, default: float) -> float:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a positive, finite number of seconds, but got {text!r}")
-    return value
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Where the library lives.
-
-
-def _home() -> Path | None:
-    """The home directory, or ``None`` where it cannot be determined (HOME unset and no passwd entry) or is not an
-    absolute path."""
-    try:
-        home = Path.home()
-    except (RuntimeError, KeyError, OSError):
-        return None
-    return home if home.is_absolute() else None
-
-
-def _preferred_dir() -> Path | None:
-    """``$CBAM_DSA_CACHE``, else ``$XDG_CACHE_HOME/cbam_dsa`` (absolute only, as the XDG specification says), else
-    ``~/.cache/cbam_dsa``; ``None`` without a home directory."""
-    root = os.environ.get("CBAM_DSA_CACHE", "")
-    if root:
-        return Path(root).absolute()
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "cbam_dsa"
-    home = _home()
-    return None if home is None else home / ".cache" / "cbam_dsa"
-
-
-def _writable(folder: Path) -> bool:
-    """Whether ``folder`` exists or can be made, and a file can be created in it (tried: permission bits do not
-    tell for root, read-only mounts or ACLs)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError:
-        return False
-    return True
-
-
-def _user_temp_dir() -> Path | None:
-    """A per-user folder in the temporary directory, created private (0700); refused where it is not a directory
-    of this user's that only they can write (another user could plant a library there)."""
-    uid = os.getuid() if hasattr(os, "getuid") else None
-    folder = Path(tempfile.gettempdir()) / f"cbam_dsa-{uid if uid is not None else 'user'}"
-    try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        info = folder.lstat()
-    except OSError:
-        return None
-    if not stat.S_ISDIR(info.st_mode):
-        return None
-    if uid is not None and (info.st_uid != uid or info.st_mode & 0o022):
-        return None
-    return folder if _writable(folder) else None
-
-
-def cache_dir() -> Path | None:
-    """The folder of the compiled library: the preferred one (``$CBAM_DSA_CACHE``, else ``$XDG_CACHE_HOME/cbam_dsa``,
-    else ``~/.cache/cbam_dsa``) where it is writable, else a private per-user folder in the temporary directory,
-    else ``None`` (then the library is built in a temporary folder and not kept)."""
-    preferred = _preferred_dir()
-    if preferred is not None and _writable(preferred):
-        return preferred
-    fallback = _user_temp_dir()
-    logger.info("cbam_dsa: the cache folder %s is not usable; using %s", preferred, fallback or "no cache")
-    return fallback
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,52 +189,7 @@ def _key(command: list[str], version: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The cache: verify, build, remember failures.
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: dict) -> None:
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as file:
-            json.dump(data, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide it from the other users of a shared cache
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _read_record(path: Path, key: str) -> dict | None:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or record.get("key") != key:
-        return None
-    return record
-
-
-def _verified(library: Path, key: str) -> bool:
-    """Whether ``library`` is the complete file its record describes (same size, same SHA-256)."""
-    record = _read_record(library.with_suffix(".json"), key)
-    if record is None or record.get("file") != library.name:
-        return False
-    try:
-        if library.stat().st_size != record.get("size"):
-            return False
-        return _sha256(library) == record.get("sha256")
-    except OSError:
-        return False
+# Load, build (verified, atomic, under the lock), remember failures.
 
 
 def _open(library: Path) -> ctypes.CDLL:
@@ -346,14 +216,6 @@ def _load_cached(library: Path, key: str) -> ctypes.CDLL | None:
     return _open(library)
 
 
-def _remembered_failure(marker: Path, key: str) -> None:
-    record = _read_record(marker, key)
-    if record is not None:
-        raise BuildError(
-            f"{record.get('reason')} (an earlier build failed; remembered in {marker}: delete it to retry)"
-        )
-
-
 def _build(command: list[str], folder: Path, library: Path, key: str) -> None:
     """Compile and link into ``library`` atomically (a temporary folder beside it, then a rename), then write its
     record.
@@ -378,64 +240,6 @@ def _build(command: list[str], folder: Path, library: Path, key: str) -> None:
     record = {"format": RECORD_FORMAT, "key": key, "file": library.name, "size": size, "sha256": digest,
               "compiler": command, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     _write_atomic(library.with_suffix(".json"), record)
-
-
-STALE_AFTER = 24 * 3600.0  # seconds after which a build's leftovers (a killed process's) are removed
-
-
-def _remove_stale(folder: Path) -> None:
-    """Remove what killed builds left in ``folder`` (temporary build folders and records) a day or more ago; a
-    build that still runs holds the lock of its own key, and is younger."""
-    now = time.time()
-    for leftover in [*folder.glob(".build-*"), *folder.glob(".kernels-*")]:
-        try:
-            if now - leftover.lstat().st_mtime < STALE_AFTER:
-                continue
-            if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink()
-        except OSError:
-            pass
-
-
-class _FileLock:
-    """An exclusive ``flock`` on ``path``, polled until a deadline; a no-op where ``fcntl`` is missing (Windows) or
-    the file system refuses locks (the build is atomic either way, only not shared)."""
-
-    def __init__(self, path: Path, timeout: float) -> None:
-        self.path, self.timeout, self.fd = path, timeout, None
-
-    def __enter__(self) -> _FileLock:
-        try:
-            import fcntl
-        except ImportError:
-            return self
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
-            return self
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except OSError as error:
-                if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                    return self  # no locking on this file system
-            if time.monotonic() >= deadline:
-                os.close(self.fd)
-                self.fd = None
-                raise BuildError(
-                    f"another process has been building the library for more than {self.timeout:g} s (lock file "
-                    f"{self.path}; CBAM_DSA_LOCK_TIMEOUT sets the wait)"
-                )
-            time.sleep(LOCK_POLL)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # releases the lock
-            self.fd = None
 
 
 def _load_from(folder: Path, command: list[str], key: str) -> ctypes.CDLL:

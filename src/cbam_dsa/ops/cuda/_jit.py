@@ -1,4 +1,5 @@
-"""The ``@triton.jit`` helpers of the block's kernels (:mod:`.kernels`, :mod:`.kernels_backward`).
+"""The ``@triton.jit`` helpers of the block's kernels (:mod:`.kernels`, :mod:`.kernels_backward_spatial`,
+:mod:`.kernels_backward_channel`).
 
 Everything is computed in ``ACC`` (float32, float64 for float64 inputs); the full-size products are rounded to
 ``XDT`` (the input's dtype) after each step, as the reference's tensors are (:func:`_round`).

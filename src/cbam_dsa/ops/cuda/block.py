@@ -1,5 +1,5 @@
-"""The fused block on CUDA: launchers of the Triton kernels (:mod:`.kernels`, :mod:`.kernels_backward`) for the
-operator's CUDA implementation.
+"""The fused block on CUDA: launchers of the Triton kernels (:mod:`.kernels`, :mod:`.kernels_backward_spatial`,
+:mod:`.kernels_backward_channel`) for the operator's CUDA implementation.
 
 The math is :func:`cbam_dsa.functional.cbam_residual_dynamic_sa`; the tensors come in the operator's order (``None``
 where the block has no such part) and the spec after them (:func:`block_forward`).
@@ -17,7 +17,7 @@ Forward, three kernels, one pass over ``x`` each (three reads and one write of `
 Saved for backward: ``ca`` ``(B, C)`` and ``sa`` ``(B, H * W)`` in ``x``'s dtype (``1 / (H W) + 1 / C`` of the
 input; at most 0.022x at the stage shapes). Everything else is recomputed.
 
-Backward, seven kernels (:mod:`.kernels_backward`):
+Backward, seven kernels (1-3 in :mod:`.kernels_backward_spatial`, 4-7 in :mod:`.kernels_backward_channel`):
 
 1. ``backward_pool_kernel``, the two-axis reduction (grid ``(B, tiles)``): over C, the descriptors
    again, the ties at their max and ``sum_c g * alpha * y`` (the spatial map's gradient); over H, W, per tile, the
@@ -71,11 +71,12 @@ _TILE = 2048  # elements of one (channels x pixels) tile: 16 per thread at 4 war
 
 @functools.lru_cache(maxsize=1)
 def _kernels() -> SimpleNamespace:
-    """The kernels of :mod:`.kernels` and :mod:`.kernels_backward`, imported on first launch (so that
-    :func:`saved_like` and :func:`supports` need no triton)."""
-    from . import kernels, kernels_backward
+    """The kernels of :mod:`.kernels`, :mod:`.kernels_backward_spatial` and :mod:`.kernels_backward_channel`, imported
+    on first launch (so that :func:`saved_like` and :func:`supports` need no triton)."""
+    from . import kernels, kernels_backward_channel, kernels_backward_spatial
 
-    found = {name: getattr(module, name) for module in (kernels, kernels_backward) for name in dir(module)
+    modules = (kernels, kernels_backward_spatial, kernels_backward_channel)
+    found = {name: getattr(module, name) for module in modules for name in dir(module)
              if name.endswith("_kernel")}
     return SimpleNamespace(**found)
 

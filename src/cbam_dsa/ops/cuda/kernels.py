@@ -1,5 +1,5 @@
-"""The Triton kernels of the fused block's forward (launched by :mod:`.block`; backward in :mod:`.kernels_backward`,
-helpers in :mod:`._jit`).
+"""The Triton kernels of the fused block's forward (launched by :mod:`.block`; backward in
+:mod:`.kernels_backward_spatial` and :mod:`.kernels_backward_channel`, helpers in :mod:`._jit`).
 
 Layout: ``x`` is contiguous ``(B, C, N)`` with ``N = H * W``. A *pixel tile* is ``NB`` consecutive pixels of one
 sample; the passes over ``x`` run one program per ``(sample, pixel tile)`` and walk the channels in chunks of
