@@ -72,7 +72,10 @@ def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
     keep = x.shape[2] * x.shape[3] >= pytorch.KEEP_POOLS_FROM_PIXELS
     saved = [f.z, f.s, f.logit, f.router, f.router_hidden, f.pre, f.pools if keep else f.pools.new_empty(0)]
     fusion_w = torch.ones(2, dtype=f.z.dtype) if args[5] is None else torch.softmax(args[5].to(f.z.dtype), dim=0)
-    maps = (f.ca.to(x.dtype), f.sa.to(x.dtype), fusion_w.to(x.dtype), f.router.to(x.dtype, copy=True))
+    if x.dtype == f.z.dtype:
+        maps = (f.ca, f.sa, fusion_w, f.router.clone())  # no output aliases another
+    else:
+        maps = (f.ca.to(x.dtype), f.sa.to(x.dtype), fusion_w.to(x.dtype), f.router.to(x.dtype))
     return (_like(f.out, x), *maps, saved)
 
 
