@@ -121,26 +121,33 @@ def block_backward(
     spatial = light.spatial_forward(s, router, branch_weights, branch_biases, dilations, t_sa, sa_gate)
     ca, sa = channel.ca.to(x.dtype).view(b, c, 1, 1), spatial.sa.to(x.dtype)
     blend = None if alpha is None else alpha.to(x.dtype)
-    y = x * ca
+    # Two full-size buffers: `work` holds x * ca, then x * d y, then x's gradient; `grad_y` holds g * x * ca, then
+    # the gradient of y = x * ca. The ties of the max over C are a bool mask.
+    work = x * ca
+    top = work == work.amax(dim=1, keepdim=True)  # not s: the C kernels may round x * ca otherwise
+    ties = top.sum(dim=1, keepdim=True, dtype=s.dtype)
     # the spatial part: d sa = alpha * sum_c g * y (+ the map's own gradient)
     grad_sa = torch.zeros_like(spatial.sa)
+    grad_alpha = None
     if g_out is not None:
-        grad_sa = (g_out * y).sum(dim=1, keepdim=True, dtype=s.dtype)
-        if blend is not None:
-            grad_sa = grad_sa * blend
+        grad_y = g_out * work
+        per_pixel = grad_y.sum(dim=1, keepdim=True, dtype=s.dtype)
+        if alpha is not None:  # sum g * (y * sa - x)
+            grad_alpha = (per_pixel * sa).sum() - (g_out * x).sum(dtype=s.dtype)
+        grad_sa = per_pixel if blend is None else per_pixel * blend
     if g_sa is not None:
         grad_sa = grad_sa + g_sa.to(grad_sa.dtype)
     grad_s, grad_router, grad_weights, grad_biases, grad_t_sa = light.spatial_backward(
         spatial, s, router, branch_weights, dilations, t_sa, sa_gate, grad_sa, g_router
     )
     # d y = alpha * sa * g + the pooling over C's terms (the max's split evenly among ties, as torch.amax's)
-    top = (y == y.amax(dim=1, keepdim=True)).to(x.dtype)  # not s: the C kernels may round x * ca otherwise
-    split = (grad_s[:, 1:2] / top.sum(dim=1, keepdim=True, dtype=grad_s.dtype)).to(x.dtype)
-    grad_y = (grad_s[:, :1] / c).to(x.dtype) + top * split
+    split = (grad_s[:, 1:2] / ties).to(x.dtype)
+    grad_y = torch.mul(top, split, out=grad_y) if g_out is not None else top * split
+    grad_y.add_((grad_s[:, :1] / c).to(x.dtype))
     if g_out is not None:
-        grad_y = grad_y + (g_out * sa if blend is None else g_out * (sa * blend))
+        grad_y.addcmul_(g_out, sa if blend is None else sa * blend)
     # the channel part: d ca = sum_hw x * d y (+ the map's own gradient)
-    grad_ca = (x * grad_y).sum(dim=(2, 3), dtype=s.dtype)
+    grad_ca = torch.mul(x, grad_y, out=work).sum(dim=(2, 3), dtype=s.dtype)
     if g_ca is not None:
         grad_ca = grad_ca + g_ca.reshape(b, c).to(grad_ca.dtype)
     grad_pools, grad_mlp, grad_logits, grad_t_ca = light.channel_backward(
@@ -148,16 +155,14 @@ def block_backward(
     )
     out: list[Tensor | None] = [None] * len(needs)
     if needs[0]:
-        grad_x = grad_y * ca
+        grad_x = torch.mul(grad_y, ca, out=work)
         if g_out is not None and blend is not None:  # out = x + alpha * (y * sa - x)
-            grad_x = grad_x + g_out * (1 - blend)
+            grad_x.addcmul_(g_out, 1 - blend)
         grad_avg, grad_max = grad_pools[:b].view(b, c, 1, 1), grad_pools[b:].view(b, c, 1, 1)
-        top = (x == pools[b:].view(b, c, 1, 1).to(x.dtype)).to(x.dtype)
+        top = x == pools[b:].view(b, c, 1, 1).to(x.dtype)
         split = (grad_max / top.sum(dim=(2, 3), keepdim=True, dtype=grad_max.dtype)).to(x.dtype)
-        out[0] = grad_x + ((grad_avg / (h * w)).to(x.dtype) + top * split)
-    grad_alpha = None
-    if alpha is not None and g_out is not None:
-        grad_alpha = (g_out * (y * sa - x)).sum()
+        grad_x.add_((grad_avg / (h * w)).to(x.dtype)).addcmul_(top, split)
+        out[0] = grad_x
     found = [*grad_mlp, grad_logits, grad_t_ca, grad_t_sa, grad_alpha, *grad_router, *grad_weights, *grad_biases]
     for i, grad in enumerate(found, start=1):
         if needs[i]:
