@@ -86,8 +86,8 @@ def test_recorder_leaves_the_output_unchanged(whole_model):
             during = model(x)
         after = model(x)
     assert torch.equal(before, after)
-    # recording runs the path that returns the maps: the same math, a few sums in another order
-    torch.testing.assert_close(during, before, rtol=1e-5, atol=1e-5)
+    # recording asks the blocks for their maps: the same operator call, which returns them anyway
+    assert torch.equal(during, before)
 
 
 def test_recorder_cleans_up_when_the_forward_raises(whole_model):

@@ -2,9 +2,8 @@
 
 The recorder follows the hook-based recorders of lucidrains' vit-pytorch: while recording, each block is asked
 for its maps (``return_maps``) and a forward hook stores them and hands the model back the output it would have
-seen, so what the model returns is unchanged (to float rounding: with the maps on, the block's fast path
-keeps its output a function of the maps in the autograd graph, which orders a few sums differently). On exit the
-hooks are removed and the flags restored.
+seen, so what the model returns is unchanged (bitwise: the maps are outputs of the block's one operator call either
+way). On exit the hooks are removed and the flags restored.
 """
 
 from __future__ import annotations
