@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as FA
-from . import light
+from . import library, light
 
 __all__ = ["KEEP_POOLS_FROM_PIXELS", "block_backward", "block_forward", "saved_like"]
 
@@ -30,7 +30,7 @@ __all__ = ["KEEP_POOLS_FROM_PIXELS", "block_backward", "block_forward", "saved_l
 KEEP_POOLS_FROM_PIXELS = 64
 
 
-def saved_like(x: Tensor, fc1_weight: Tensor, router_fc1_weight: Tensor | None, branches: int) -> list[Tensor]:
+def _saved_like(x: Tensor, fc1_weight: Tensor, router_fc1_weight: Tensor | None, branches: int) -> list[Tensor]:
     """Empty tensors shaped as the saved list of the CPU implementations: ``(z, s, logit, router, router hidden,
     pre, pools)`` in :func:`..functional.accumulation_dtype`; ``pools`` has no elements below
     :data:`KEEP_POOLS_FROM_PIXELS` pixels per map.
@@ -57,7 +57,7 @@ def _pools(x: Tensor) -> Tensor:
     return torch.cat([avg, top]).flatten(1)
 
 
-def block_forward(
+def _forward(
     x: Tensor,
     fc1_weight: Tensor,
     fc1_bias: Tensor,
@@ -75,7 +75,7 @@ def block_forward(
     ca_gate: str,
     sa_gate: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    """The block's forward pass: ``(out, ca, sa, fusion_w, router_w, saved)`` (see :func:`saved_like`)."""
+    """The block's forward pass: ``(out, ca, sa, fusion_w, router_w, saved)`` (see :func:`_saved_like`)."""
     b, c, h, w = x.shape
     pools = _pools(x)
     mlp = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
@@ -94,7 +94,7 @@ def block_forward(
     return out, *maps, saved
 
 
-def block_backward(
+def _backward(
     grads: Sequence[Tensor | None],
     x: Tensor,
     params: Sequence[Tensor | None],
@@ -111,7 +111,7 @@ def block_backward(
     gradients of ``(out, ca, sa, fusion_w, router_w)`` (each may be ``None``).
 
     ``params`` is ``(fc1 weight, fc1 bias, fc2 weight, fc2 bias, fusion logits, T_ca, T_sa, alpha, router fc1 weight,
-    fc1 bias, fc2 weight, fc2 bias)``; ``saved`` as :func:`saved_like`.
+    fc1 bias, fc2 weight, fc2 bias)``; ``saved`` as :func:`_saved_like`.
     """
     g_out, g_ca, g_sa, g_fusion, g_router = grads
     b, c, h, w = x.shape
@@ -168,3 +168,32 @@ def block_backward(
         if needs[i]:
             out[i] = grad
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# As the operators' kernels: their arguments and outputs (ops/library.py), for every device that uses them.
+
+_N = len(library.TENSOR_ARGS)
+
+
+def saved_like(*args: object) -> list[Tensor]:
+    """Empty tensors shaped as ``block_forward``'s saved list, from its arguments (for the fake kernel)."""
+    return _saved_like(args[0], args[1], args[9], len(args[_N]))  # type: ignore[arg-type]
+
+
+def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """``cbam_dsa::block_forward`` in PyTorch operations (arguments already checked)."""
+    return _forward(*args[:9], args[9:13], *args[13:])  # type: ignore[arg-type]
+
+
+def block_backward(*args: object) -> list[Tensor]:
+    """``cbam_dsa::block_backward`` in PyTorch operations (arguments already checked)."""
+    rest, needs = args[5:], args[-1]
+    flat = library.gradient_inputs(rest)
+    branches = len(rest[_N])
+    saved, (dilations, act, ca_gate, sa_gate) = rest[_N + 2], rest[_N + 3 : _N + 7]
+    found = _backward(
+        args[:5], flat[0], flat[1:_N], flat[_N : _N + branches], flat[_N + branches :], saved, dilations, act,
+        ca_gate, sa_gate, needs,
+    )  # fmt: skip
+    return library.gradients_like(found, flat, needs)

@@ -30,9 +30,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in native.DTYPES else torch.float32
 
 
-def saved_like(x: Tensor, fc1_weight: Tensor, *args: object) -> list[Tensor]:
-    """Empty tensors shaped as ``block_forward``'s saved list (:func:`..pytorch.saved_like`)."""
-    return pytorch.saved_like(x, fc1_weight, args[7], len(args[11]))  # type: ignore[arg-type]
+saved_like = pytorch.saved_like  # the C kernels keep the same list
 
 
 def _ready(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -62,7 +60,7 @@ def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
     x: Tensor = args[0]  # type: ignore[assignment]
     lib = native.library()
     if lib is None or x.numel() == 0:
-        return pytorch.block_forward(*args[:9], args[9:13], *args[13:])  # type: ignore[arg-type]
+        return pytorch.block_forward(*args)
     flat = library.gradient_inputs(args)
     branches, (dilations, act, ca_gate, sa_gate) = len(args[_N]), args[_N + 2 :]
     raw, packed, sizes, temperatures = _call(flat, branches, dilations, act, (ca_gate, sa_gate))
@@ -84,16 +82,11 @@ def block_backward(*args: object) -> list[Tensor]:
     grads, rest = args[:5], args[5:]
     library.check_arguments(library.forward_arguments(args))
     flat = library.gradient_inputs(rest)
-    x = flat[0]
     saved, (dilations, act, ca_gate, sa_gate), needs = rest[_N + 2], rest[_N + 3 : _N + 7], rest[_N + 7]
     branches = len(rest[_N])
     lib = native.library()
     if lib is None or grads[0] is None or any(g is not None and bool(g.any()) for g in grads[1:]):
-        found = pytorch.block_backward(
-            grads, x, flat[1:_N], flat[_N : _N + branches], flat[_N + branches :], saved, dilations, act, ca_gate,
-            sa_gate, needs,
-        )  # fmt: skip
-        return library.gradients_like(found, flat, needs)
+        return pytorch.block_backward(*args)
     raw, packed, sizes, temperatures = _call(flat, branches, dilations, act, (ca_gate, sa_gate))
     order = (*_KERNEL_ARGS, *range(_N, len(flat)))
     wanted = [needs[i] for i in order]

@@ -26,7 +26,7 @@ def saved_like(*args: object) -> list[Tensor]:
     """Empty tensors shaped as ``block_forward``'s saved list, for the fake kernel."""
     if _triton(args):
         return block.saved_like(*args)
-    return pytorch.saved_like(args[0], args[1], args[9], len(args[_N]))  # type: ignore[arg-type]
+    return pytorch.saved_like(*args)
 
 
 def block_forward(*args: object) -> tuple:
@@ -34,22 +34,14 @@ def block_forward(*args: object) -> tuple:
     library.check_arguments(args)
     if _triton(args):
         return block.block_forward(*args)
-    return pytorch.block_forward(*args[:9], args[9:13], *args[13:])  # type: ignore[arg-type]
+    return pytorch.block_forward(*args)
 
 
 def block_backward(*args: object) -> list[Tensor]:
     """``cbam_dsa::block_backward`` on CUDA."""
     forward_args = library.forward_arguments(args)
     library.check_arguments(forward_args)
+    if not _triton(forward_args):
+        return pytorch.block_backward(*args)
     rest, needs = args[5:], args[-1]
-    flat = library.gradient_inputs(rest)
-    if _triton(forward_args):
-        found = block.block_backward(*args)
-    else:
-        branches = len(rest[_N])
-        saved, (dilations, act, ca_gate, sa_gate) = rest[_N + 2], rest[_N + 3 : _N + 7]
-        found = pytorch.block_backward(
-            args[:5], flat[0], flat[1:_N], flat[_N : _N + branches], flat[_N + branches :], saved, dilations, act,
-            ca_gate, sa_gate, needs,
-        )  # fmt: skip
-    return library.gradients_like(found, flat, needs)
+    return library.gradients_like(block.block_backward(*args), library.gradient_inputs(rest), needs)
