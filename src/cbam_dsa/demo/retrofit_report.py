@@ -12,7 +12,7 @@ from .alpha_figure import alpha_figure
 from .data import ImageSet
 from .report import CHECKPOINT_FORMAT, attention_definitions, gallery_order, learned_alpha_curves, stage_table
 from .retrofit import RETROFIT_VARIANT, RetrofitResult
-from .verdicts import effective_verdict, noise_margin, paired_differences, spread, summarize
+from .verdicts import comparison_word, effective_verdict, noise_margin, paired_differences, spread, summarize
 
 __all__ = ["retrofit_summary", "retrofit_verdict", "write_retrofit_report"]
 
@@ -58,12 +58,7 @@ def retrofit_verdict(summary: Mapping[str, Any]) -> list[str]:
         )
     retro, plain = finetuned[RETROFIT_VARIANT]["accuracy"]["mean"], finetuned["none"]["accuracy"]["mean"]
     diff, margin = retro - plain, noise_margin(finetuned, RETROFIT_VARIANT, "none")
-    if diff > margin:
-        word = "beats"
-    elif diff >= -margin:
-        word = "matches (within noise)"
-    else:
-        word = "is worse than"
+    word = comparison_word(diff, margin)
     lines.append(
         f"Retrofitted and fine-tuned {word} the plain network fine-tuned alike: {100 * diff:+.1f} points (noise "
         f"margin {100 * margin:.1f} points){paired_differences(finetuned, RETROFIT_VARIANT, 'none')}."

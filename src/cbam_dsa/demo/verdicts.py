@@ -12,6 +12,7 @@ from .train import RunResult
 
 __all__ = [
     "STAGE_STATS",
+    "comparison_word",
     "effective_verdict",
     "noise_margin",
     "paired_differences",
@@ -94,6 +95,15 @@ def noise_margin(summary: Mapping[str, Any], a: str, b: str) -> float:
     return max(seed_spread, standard_error)
 
 
+def comparison_word(diff: float, margin: float) -> str:
+    """How one accuracy compares with another, ``diff`` points apart, against the noise ``margin``."""
+    if diff > margin:
+        return "beats"
+    if diff >= -margin:
+        return "matches (within noise)"
+    return "is worse than"
+
+
 def paired_differences(summary: Mapping[str, Any], a: str, b: str) -> str:
     """``"; per seed +0.3, -1.2, +0.8 (ahead on 2 of 3)"``: the differences of runs that share a seed (the same
     backbone initialisation and batch order), or ``""`` with one seed."""
@@ -120,12 +130,7 @@ def verdict(summary: Mapping[str, Any]) -> list[str]:
                 continue
             diff = acc - summary[baseline]["accuracy"]["mean"]
             margin = noise_margin(summary, variant, baseline)
-            if diff > margin:
-                word = "beats"
-            elif diff >= -margin:
-                word = "matches (within noise)"
-            else:
-                word = "is worse than"
+            word = comparison_word(diff, margin)
             lines.append(
                 f"`{variant}` {word} {label}: {100 * diff:+.1f} points (noise margin {100 * margin:.1f} points)"
                 + paired_differences(summary, variant, baseline)
