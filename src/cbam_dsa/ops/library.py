@@ -79,6 +79,11 @@ _kernels: dict[str, tuple[Callable, Callable]] = {}
 def implement(device: str, forward: Callable, backward: Callable, saved_like: SavedLike) -> None:
     """Register a device's implementation of both operators.
 
+    The dispatcher's kernels check their arguments (:func:`check_arguments`) before calling ``forward`` or
+    ``backward``, so these get checked arguments. The autograd node's backward calls ``backward`` without the check:
+    its arguments are those its forward checked, the tensors that forward returned, and gradients that autograd has
+    matched to the outputs.
+
     Args:
         device (str): ``"cpu"`` or ``"cuda"``.
         forward (Callable): takes ``block_forward``'s arguments and returns its outputs.
@@ -87,10 +92,19 @@ def implement(device: str, forward: Callable, backward: Callable, saved_like: Sa
             ``saved`` output, for the fake kernel (called on fake tensors: no data access).
     """
     key = {"cpu": "CPU", "cuda": "CUDA"}[device]
-    _library.impl("block_forward", forward, key)
-    _library.impl("block_backward", backward, key)
+
+    def checked_forward(*args: Any) -> Any:
+        check_arguments(args)
+        return forward(*args)
+
+    def checked_backward(*args: Any) -> Any:
+        check_arguments(forward_arguments(args))
+        return backward(*args)
+
+    _library.impl("block_forward", checked_forward, key)
+    _library.impl("block_backward", checked_backward, key)
     _saved_like[device] = saved_like
-    _kernels[device] = (forward, backward)
+    _kernels[device] = (checked_forward, backward)
 
 
 def devices() -> frozenset[str]:
@@ -230,9 +244,10 @@ def gradients_like(grads: Sequence[Tensor | None], inputs: Sequence[Tensor | Non
 
 def _below_autograd(which: int, op: Any, x: Tensor, args: Sequence[Any]) -> Any:
     """``op(*args)`` below the autograd keys. For plain tensors with no dispatch mode or functorch transform active,
-    the device's kernel is called directly: the same function the dispatcher would reach, without a second pass
-    through it (about 25 µs a call here, a large share of a call on small maps). Everything else (fake and
-    functional tensors under torch.compile, opcheck's modes, subclasses) goes through the dispatcher."""
+    the device's kernel is called directly: the same function the dispatcher would reach (for the backward, without
+    re-checking the arguments its forward checked: see :func:`implement`), without a second pass through it (about
+    25 µs a call here, a large share of a call on small maps). Everything else (fake and functional tensors under
+    torch.compile, opcheck's modes, subclasses) goes through the dispatcher."""
     kernels = _kernels.get(x.device.type)
     if (
         kernels is not None

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as FA
+from . import branches as branch_ops
 
 __all__ = ["ChannelLight", "SpatialLight", "channel_backward", "channel_forward", "spatial_backward", "spatial_forward"]
 
@@ -151,12 +152,9 @@ def spatial_forward(
     else:
         hidden = F.relu(F.linear(pooled, _flat(router[0], dtype), router[1].to(dtype)))
         weights = torch.softmax(F.linear(hidden, _flat(router[2], dtype), router[3].to(dtype)), dim=1)
+    branches = branch_ops.branches_forward(s, branch_weights, branch_biases, dilations)
     logit = torch.zeros_like(s[:, :1])
-    branches = []
-    for k, (weight, bias, dilation) in enumerate(zip(branch_weights, branch_biases, dilations, strict=True)):
-        padding = FA.branch_padding(weight.shape[-1], dilation)
-        branch = F.conv2d(s, weight.to(dtype), bias.to(dtype), padding=padding, dilation=dilation)
-        branches.append(branch)
+    for k, branch in enumerate(branches):
         logit = logit + weights[:, k].view(-1, 1, 1, 1) * branch
     u = logit / temperature
     return SpatialLight(pooled, hidden, weights, branches, logit, u, FA.apply_gate(u, gate))
@@ -177,19 +175,9 @@ def spatial_backward(
     biases, and of the temperature, from those of ``sa`` and of the router weights (``None``: zero)."""
     b, _, h, w = s.shape
     grad_logit, grad_t = _gate_input_backward(grad_sa, f.logit, f.u, f.sa, gate, temperature)
-    grad_s = torch.zeros_like(s)
-    grad_weights, grad_biases, grad_r = [], [], []
-    for k, (weight, branch, dilation) in enumerate(zip(branch_weights, f.branches, dilations, strict=True)):
-        grad_branch = f.router[:, k].view(-1, 1, 1, 1) * grad_logit
-        grad_r.append((grad_logit * branch).sum(dim=(1, 2, 3)))
-        padding = FA.branch_padding(weight.shape[-1], dilation)
-        found = torch.ops.aten.convolution_backward(
-            grad_branch, s, weight.to(s.dtype), [1], [1, 1], [padding, padding], [dilation, dilation], False,
-            [0, 0], 1, [True, True, True],
-        )  # fmt: skip
-        grad_s = grad_s + found[0]
-        grad_weights.append(found[1])
-        grad_biases.append(found[2])
+    grad_branches = [f.router[:, k].view(-1, 1, 1, 1) * grad_logit for k in range(len(f.branches))]
+    grad_r = [(grad_logit * branch).sum(dim=(1, 2, 3)) for branch in f.branches]
+    grad_s, grad_weights, grad_biases = branch_ops.branches_backward(s, branch_weights, dilations, grad_branches)
     grads_router: list[Tensor | None] = [None, None, None, None]
     if router[0] is not None:
         grad_r = torch.stack(grad_r, dim=1)

@@ -1,13 +1,15 @@
 """The operators in PyTorch operations: the CPU implementation where the C library cannot be built.
 
-The forward pass is :mod:`..functional`'s math, with the output written in place of ``x * ca`` and the light
-networks run on the pooled descriptors as the matrix products they are. It keeps small tensors only (the same list
-as the C kernels, :func:`saved_like`): the descriptors ``s`` and ``[mean_hw(x); max_hw(x)]``, the gates' inputs and
-the networks' hidden layers. The backward pass recomputes the light networks from the descriptors and
-differentiates them with autograd (as activation checkpointing does, so their gradients follow the very same math),
-and writes the full-size passes by hand: the two reductions of ``grad * x * ca`` (over C, and over H, W with the
-pooling's terms), and one expression for the gradient of ``x``. The max gradients follow ``torch.amax``: split
-evenly among tied maxima, and NaN wherever the maximum is NaN.
+The forward pass is :mod:`..functional`'s math, with the output written in place of ``x * ca`` (the blend is one
+``torch.lerp``) and the light networks run on the pooled descriptors as the matrix products they are (:mod:`.light`;
+the spatial branches by :mod:`.branches`, each map size the way it measured fastest). It keeps small tensors only
+(the same list as the C kernels, :func:`saved_like`): the descriptors ``s`` and ``[mean_hw(x); max_hw(x)]``, the
+gates' inputs and the networks' hidden layers. The backward pass recomputes the light networks from the descriptors
+and differentiates them by hand (:mod:`.light`, after PyTorch's own formulas), and writes the full-size passes in two
+buffers: the two reductions of ``grad * x * ca`` (over C, and over H, W with the pooling's terms), and the gradient of
+``x``. The max gradients follow ``torch.amax``: split evenly among tied maxima, and NaN wherever the maximum is NaN;
+their masks are written as numbers by ``torch.eq`` into a floating-point buffer (one pass, where a bool mask and its
+conversion measured three).
 
 Shape:
     - x: :math:`(B, C, H, W)`; every other tensor as in :func:`..functional.cbam_residual_dynamic_sa`
@@ -86,8 +88,11 @@ def _forward(
     spatial = light.spatial_forward(s, router_params, branch_weights, branch_biases, dilations, sa_temperature, sa_gate)
     sa = spatial.sa.to(x.dtype)
     out.mul_(sa)
-    if alpha is not None:  # x + alpha * (y - x), in the reference's order of operations
-        out.sub_(x).mul_(alpha.to(x.dtype)).add_(x)
+    if alpha is not None:
+        # x + alpha * (y - x) in one pass. torch.lerp computes that expression below alpha = 0.5 and
+        # y - (y - x) * (1 - alpha) from there: a rounding apart, and NaN at the same places (|y| <= |x|, so y - x
+        # is NaN exactly where x is not finite, as in the reference).
+        torch.lerp(x, out, alpha.to(x.dtype), out=out)
     kept = pools if h * w >= KEEP_POOLS_FROM_PIXELS else pools.new_empty(0)
     saved = [channel.z, s, spatial.logit, spatial.router, spatial.hidden, channel.pre, kept]
     maps = (ca, sa, channel.fusion_w.to(x.dtype), spatial.router.to(x.dtype, copy=True))  # no output aliases another
@@ -121,19 +126,19 @@ def _backward(
     spatial = light.spatial_forward(s, router, branch_weights, branch_biases, dilations, t_sa, sa_gate)
     ca, sa = channel.ca.to(x.dtype).view(b, c, 1, 1), spatial.sa.to(x.dtype)
     blend = None if alpha is None else alpha.to(x.dtype)
-    # Two full-size buffers: `work` holds x * ca, then x * d y, then x's gradient; `grad_y` holds g * x * ca, then
-    # the gradient of y = x * ca. The ties of the max over C are a bool mask.
+    # Two full-size buffers: `work` holds x * ca, then the max over C's mask, then the gradient of y = x * ca;
+    # `other` holds g * x * ca, then x * d y, then x's gradient. The masks are written as numbers (torch.eq with a
+    # floating-point out: one pass, where a bool mask and its conversion take three).
     work = x * ca
-    top = work == work.amax(dim=1, keepdim=True)  # not s: the C kernels may round x * ca otherwise
-    ties = top.sum(dim=1, keepdim=True, dtype=s.dtype)
+    top = work.amax(dim=1, keepdim=True)  # not s: the C kernels may round x * ca otherwise
     # the spatial part: d sa = alpha * sum_c g * y (+ the map's own gradient)
     grad_sa = torch.zeros_like(spatial.sa)
-    grad_alpha = None
+    grad_alpha, other = None, None
     if g_out is not None:
-        grad_y = g_out * work
-        per_pixel = grad_y.sum(dim=1, keepdim=True, dtype=s.dtype)
-        if alpha is not None:  # sum g * (y * sa - x)
-            grad_alpha = (per_pixel * sa).sum() - (g_out * x).sum(dtype=s.dtype)
+        other = torch.mul(g_out, work)
+        per_pixel = other.sum(dim=1, keepdim=True, dtype=s.dtype)
+        if alpha is not None and needs[8]:  # sum g * (y * sa - x)
+            grad_alpha = (per_pixel * sa).sum() - torch.mul(g_out, x, out=other).sum(dtype=s.dtype)
         grad_sa = per_pixel if blend is None else per_pixel * blend
     if g_sa is not None:
         grad_sa = grad_sa + g_sa.to(grad_sa.dtype)
@@ -141,28 +146,28 @@ def _backward(
         spatial, s, router, branch_weights, dilations, t_sa, sa_gate, grad_sa, g_router
     )
     # d y = alpha * sa * g + the pooling over C's terms (the max's split evenly among ties, as torch.amax's)
-    split = (grad_s[:, 1:2] / ties).to(x.dtype)
-    grad_y = torch.mul(top, split, out=grad_y) if g_out is not None else top * split
-    grad_y.add_((grad_s[:, :1] / c).to(x.dtype))
+    mask = torch.eq(work, top, out=work)
+    split = (grad_s[:, 1:2] / mask.sum(dim=1, keepdim=True, dtype=s.dtype)).to(x.dtype)
+    grad_y = torch.addcmul((grad_s[:, :1] / c).to(x.dtype), mask, split, out=mask)
     if g_out is not None:
         grad_y.addcmul_(g_out, sa if blend is None else sa * blend)
     # the channel part: d ca = sum_hw x * d y (+ the map's own gradient)
-    grad_ca = torch.mul(x, grad_y, out=work).sum(dim=(2, 3), dtype=s.dtype)
+    other = torch.mul(x, grad_y) if other is None else torch.mul(x, grad_y, out=other)
+    grad_ca = other.sum(dim=(2, 3), dtype=s.dtype)
     if g_ca is not None:
         grad_ca = grad_ca + g_ca.reshape(b, c).to(grad_ca.dtype)
     grad_pools, grad_mlp, grad_logits, grad_t_ca = light.channel_backward(
         channel, pools, mlp, fusion_logits, t_ca, act, ca_gate, grad_ca, g_fusion
     )
     out: list[Tensor | None] = [None] * len(needs)
-    if needs[0]:
-        grad_x = torch.mul(grad_y, ca, out=work)
+    if needs[0]:  # d x = d y * ca (+ (1 - alpha) g) + the pooling over H, W's terms
+        grad_avg, grad_max = grad_pools[:b].view(b, c, 1, 1), grad_pools[b:].view(b, c, 1, 1)
+        grad_x = torch.addcmul((grad_avg / (h * w)).to(x.dtype), grad_y, ca, out=other)
         if g_out is not None and blend is not None:  # out = x + alpha * (y * sa - x)
             grad_x.addcmul_(g_out, 1 - blend)
-        grad_avg, grad_max = grad_pools[:b].view(b, c, 1, 1), grad_pools[b:].view(b, c, 1, 1)
-        top = x == pools[b:].view(b, c, 1, 1).to(x.dtype)
-        split = (grad_max / top.sum(dim=(2, 3), keepdim=True, dtype=grad_max.dtype)).to(x.dtype)
-        grad_x.add_((grad_avg / (h * w)).to(x.dtype)).addcmul_(top, split)
-        out[0] = grad_x
+        mask = torch.eq(x, pools[b:].view(b, c, 1, 1).to(x.dtype), out=grad_y)
+        split = (grad_max / mask.sum(dim=(2, 3), keepdim=True, dtype=grad_max.dtype)).to(x.dtype)
+        out[0] = grad_x.addcmul_(mask, split)
     found = [*grad_mlp, grad_logits, grad_t_ca, grad_t_sa, grad_alpha, *grad_router, *grad_weights, *grad_biases]
     for i, grad in enumerate(found, start=1):
         if needs[i]:

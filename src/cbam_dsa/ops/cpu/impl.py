@@ -55,8 +55,7 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
 
 
 def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    """``cbam_dsa::block_forward`` on the CPU."""
-    library.check_arguments(args)
+    """``cbam_dsa::block_forward`` on the CPU (arguments already checked: :func:`..library.implement`)."""
     x: Tensor = args[0]  # type: ignore[assignment]
     lib = native.library()
     if lib is None or x.numel() == 0:
@@ -78,9 +77,8 @@ def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
 
 
 def block_backward(*args: object) -> list[Tensor]:
-    """``cbam_dsa::block_backward`` on the CPU."""
+    """``cbam_dsa::block_backward`` on the CPU (arguments already checked: :func:`..library.implement`)."""
     grads, rest = args[:5], args[5:]
-    library.check_arguments(library.forward_arguments(args))
     flat = library.gradient_inputs(rest)
     saved, (dilations, act, ca_gate, sa_gate), needs = rest[_N + 2], rest[_N + 3 : _N + 7], rest[_N + 7]
     branches = len(rest[_N])

@@ -30,17 +30,15 @@ def saved_like(*args: object) -> list[Tensor]:
 
 
 def block_forward(*args: object) -> tuple:
-    """``cbam_dsa::block_forward`` on CUDA."""
-    library.check_arguments(args)
+    """``cbam_dsa::block_forward`` on CUDA (arguments already checked: :func:`..library.implement`)."""
     if _triton(args):
         return block.block_forward(*args)
     return pytorch.block_forward(*args)
 
 
 def block_backward(*args: object) -> list[Tensor]:
-    """``cbam_dsa::block_backward`` on CUDA."""
+    """``cbam_dsa::block_backward`` on CUDA (arguments already checked: :func:`..library.implement`)."""
     forward_args = library.forward_arguments(args)
-    library.check_arguments(forward_args)
     if not _triton(forward_args):
         return pytorch.block_backward(*args)
     rest, needs = args[5:], args[-1]

@@ -1,0 +1,127 @@
+"""The spatial branches' convolutions of the PyTorch implementation, forward and backward, each map size its way.
+
+Each branch is a 2-to-1-channel convolution of the descriptors ``s`` (``'same'`` padding, any odd kernel and
+dilation). How they run is chosen by measurement (CPU, 2 threads, the default branches 3, 7 and 7 dilated by 2):
+
+* **small maps** (at most :data:`DENSE_UP_TO` pixels, on the CPU, finite values): the K branches are one dense
+  ``(2HW, K HW)`` matrix gathered from the kernels, so each pass is one matrix product: forward and backward together
+  0.4 ms against 1.5 ms for oneDNN's convolutions at (32, 2, 7, 7). A zero of the matrix times an infinite or NaN
+  descriptor would give NaN where the convolution never reads it, so non-finite values take the convolutions.
+* **from** :data:`CHANNELS_LAST_FROM` **pixels**: oneDNN's convolutions on the descriptors in channels_last, 1.8x
+  (forward, dilated) to 2.9x (backward) faster than in the contiguous layout at (16, 2, 56, 56), and no slower from
+  28 x 28 on.
+* otherwise the convolutions as they are.
+
+Shape:
+    - s: :math:`(B, 2, H, W)`; each branch's output and gradient: :math:`(B, 1, H, W)`
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import functional as FA
+
+__all__ = ["CHANNELS_LAST_FROM", "DENSE_UP_TO", "branches_backward", "branches_forward"]
+
+DENSE_UP_TO = 64
+"""Maps of at most this many pixels run the branches as one dense matrix (CPU, finite values)."""
+
+CHANNELS_LAST_FROM = 28 * 28
+"""Maps of at least this many pixels run the convolutions in channels_last."""
+
+
+@functools.lru_cache(maxsize=32)
+def _taps(height: int, width: int, kernels: tuple[tuple[int, int], ...]) -> tuple[Tensor, Tensor, int]:
+    """Where each branch's kernel taps go in the dense matrix: ``(index, valid, taps)``, ``index[i, j]`` the position
+    in the branches' flattened kernels (all of them, one after the other) of the weight linking input pixel ``i``
+    (of ``2 H W``) to output pixel ``j`` (of ``K H W``), ``valid`` where there is one, ``taps`` their count."""
+    pixels = height * width
+    index = torch.full((2 * pixels, len(kernels) * pixels), -1, dtype=torch.long)
+    rows, cols = torch.arange(height).view(-1, 1), torch.arange(width).view(1, -1)
+    out_pixel = (rows * width + cols).flatten()
+    offset = 0
+    for k, (size, dilation) in enumerate(kernels):
+        pad = FA.branch_padding(size, dilation)
+        for channel in range(2):
+            for i in range(size):
+                for j in range(size):
+                    r, c = rows + i * dilation - pad, cols + j * dilation - pad
+                    inside = ((r >= 0) & (r < height) & (c >= 0) & (c < width)).flatten()
+                    source = (channel * pixels + r * width + c).flatten()[inside]
+                    index[source, k * pixels + out_pixel[inside]] = offset + (channel * size + i) * size + j
+        offset += 2 * size * size
+    valid = index >= 0
+    return index.clamp(min=0), valid, offset
+
+
+def _dense(s: Tensor, weights: Sequence[Tensor], dilations: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """The dense matrix ``(2HW, K HW)`` of the branches, with its tap index and mask."""
+    kernels = tuple((int(w.shape[-1]), int(d)) for w, d in zip(weights, dilations, strict=True))
+    index, valid, _ = _taps(s.shape[2], s.shape[3], kernels)
+    flat = torch.cat([w.reshape(-1) for w in weights]).to(s.dtype)
+    return torch.where(valid, flat[index], flat.new_zeros(())), index, valid
+
+
+def _use_dense(s: Tensor, values: Tensor) -> bool:
+    """Whether the dense matrix runs: small maps on the CPU, and ``values`` (what multiplies the matrix's zeros: ``s``
+    forward, the branches' gradients backward) all finite. The kernels need no check: the matrix holds each weight
+    only where the convolution uses it, so a non-finite weight meets the same values in both."""
+    return s.device.type == "cpu" and s.shape[2] * s.shape[3] <= DENSE_UP_TO and bool(torch.isfinite(values).all())
+
+
+def conv_input(s: Tensor) -> Tensor:
+    """The descriptors as the convolutions read them (channels_last from :data:`CHANNELS_LAST_FROM` pixels)."""
+    if s.shape[2] * s.shape[3] >= CHANNELS_LAST_FROM:
+        return s.contiguous(memory_format=torch.channels_last)
+    return s
+
+
+def branches_forward(
+    s: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], dilations: Sequence[int]
+) -> list[Tensor]:
+    """The K branches' outputs ``conv_k(s) + bias_k``, each :math:`(B, 1, H, W)`, in ``s``'s dtype."""
+    b, _, h, w = s.shape
+    dtype = s.dtype
+    if _use_dense(s, s):
+        matrix, _, _ = _dense(s, weights, dilations)
+        out = (s.reshape(b, -1) @ matrix).view(b, len(weights), 1, h, w)
+        return [out[:, k] + bias.to(dtype) for k, bias in enumerate(biases)]
+    source = conv_input(s)
+    return [
+        F.conv2d(source, weight.to(dtype), bias.to(dtype), padding=FA.branch_padding(weight.shape[-1], d), dilation=d)
+        for weight, bias, d in zip(weights, biases, dilations, strict=True)
+    ]
+
+
+def branches_backward(
+    s: Tensor, weights: Sequence[Tensor], dilations: Sequence[int], grads: Sequence[Tensor]
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The gradients of ``s``, of the kernels and of the biases from those of the K branches' outputs."""
+    b = s.shape[0]
+    grad = torch.cat([g.reshape(b, -1) for g in grads], dim=1)
+    if _use_dense(s, grad):
+        matrix, index, valid = _dense(s, weights, dilations)
+        grad_s = (grad @ matrix.t()).view_as(s)
+        by_pair = s.reshape(b, -1).t() @ grad
+        flat = by_pair.new_zeros(sum(w.numel() for w in weights)).index_add_(0, index[valid], by_pair[valid])
+        parts = flat.split([w.numel() for w in weights])
+        grad_weights = [part.view_as(w) for part, w in zip(parts, weights, strict=True)]
+        return grad_s, grad_weights, [g.sum().view(1) for g in grads]
+    source = conv_input(s)
+    grad_s = torch.zeros_like(s)
+    grad_weights, grad_biases = [], []
+    for weight, grad, d in zip(weights, grads, dilations, strict=True):
+        pad = FA.branch_padding(weight.shape[-1], d)
+        found = torch.ops.aten.convolution_backward(
+            grad, source, weight.to(s.dtype), [1], [1, 1], [pad, pad], [d, d], False, [0, 0], 1, [True, True, True]
+        )
+        grad_s = grad_s + found[0]
+        grad_weights.append(found[1])
+        grad_biases.append(found[2])
+    return grad_s, grad_weights, grad_biases
