@@ -201,6 +201,24 @@ def test_the_operators_check_their_arguments():
         ops.FORWARD(*wrong)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_every_entry_checks_the_arguments(backend, requires_grad):
+    """The checks run in the dispatcher's kernel of both operators, and on the autograd node's direct call of the
+    forward kernel (a tensor that requires grad), for each CPU implementation."""
+    block = make_block(6, torch.float32)
+    args = list(_op_args(block, torch.randn(2, 6, 4, 4, requires_grad=requires_grad)))
+    out, *_, saved = ops.FORWARD(*args)
+    wrong = list(args)
+    wrong[4] = torch.randn(5)
+    with pytest.raises(ValueError, match=r"fc2_bias must have shape \(6,\)"):
+        ops.FORWARD(*wrong)
+    needs = [t is not None for t in library.gradient_inputs(args)]
+    grads = [torch.randn_like(out.detach()), None, None, None, None]
+    detached = [a.detach() if isinstance(a, Tensor) else a for a in wrong]
+    with pytest.raises(ValueError, match=r"fc2_bias must have shape \(6,\)"):
+        ops.BACKWARD(*grads, *detached[:15], [t.detach() for t in saved], *detached[15:], needs)
+
+
 def _channels_last(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
