@@ -68,11 +68,13 @@ def _dense(s: Tensor, weights: Sequence[Tensor], dilations: Sequence[int]) -> tu
     return torch.where(valid, flat[index], flat.new_zeros(())), index, valid
 
 
-def _use_dense(s: Tensor, values: Tensor) -> bool:
+def _use_dense(s: Tensor, *values: Tensor) -> bool:
     """Whether the dense matrix runs: small maps on the CPU, and ``values`` (what multiplies the matrix's zeros: ``s``
     forward, the branches' gradients backward) all finite. The kernels need no check: the matrix holds each weight
     only where the convolution uses it, so a non-finite weight meets the same values in both."""
-    return s.device.type == "cpu" and s.shape[2] * s.shape[3] <= DENSE_UP_TO and bool(torch.isfinite(values).all())
+    if s.device.type != "cpu" or s.shape[2] * s.shape[3] > DENSE_UP_TO:
+        return False
+    return all(bool(torch.isfinite(t).all()) for t in values)
 
 
 def conv_input(s: Tensor) -> Tensor:
@@ -104,9 +106,9 @@ def branches_backward(
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """The gradients of ``s``, of the kernels and of the biases from those of the K branches' outputs."""
     b = s.shape[0]
-    grad = torch.cat([g.reshape(b, -1) for g in grads], dim=1)
-    if _use_dense(s, grad):
+    if _use_dense(s, *grads):
         matrix, index, valid = _dense(s, weights, dilations)
+        grad = torch.cat([g.reshape(b, -1) for g in grads], dim=1)
         grad_s = (grad @ matrix.t()).view_as(s)
         by_pair = s.reshape(b, -1).t() @ grad
         flat = by_pair.new_zeros(sum(w.numel() for w in weights)).index_add_(0, index[valid], by_pair[valid])

@@ -126,8 +126,9 @@ def _backward(
     spatial = light.spatial_forward(s, router, branch_weights, branch_biases, dilations, t_sa, sa_gate)
     ca, sa = channel.ca.to(x.dtype).view(b, c, 1, 1), spatial.sa.to(x.dtype)
     blend = None if alpha is None else alpha.to(x.dtype)
-    # Two full-size buffers: `work` holds x * ca, then the max over C's mask, then the gradient of y = x * ca;
-    # `other` holds g * x * ca, then x * d y, then x's gradient. The masks are written as numbers (torch.eq with a
+    # Two full-size buffers: `work` holds x * ca, then the max over C's mask, then the gradient of y = x * ca, then
+    # the max over H, W's mask; `other` holds g * x * ca (then g * x, for alpha's gradient), then x * d y, then x's
+    # gradient. The masks are written as numbers (torch.eq with a
     # floating-point out: one pass, where a bool mask and its conversion take three).
     work = x * ca
     top = work.amax(dim=1, keepdim=True)  # not s: the C kernels may round x * ca otherwise
