@@ -33,6 +33,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define CAT2(a, b) a##_##b
 #define CAT(a, b) CAT2(a, b)
@@ -79,10 +80,11 @@ HELPER void FN(pool_hw)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t plan
         for (int64_t start = 0; start < count; start += CHUNK) {  /* SCALAR sums per chunk, then double */
             const int64_t end = start + CHUNK < count ? start + CHUNK : count;
             SCALAR part = 0;
-#pragma omp simd reduction(+ : part)
-            for (int64_t i = start; i < end; ++i) part += v[i];
-#pragma omp simd reduction(max : best)
-            for (int64_t i = start; i < end; ++i) best = FN(max_fast)(best, v[i]);  /* the chunk is in L1 now */
+#pragma omp simd reduction(+ : part) reduction(max : best)
+            for (int64_t i = start; i < end; ++i) {
+                part += v[i];
+                best = FN(max_fast)(best, v[i]);
+            }
             total += part;
         }
         if (total != total)
@@ -163,10 +165,12 @@ HELPER void FN(blend)(const SCALAR *x, const SCALAR *ca, const SCALAR *sa, SCALA
 
 /* Backward of blend, the reductions: t = g * x; gsa[b, p] = sum_c t * ca; gca[b, c] = sum_p t * sa; and, if gsum
    is given, gsum[b, c] = sum_p t. If top (B, P) is given, also ties[b, p] = #c with x * ca == top[b, p] (for
-   pool_c_grad, in the same pass). Sums run in SCALAR over blocks of BLOCK channels or CHUNK pixels, then in double. */
+   pool_c_grad, in the same pass). If hmean is given, also pool_hw's hmean[b, c] = mean_p x and hmax[b, c] = max_p x
+   (for a backward whose forward did not keep them). Sums run in SCALAR over blocks of BLOCK channels or CHUNK pixels,
+   then in double. */
 HELPER int FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *sa, const SCALAR *top,
-                    SCALAR *gsa, SCALAR *gca, SCALAR *gsum, SCALAR *ties, int64_t batch, int64_t channels,
-                    int64_t count, int threads) {
+                    SCALAR *gsa, SCALAR *gca, SCALAR *gsum, SCALAR *ties, SCALAR *hmean, SCALAR *hmax,
+                    int64_t batch, int64_t channels, int64_t count, int threads) {
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -191,11 +195,23 @@ HELPER int FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, co
                     const int64_t plane = b * channels + c;
                     const SCALAR *gv = g + plane * count, *xv = x + plane * count;
                     const SCALAR w = ca[plane];
-                    double by_sa = 0, plain = 0;
+                    double by_sa = 0, plain = 0, total = 0;
+                    SCALAR high = xv[0];
                     for (int64_t start = 0; start < count; start += CHUNK) {
                         const int64_t stop = start + CHUNK < count ? start + CHUNK : count;
-                        SCALAR s_sa = 0, s_plain = 0;
-                        if (tie) {
+                        SCALAR s_sa = 0, s_plain = 0, s_x = 0;
+                        if (tie && hmean) {
+#pragma omp simd reduction(+ : s_sa, s_plain, s_x) reduction(max : high)
+                            for (int64_t i = start; i < stop; ++i) {
+                                const SCALAR t = gv[i] * xv[i];
+                                part[i] += t * w;
+                                s_sa += t * m[i];
+                                s_plain += t;
+                                tie[i] += xv[i] * w == best[i] ? 1 : 0;
+                                s_x += xv[i];
+                                high = FN(max_fast)(high, xv[i]);
+                            }
+                        } else if (tie) {
 #pragma omp simd reduction(+ : s_sa, s_plain)
                             for (int64_t i = start; i < stop; ++i) {
                                 const SCALAR t = gv[i] * xv[i];
@@ -215,9 +231,16 @@ HELPER int FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, co
                         }
                         by_sa += s_sa;
                         plain += s_plain;
+                        total += s_x;
                     }
                     gca[plane] = (SCALAR)by_sa;
                     if (gsum) gsum[plane] = (SCALAR)plain;
+                    if (hmean) { /* as pool_hw: a NaN sum sends the maximum to the exact loop */
+                        if (total != total)
+                            for (int64_t i = 0; i < count; ++i) high = FN(max_nan)(high, xv[i]);
+                        hmean[plane] = (SCALAR)(total / (double)count);
+                        hmax[plane] = high;
+                    }
                 }
                 for (int64_t i = 0; i < count; ++i) acc[i] += part[i];
             }
@@ -264,8 +287,13 @@ HELPER int FN(pool_c_grad)(const SCALAR *x, const SCALAR *ca, const SCALAR *smax
                 const SCALAR *xv = x + (b * channels + c) * count;
                 const SCALAR w = ca[b * channels + c];
                 double total = 0;
-#pragma omp simd reduction(+ : total)
-                for (int64_t i = 0; i < count; ++i) total += (mean[i] + (SCALAR)(xv[i] * w == top[i]) * k[i]) * xv[i];
+                for (int64_t start = 0; start < count; start += CHUNK) {
+                    const int64_t end = start + CHUNK < count ? start + CHUNK : count;
+                    SCALAR part = 0;
+#pragma omp simd reduction(+ : part)
+                    for (int64_t i = start; i < end; ++i) part += (mean[i] + (SCALAR)(xv[i] * w == top[i]) * k[i]) * xv[i];
+                    total += part;
+                }
                 gca[b * channels + c] = (SCALAR)total;
             }
         }
@@ -354,108 +382,180 @@ HELPER int FN(grad_x)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const 
     return failed ? STATUS_NO_MEMORY : STATUS_OK;
 }
 
-/* Convolution by taps: out[b, i, j] = sum_t w[b, t] * s[b, c_t, i + dy_t, j + dx_t] (zero outside the map), with
-   taps[t] = (c_t, dy_t, dx_t): every spatial branch, at any dilation, merged into one list with per-sample weights.
-   out is (B, H, W); rows are independent tasks. */
-HELPER void FN(tap_conv)(const SCALAR *s, const SCALAR *w, const int64_t *taps, SCALAR *out, int64_t batch,
-                  int64_t channels, int64_t height, int64_t width, int64_t ntaps, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t task = 0; task < batch * height; ++task) {
-        const int64_t b = task / height, i = task % height;
-        SCALAR *o = out + task * width;
-        for (int64_t j = 0; j < width; ++j) o[j] = 0;
-        for (int64_t t = 0; t < ntaps; ++t) {
-            const int64_t c = taps[3 * t], dy = taps[3 * t + 1], dx = taps[3 * t + 2], r = i + dy;
-            if (r < 0 || r >= height) continue;
-            const int64_t j0 = dx < 0 ? -dx : 0, j1 = dx > 0 ? width - dx : width;
-            const SCALAR *row = s + ((b * channels + c) * height + r) * width + dx;
-            const SCALAR wt = w[b * ntaps + t];
-#pragma omp simd
-            for (int64_t j = j0; j < j1; ++j) o[j] += wt * row[j];
+/* The merged branches as correlations over zero-padded maps. Every tap (c_t, dy_t, dx_t), of every branch at any
+   dilation, is one offset into maps padded with zeros by R (the taps' largest |dy| or |dx|) on every side, in rows of
+   Wp = W + 2R, with LANES values of slack after the last map: so no tap of any pixel needs a bounds check, and the
+   products with the padding are formed as a convolution with zero padding forms them (0 * a NaN or an infinity of
+   the other factor is NaN there). Output rows run in blocks of LANES columns whose sums stay in registers over all
+   the taps; lanes past W read the padding or the next row and are not stored. */
+#define LANES 8
+
+/* The taps' reach R: their largest |dy| or |dx|. */
+static int64_t tap_reach(const int64_t *taps, int64_t ntaps) {
+    int64_t reach = 0;
+    for (int64_t t = 0; t < ntaps; ++t)
+        for (int i = 1; i < 3; ++i) {
+            const int64_t v = taps[3 * t + i] < 0 ? -taps[3 * t + i] : taps[3 * t + i];
+            reach = v > reach ? v : reach;
         }
+    return reach;
+}
+
+/* The n maps (n, H, W) of src, padded by R with zeros: (n, H + 2R, W + 2R), then LANES zeros. NULL if out of memory
+   (or if the size overflows). */
+static SCALAR *FN(padded)(const SCALAR *src, int64_t n, int64_t H, int64_t W, int64_t R, int threads) {
+    const int64_t Hp = H + 2 * R, Wp = W + 2 * R;
+    if (Hp > INT64_MAX / 64 / Wp || n > INT64_MAX / 64 / (Hp * Wp)) return NULL;
+    SCALAR *out = calloc((size_t)(n * Hp * Wp + LANES), sizeof(SCALAR));
+    if (!out) return NULL;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t row = 0; row < n * H; ++row) {
+        const SCALAR *from = src + row * W;
+        SCALAR *to = out + ((row / H) * Hp + row % H + R) * Wp + R;
+        for (int64_t j = 0; j < W; ++j) to[j] = from[j];
+    }
+    return out;
+}
+
+/* LANES values as one vector (GCC and Clang vector extensions); VLOAD / VSTORE need no alignment. */
+typedef SCALAR FN(vec) __attribute__((vector_size(LANES * sizeof(SCALAR)), aligned(sizeof(SCALAR)), may_alias));
+#define VEC FN(vec)
+#define VLOAD(p) (*(const VEC *)(p))
+/* the same bytes as integers, for masks */
+typedef long long FN(bits) __attribute__((vector_size(LANES * sizeof(SCALAR)), may_alias));
+
+/* Up to LANES values of v into o: n of them. */
+static inline void FN(store_lanes)(SCALAR *o, VEC v, int64_t n) {
+    if (n >= LANES) {
+        *(VEC *)o = v;
+    } else {
+        for (int64_t l = 0; l < n; ++l) o[l] = v[l];
     }
 }
 
-/* Gradient of tap_conv's input: gs[b, c, r, k] = sum over taps t of channel c of w[b, t] * g[b, r - dy_t, k - dx_t].
-   Rows of gs are independent tasks. */
-HELPER void FN(tap_conv_grad_s)(const SCALAR *g, const SCALAR *w, const int64_t *taps, SCALAR *gs, int64_t batch,
-                         int64_t channels, int64_t height, int64_t width, int64_t ntaps, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t task = 0; task < batch * channels * height; ++task) {
-        const int64_t b = task / (channels * height), c = (task / height) % channels, r = task % height;
-        SCALAR *o = gs + task * width;
-        for (int64_t k = 0; k < width; ++k) o[k] = 0;
+/* Up to four output rows (rows of them, W apart in o), each o[r, j] = sum_t w[t] * at[r * stride + j + off[t]] for
+   j < W, the taps summed in order. Four rows at a time give four independent sums per tap; with fewer rows the last
+   one is computed again in the spare sums and not stored. */
+static inline void FN(correlate_rows)(const SCALAR *at, int64_t stride, int64_t rows, const int64_t *off,
+                                      const SCALAR *w, int64_t ntaps, SCALAR *o, int64_t W) {
+    const int64_t s1 = rows > 1 ? stride : 0, s2 = rows > 2 ? 2 * stride : s1, s3 = rows > 3 ? 3 * stride : s2;
+    for (int64_t j = 0; j < W; j += LANES) {
+        VEC a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        const SCALAR *p = at + j;
         for (int64_t t = 0; t < ntaps; ++t) {
-            const int64_t dy = taps[3 * t + 1], dx = taps[3 * t + 2], i = r - dy;
-            if (taps[3 * t] != c || i < 0 || i >= height) continue;
-            const int64_t k0 = dx > 0 ? dx : 0, k1 = dx < 0 ? width + dx : width;
-            const SCALAR *row = g + (b * height + i) * width - dx;
-            const SCALAR wt = w[b * ntaps + t];
-#pragma omp simd
-            for (int64_t k = k0; k < k1; ++k) o[k] += wt * row[k];
+            const SCALAR *q = p + off[t], wt = w[t];
+            a0 += wt * VLOAD(q);
+            a1 += wt * VLOAD(q + s1);
+            a2 += wt * VLOAD(q + s2);
+            a3 += wt * VLOAD(q + s3);
         }
+        const int64_t n = W - j;
+        FN(store_lanes)(o + j, a0, n);
+        if (rows > 1) FN(store_lanes)(o + W + j, a1, n);
+        if (rows > 2) FN(store_lanes)(o + 2 * W + j, a2, n);
+        if (rows > 3) FN(store_lanes)(o + 3 * W + j, a3, n);
     }
 }
 
-static inline int64_t FN(clamp)(int64_t v, int64_t hi) { return v < 0 ? 0 : v > hi ? hi : v; }
+/* The branches' logit: out[b, i, j] = sum_t w[b, t] * s[b, c_t, i + dy_t, j + dx_t] (zero outside the map), with
+   taps[t] = (c_t, dy_t, dx_t) and per-sample weights. spad: s padded (padded(), reach R); out (B, H, W). */
+HELPER int FN(tap_conv)(const SCALAR *spad, const SCALAR *w, const int64_t *taps, SCALAR *out, int64_t batch,
+                        int64_t channels, int64_t height, int64_t width, int64_t ntaps, int64_t R, int threads) {
+    const int64_t Wp = width + 2 * R, plane = (height + 2 * R) * Wp;
+    int64_t *off = NEW(int64_t, ntaps);
+    if (!off) return STATUS_NO_MEMORY;
+    for (int64_t t = 0; t < ntaps; ++t) off[t] = taps[3 * t] * plane + taps[3 * t + 1] * Wp + taps[3 * t + 2];
+    const int64_t tiles = (height + 3) / 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t task = 0; task < batch * tiles; ++task) {
+        const int64_t b = task / tiles, i = task % tiles * 4, rows = height - i < 4 ? height - i : 4;
+        FN(correlate_rows)(spad + b * channels * plane + (i + R) * Wp + R, Wp, rows, off, w + b * ntaps, ntaps,
+                           out + (b * height + i) * width, width);
+    }
+    free(off);
+    return STATUS_OK;
+}
 
-/* Gradient of tap_conv's weights: gw[b, t] = sum_{i, j} g[b, i, j] * s[b, c_t, i + dy_t, j + dx_t]. Each column j
-   sums its rows in SCALAR, then the columns add up in double. Where g[b] holds a NaN or an infinity, the products
-   with the zero padding are added too (each 0 * g: NaN there), as the reference's convolution backward forms them:
-   so a non-finite g reaches the same taps' gradients. */
-HELPER int FN(tap_conv_grad_w)(const SCALAR *g, const SCALAR *s, const int64_t *taps, SCALAR *gw, int64_t batch,
-                               int64_t channels, int64_t height, int64_t width, int64_t ntaps, int threads) {
-    const int64_t P = height * width;
-    int failed = 0;
-    unsigned char *nonfinite = NEW(unsigned char, batch);
-    if (!nonfinite) return STATUS_NO_MEMORY;
-    for (int64_t b = 0; b < batch; ++b) {
-        unsigned char bad = 0;
-        for (int64_t p = 0; p < P; ++p) bad |= !isfinite(g[b * P + p]);
-        nonfinite[b] = bad;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-        SCALAR *column = NEW(SCALAR, width);
-        if (!column) {
-#pragma omp atomic write
-            failed = 1;
+/* Gradient of tap_conv's input: gs[b, c, r, k] = sum over the taps t of channel c of w[b, t] * g[b, r - dy_t, k - dx_t]
+   (zero outside the map), the taps in order. gpad: g (B, H, W) padded (padded(), reach R). */
+HELPER int FN(tap_conv_grad_s)(const SCALAR *gpad, const SCALAR *w, const int64_t *taps, SCALAR *gs, int64_t batch,
+                               int64_t channels, int64_t height, int64_t width, int64_t ntaps, int64_t R,
+                               int threads) {
+    const int64_t Wp = width + 2 * R, plane = (height + 2 * R) * Wp;
+    /* the taps grouped by channel, in order: offsets into g's padded map, and each sample's weights */
+    int64_t *off = NEW(int64_t, ntaps), *start = NEW(int64_t, channels + 1), *order = NEW(int64_t, ntaps);
+    SCALAR *wc = NEW(SCALAR, batch * ntaps);
+    int status = off && start && order && wc ? STATUS_OK : STATUS_NO_MEMORY;
+    if (!status) {
+        int64_t n = 0;
+        for (int64_t c = 0; c < channels; ++c) {
+            start[c] = n;
+            for (int64_t t = 0; t < ntaps; ++t)
+                if (taps[3 * t] == c) order[n] = t, off[n++] = -taps[3 * t + 1] * Wp - taps[3 * t + 2];
         }
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < batch * ntaps; ++task) {
-            if (!column) continue;
-            const int64_t b = task / ntaps, t = task % ntaps;
-            const int64_t c = taps[3 * t], dy = taps[3 * t + 1], dx = taps[3 * t + 2];
-            const int64_t i0 = dy < 0 ? -dy : 0, i1 = dy > 0 ? height - dy : height;
-            const int64_t j0 = dx < 0 ? -dx : 0, j1 = dx > 0 ? width - dx : width;
-            if (nonfinite[b]) { /* the padding's products, 0 * g, outside the window [i0, i1) x [j0, j1) */
-                const int64_t r0 = FN(clamp)(i0, height), r1 = FN(clamp)(i1, height);
-                const int64_t k0 = FN(clamp)(j0, width), k1 = FN(clamp)(j1, width);
-                SCALAR pad = 0;
-                const SCALAR *gb = g + b * P;
-                for (int64_t i = 0; i < height; ++i)
-                    for (int64_t j = 0; j < width; ++j)
-                        if (i < r0 || i >= r1 || j < k0 || j >= k1 || r0 >= r1 || k0 >= k1) pad += gb[i * width + j] * 0;
-                if (pad != pad) { /* NaN: the whole sum is NaN */
-                    gw[task] = pad;
-                    continue;
-                }
-            }
-            for (int64_t j = j0; j < j1; ++j) column[j] = 0;
-            for (int64_t i = i0; i < i1; ++i) {
-                const SCALAR *grow = g + (b * height + i) * width;
-                const SCALAR *srow = s + ((b * channels + c) * height + i + dy) * width + dx;
-#pragma omp simd
-                for (int64_t j = j0; j < j1; ++j) column[j] += grow[j] * srow[j];
-            }
-            double total = 0;
-            for (int64_t j = j0; j < j1; ++j) total += column[j];
-            gw[task] = (SCALAR)total;
+        start[channels] = n;
+        for (int64_t b = 0; b < batch; ++b)
+            for (int64_t q = 0; q < n; ++q) wc[b * ntaps + q] = w[b * ntaps + order[q]];
+        const int64_t tiles = (height + 3) / 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t task = 0; task < batch * channels * tiles; ++task) {
+            const int64_t bc = task / tiles, b = bc / channels, c = bc % channels, r = task % tiles * 4;
+            FN(correlate_rows)(gpad + b * plane + (r + R) * Wp + R, Wp, height - r < 4 ? height - r : 4,
+                               off + start[c], wc + b * ntaps + start[c], start[c + 1] - start[c],
+                               gs + (bc * height + r) * width, width);
         }
-        free(column);
     }
-    free(nonfinite);
-    return failed ? STATUS_NO_MEMORY : STATUS_OK;
+    free(off), free(start), free(order), free(wc);
+    return status;
+}
+
+/* Gradient of tap_conv's weights: gw[b, t] = sum over the whole map of g[b, i, j] * s[b, c_t, i + dy_t, j + dx_t], the
+   padding's products included (so a NaN or an infinity of g reaches every tap, as through the reference's
+   convolution). Each row sums in SCALAR lanes, then the rows and the lanes add up in double. gpad, spad: g (B, H, W)
+   and s padded (padded(), reach R). */
+HELPER void FN(tap_conv_grad_w)(const SCALAR *gpad, const SCALAR *spad, const int64_t *taps, SCALAR *gw,
+                                int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t ntaps,
+                                int64_t R, int threads) {
+    const int64_t Wp = width + 2 * R, plane = (height + 2 * R) * Wp, full = width / LANES * LANES;
+    /* the last block's lanes past W: their products (which a NaN or an infinity there makes NaN) are masked out */
+    unsigned char keep_bytes[LANES * sizeof(SCALAR)] = {0};
+    for (size_t i = 0; i < (size_t)(width - full) * sizeof(SCALAR); ++i) keep_bytes[i] = 0xff;
+    FN(bits) keep;
+    memcpy(&keep, keep_bytes, sizeof keep);
+    const int64_t groups = (ntaps + 3) / 4; /* four taps per task share the loads of g */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t task = 0; task < batch * groups; ++task) {
+        const int64_t b = task / groups, t0 = task % groups * 4, n = ntaps - t0 < 4 ? ntaps - t0 : 4;
+        const SCALAR *gb = gpad + b * plane + R * Wp + R, *sb[4];
+        for (int q = 0; q < 4; ++q) { /* a spare slot repeats the last tap */
+            const int64_t *tap = taps + 3 * (t0 + (q < n ? q : n - 1));
+            sb[q] = spad + (b * channels + tap[0]) * plane + (R + tap[1]) * Wp + R + tap[2];
+        }
+        double total[4][LANES] = {{0}};
+        for (int64_t i = 0; i < height; ++i) {
+            const SCALAR *grow = gb + i * Wp, *s0 = sb[0] + i * Wp, *s1 = sb[1] + i * Wp, *s2 = sb[2] + i * Wp;
+            const SCALAR *s3 = sb[3] + i * Wp;
+            VEC a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (int64_t j = 0; j < full; j += LANES) {
+                const VEC v = VLOAD(grow + j);
+                a0 += v * VLOAD(s0 + j), a1 += v * VLOAD(s1 + j), a2 += v * VLOAD(s2 + j), a3 += v * VLOAD(s3 + j);
+            }
+            if (full < width) {
+                const VEC v = VLOAD(grow + full);
+                a0 += (VEC)((FN(bits))(v * VLOAD(s0 + full)) & keep);
+                a1 += (VEC)((FN(bits))(v * VLOAD(s1 + full)) & keep);
+                a2 += (VEC)((FN(bits))(v * VLOAD(s2 + full)) & keep);
+                a3 += (VEC)((FN(bits))(v * VLOAD(s3 + full)) & keep);
+            }
+            for (int l = 0; l < LANES; ++l)
+                total[0][l] += a0[l], total[1][l] += a1[l], total[2][l] += a2[l], total[3][l] += a3[l];
+        }
+        for (int64_t q = 0; q < n; ++q) {
+            double sum = 0;
+            for (int l = 0; l < LANES; ++l) sum += total[q][l];
+            gw[b * ntaps + t0 + q] = (SCALAR)sum;
+        }
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -480,9 +580,11 @@ static inline SCALAR FN(gate_grad)(SCALAR grad, SCALAR u, SCALAR y, int64_t hard
     return grad * ((1 - y) * y);
 }
 
-/* y = gate(z / t) over n values. */
-static void FN(gate_all)(const SCALAR *z, SCALAR *y, int64_t n, double t, int64_t hard) {
+/* y = gate(z / t) over n values (on all threads from GATE_PARALLEL_FROM values: exp costs about 20 cycles). */
+#define GATE_PARALLEL_FROM 4096
+static void FN(gate_all)(const SCALAR *z, SCALAR *y, int64_t n, double t, int64_t hard, int threads) {
     const SCALAR tt = (SCALAR)t;
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= GATE_PARALLEL_FROM)
     for (int64_t i = 0; i < n; ++i) y[i] = FN(gate)(t == 1.0 ? z[i] : z[i] / tt, hard);
 }
 
@@ -530,7 +632,7 @@ static int FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *r
                                 int threads) {
     const int64_t B = dims[0], C = dims[1], H = dims[2], W = dims[3], P = H * W, Rh = dims[4], K = dims[5];
     const int64_t T = dims[6];
-    FN(gate_all)(z, ca, B * C, scal[0], dims[7]);
+    FN(gate_all)(z, ca, B * C, scal[0], dims[7], threads);
     FN(pool_c)(x, ca, s, B, C, P, threads);
     SCALAR *tapw = NEW(SCALAR, B * T);
     if (!tapw) return STATUS_NO_MEMORY;
@@ -559,14 +661,17 @@ static int FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *r
         }
         FN(tap_weights)(router, mixing, b, K, T, tapw);
     }
-    FN(tap_conv)(s, tapw, taps, logit, B, 2, H, W, T, threads);
-    free(tapw);
+    const int64_t R = tap_reach(taps, T);
+    SCALAR *spad = FN(padded)(s, B * 2, H, W, R, threads);
+    const int status = spad ? FN(tap_conv)(spad, tapw, taps, logit, B, 2, H, W, T, R, threads) : STATUS_NO_MEMORY;
+    free(tapw), free(spad);
+    if (status) return status;
     for (int64_t b = 0; b < B; ++b) {
         SCALAR shift = 0;
         for (int64_t k = 0; k < K; ++k) shift += router[b * K + k] * bias[k];
         for (int64_t p = 0; p < P; ++p) logit[b * P + p] += shift;
     }
-    FN(gate_all)(logit, sa, B * P, scal[1], dims[8]);
+    FN(gate_all)(logit, sa, B * P, scal[1], dims[8], threads);
     FN(blend)(x, ca, sa, out, B, C, P, scal[2], (int)dims[10], threads);
     return STATUS_OK;
 }
@@ -574,14 +679,16 @@ static int FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *r
 /* Backward of spatial_forward, from grad (the output's gradient) down to dz, the gradient of the channel gate's
    input. Writes ca, sa (recomputed), dz (B, C), the terms of x's gradient from the pooling over C (cmean, coef and
    smax, (B, P) each, for grad_x), the parameter gradients g_mixing (K, T), g_bias (K), g_r1w (Rh, 2), g_r1b (Rh),
-   g_r2w (K, Rh), g_r2b (K) (unused without a router), and g_scal = (alpha, T_ca, T_sa) (alpha's only if need_alpha). */
+   g_r2w (K, Rh), g_r2b (K) (unused without a router), and g_scal = (alpha, T_ca, T_sa) (alpha's only if need_alpha);
+   if hmean is given, also the pooling over H, W that the forward did not keep (hmean, hmax: (B, C) each), in the same
+   pass over x. */
 static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *z, const SCALAR *s,
                                  const SCALAR *logit, const SCALAR *router, const SCALAR *rhid, const SCALAR *r1w,
                                  const SCALAR *r2w, const SCALAR *mixing, const SCALAR *bias, const int64_t *taps,
                                  SCALAR *ca, SCALAR *sa, SCALAR *dz, SCALAR *cmean, SCALAR *coef, SCALAR *smax,
                                  SCALAR *g_mixing, SCALAR *g_bias, SCALAR *g_r1w, SCALAR *g_r1b, SCALAR *g_r2w,
-                                 SCALAR *g_r2b, double *g_scal, int need_alpha, const int64_t *dims,
-                                 const double *scal, int threads) {
+                                 SCALAR *g_r2b, SCALAR *hmean, SCALAR *hmax, double *g_scal, int need_alpha,
+                                 const int64_t *dims, const double *scal, int threads) {
     const int64_t B = dims[0], C = dims[1], H = dims[2], W = dims[3], P = H * W, Rh = dims[4], K = dims[5];
     const int64_t T = dims[6];
     const double alpha = scal[2];
@@ -592,17 +699,18 @@ static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *
     SCALAR *gs = NEW(SCALAR, B * 2 * P), *per_sample = NEW(SCALAR, B);
     SCALAR *ties = NEW(SCALAR, B * P);
     SCALAR *gr = NEW(SCALAR, 2 * K); /* the router's softmax backward, per sample: gr (K), then dl (K) */
+    SCALAR *spad = NULL, *gpad = NULL; /* s and the logit's gradient, padded for the branches' backward */
     int status = STATUS_OK;
     if (!gsa || !gmax || !gca || !gpool || (need_alpha && !gsum) || !tapw || !gtaps || !gs || !per_sample || !ties ||
         !gr) {
         status = STATUS_NO_MEMORY;
         goto done;
     }
-    FN(gate_all)(z, ca, B * C, scal[0], dims[7]);
-    FN(gate_all)(logit, sa, B * P, scal[1], dims[8]);
+    FN(gate_all)(z, ca, B * C, scal[0], dims[7], threads);
+    FN(gate_all)(logit, sa, B * P, scal[1], dims[8], threads);
     for (int64_t b = 0; b < B; ++b)
         for (int64_t p = 0; p < P; ++p) smax[b * P + p] = s[(b * 2 + 1) * P + p];
-    if ((status = FN(blend_grad)(g, x, ca, sa, smax, gsa, gca, gsum, ties, B, C, P, threads))) goto done;
+    if ((status = FN(blend_grad)(g, x, ca, sa, smax, gsa, gca, gsum, ties, hmean, hmax, B, C, P, threads))) goto done;
     if (need_alpha) {
         double total = 0;
         for (int64_t i = 0; i < B * C; ++i) total += (double)ca[i] * gca[i] - gsum[i];
@@ -620,8 +728,15 @@ static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *
         per_sample[b] = (SCALAR)total;
         FN(tap_weights)(router, mixing, b, K, T, tapw);
     }
-    if ((status = FN(tap_conv_grad_w)(gsa, s, taps, gtaps, B, 2, H, W, T, threads))) goto done;
-    FN(tap_conv_grad_s)(gsa, tapw, taps, gs, B, 2, H, W, T, threads);
+    const int64_t R = tap_reach(taps, T);
+    spad = FN(padded)(s, B * 2, H, W, R, threads);
+    gpad = FN(padded)(gsa, B, H, W, R, threads);
+    if (!spad || !gpad) {
+        status = STATUS_NO_MEMORY;
+        goto done;
+    }
+    FN(tap_conv_grad_w)(gpad, spad, taps, gtaps, B, 2, H, W, T, R, threads);
+    if ((status = FN(tap_conv_grad_s)(gpad, tapw, taps, gs, B, 2, H, W, T, R, threads))) goto done;
     for (int64_t k = 0; k < K; ++k) {
         double by_bias = 0;
         for (int64_t b = 0; b < B; ++b) by_bias += (double)router[b * K + k] * per_sample[b];
@@ -680,7 +795,7 @@ static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *
     g_scal[1] = -FN(gate_back)(gca, z, ca, dz, B * C, scal[0], dims[7]) / (scal[0] * scal[0]);
 done:
     free(gsa), free(gmax), free(gca), free(gpool), free(gsum), free(tapw), free(gtaps), free(gs), free(per_sample);
-    free(ties), free(gr);
+    free(ties), free(gr), free(spad), free(gpad);
     return status;
 }
 
@@ -911,8 +1026,7 @@ static int FN(forward_core)(const SCALAR *x, const SCALAR *const *mlp, const SCA
 }
 
 /* The whole block's backward after derive_light, from g, the output's gradient. saved = (z, s, logit, router, rhid,
-   pre, pools; pools
-   NULL: recomputed); mlp = (w1, w2, b2, fusion); spatial = (r1w, r2w, mixing, bias). grads = (mixing, bias, r1w,
+   pre, pools; pools NULL: recomputed in the spatial backward's first pass over x); mlp = (w1, w2, b2, fusion); spatial = (r1w, r2w, mixing, bias). grads = (mixing, bias, r1w,
    r1b, r2w, r2b, w1, b1, w2, b2, fusion, x): the gradients, each skipped where its pointer is NULL (x: NULL skips
    the pass over x); g_scal = (alpha, T_ca, T_sa). dims as block_forward's (dims[13]: one sample per thread). */
 static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *const *saved,
@@ -936,12 +1050,9 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
         if (!status)
             status = FN(spatial_backward)(g, x, saved[0], saved[1], saved[2], saved[3], saved[4], spatial[0],
                                           spatial[1], spatial[2], spatial[3], taps, ca, sa, dz, cmean, coef, smax,
-                                          grads[0], grads[1], grads[2], grads[3], grads[4], grads[5], g_scal,
-                                          need_alpha, dims, scal, threads);
-        if (!status && own) {
-            FN(pool_hw)(x, own, own + BC, BC, P, threads);
-            pools = own;
-        }
+                                          grads[0], grads[1], grads[2], grads[3], grads[4], grads[5], own,
+                                          own ? own + BC : NULL, g_scal, need_alpha, dims, scal, threads);
+        if (own) pools = own;
         if (!status)
             status = FN(mlp_backward)(dz, pools, saved[5], mlp[0], mlp[1], mlp[2], mlp[3], grads[6], grads[7],
                                       grads[8], grads[9], grads[10], g_pools, NULL, 0, B, C, Rm, silu, threads);
@@ -981,8 +1092,8 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
                                  saved[3] + b * K, saved[4] + b * Rh, spatial[0], spatial[1], spatial[2], spatial[3],
                                  taps, ca + b * C, sa + b * P, dz + b * C, cmean + b * P, coef + b * P, smax + b * P,
                                  part, part + K * T, part + K * T + K, part + K * T + K + 2 * Rh,
-                                 part + K * T + K + 3 * Rh, part + K * T + K + 3 * Rh + K * Rh, sp, need_alpha, one,
-                                 scal, 1);
+                                 part + K * T + K + 3 * Rh, part + K * T + K + 3 * Rh + K * Rh,
+                                 own ? own + b * C : NULL, own ? own + BC + b * C : NULL, sp, need_alpha, one, scal, 1);
             if (mine) {
                 /* nothing more for this sample */
             } else if (grads[11]) {
@@ -993,12 +1104,7 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
                     continue;
                 }
                 SCALAR *g_rows = rows + 2 * C, *pre2 = rows + 4 * C;
-                if (own) {
-                    FN(pool_hw)(xb, rows, rows + C, C, P, 1);
-                    for (int64_t c = 0; c < C; ++c) own[b * C + c] = rows[c], own[BC + b * C + c] = rows[C + c];
-                } else {
-                    for (int64_t c = 0; c < C; ++c) rows[c] = pools[b * C + c], rows[C + c] = pools[BC + b * C + c];
-                }
+                for (int64_t c = 0; c < C; ++c) rows[c] = pools[b * C + c], rows[C + c] = pools[BC + b * C + c];
                 for (int64_t j = 0; j < Rm; ++j) {
                     pre2[j] = saved[5][b * Rm + j];
                     pre2[Rm + j] = saved[5][(B + b) * Rm + j];
@@ -1011,8 +1117,6 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
                                       coef + b * P, smax + b * P, g_rows, g_rows + C, rows + C, NULL,
                                       grads[11] + b * C * P, 1, C, P, 1);
                 free(rows);
-            } else if (own) {
-                FN(pool_hw)(xb, own + b * C, own + BC + b * C, C, P, 1);
             }
             if (mine) {
 #pragma omp atomic write
