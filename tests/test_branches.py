@@ -83,10 +83,12 @@ def test_non_finite_values_reach_what_the_convolutions_reach(where, value):
 def test_the_dense_matrix_places_every_tap_once():
     """Each kernel weight appears in the dense matrix once per output pixel whose window holds its input pixel."""
     kernels = ((3, 1), (5, 2))
-    index, valid, taps = branches._taps(6, 5, kernels)
-    assert taps == 2 * 9 + 2 * 25
-    assert index.shape == (2 * 30, 2 * 30)
-    counts = torch.bincount(index[valid], minlength=taps)
+    taps = branches._taps(6, 5, kernels)
+    assert taps.count == 2 * 9 + 2 * 25
+    assert taps.gather.shape == ((2 * 30) * (2 * 30),)
+    assert torch.equal(taps.gather[taps.positions], taps.at)
+    assert int((taps.gather < taps.count).sum()) == taps.positions.numel()  # the other entries gather the zero
+    counts = torch.bincount(taps.at, minlength=taps.count)
     # the centre tap of each branch reaches every output pixel from both channels
     assert counts[4] == counts[9 + 4] == 30
     assert counts[18 + 12] == counts[18 + 25 + 12] == 30

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +37,21 @@ CHANNELS_LAST_FROM = 28 * 28
 """Maps of at least this many pixels run the convolutions in channels_last."""
 
 
+class Taps(NamedTuple):
+    """Where the branches' kernel weights go in the dense ``(2HW, K HW)`` matrix: row ``i`` an input pixel (of the 2
+    descriptor maps), column ``j`` an output pixel (of the K branches)."""
+
+    gather: Tensor  # (2HW * K HW,): per matrix entry, its weight's position in the kernels flattened one after the
+    #                 other, or `count` (a zero appended to them) where no weight links the two pixels
+    positions: Tensor  # the entries that hold a weight, in row-major order
+    at: Tensor  # each such entry's weight: gather[positions]
+    count: int  # the weights of all the kernels
+
+
 @functools.lru_cache(maxsize=32)
-def _taps(height: int, width: int, kernels: tuple[tuple[int, int], ...]) -> tuple[Tensor, Tensor, int]:
-    """Where each branch's kernel taps go in the dense matrix: ``(index, valid, taps)``, ``index[i, j]`` the position
-    in the branches' flattened kernels (all of them, one after the other) of the weight linking input pixel ``i``
-    (of ``2 H W``) to output pixel ``j`` (of ``K H W``), ``valid`` where there is one, ``taps`` their count."""
+def _taps(height: int, width: int, kernels: tuple[tuple[int, int], ...]) -> Taps:
+    """The dense matrix's layout (:class:`Taps`) for ``kernels = ((size, dilation), ...)`` on ``height x width``
+    maps."""
     pixels = height * width
     index = torch.full((2 * pixels, len(kernels) * pixels), -1, dtype=torch.long)
     rows, cols = torch.arange(height).view(-1, 1), torch.arange(width).view(1, -1)
@@ -56,16 +67,19 @@ def _taps(height: int, width: int, kernels: tuple[tuple[int, int], ...]) -> tupl
                     source = (channel * pixels + r * width + c).flatten()[inside]
                     index[source, k * pixels + out_pixel[inside]] = offset + (channel * size + i) * size + j
         offset += 2 * size * size
-    valid = index >= 0
-    return index.clamp(min=0), valid, offset
+    with torch.inference_mode(False):  # cached tensors must stay usable outside inference mode
+        gather = torch.where(index >= 0, index, offset).flatten()
+        positions = (index.flatten() >= 0).nonzero().squeeze(1)
+        return Taps(gather, positions, gather[positions], offset)
 
 
-def _dense(s: Tensor, weights: Sequence[Tensor], dilations: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """The dense matrix ``(2HW, K HW)`` of the branches, with its tap index and mask."""
-    kernels = tuple((int(w.shape[-1]), int(d)) for w, d in zip(weights, dilations, strict=True))
-    index, valid, _ = _taps(s.shape[2], s.shape[3], kernels)
-    flat = torch.cat([w.reshape(-1) for w in weights]).to(s.dtype)
-    return torch.where(valid, flat[index], flat.new_zeros(())), index, valid
+def _dense(s: Tensor, weights: Sequence[Tensor], dilations: Sequence[int]) -> tuple[Tensor, Taps]:
+    """The dense matrix ``(2HW, K HW)`` of the branches (one gather from their kernels), and its layout."""
+    height, width = s.shape[2:]
+    kernels = tuple((int(weight.shape[-1]), int(d)) for weight, d in zip(weights, dilations, strict=True))
+    taps = _taps(height, width, kernels)
+    flat = torch.cat([*(weight.reshape(-1).to(s.dtype) for weight in weights), s.new_zeros(1)])
+    return flat.index_select(0, taps.gather).view(2 * height * width, -1), taps
 
 
 def _use_dense(s: Tensor, *values: Tensor) -> bool:
@@ -91,7 +105,7 @@ def branches_forward(
     b, _, h, w = s.shape
     dtype = s.dtype
     if _use_dense(s, s):
-        matrix, _, _ = _dense(s, weights, dilations)
+        matrix, _ = _dense(s, weights, dilations)
         out = (s.reshape(b, -1) @ matrix).view(b, len(weights), 1, h, w)
         return [out[:, k] + bias.to(dtype) for k, bias in enumerate(biases)]
     source = conv_input(s)
@@ -107,11 +121,11 @@ def branches_backward(
     """The gradients of ``s``, of the kernels and of the biases from those of the K branches' outputs."""
     b = s.shape[0]
     if _use_dense(s, *grads):
-        matrix, index, valid = _dense(s, weights, dilations)
+        matrix, taps = _dense(s, weights, dilations)
         grad = torch.cat([g.reshape(b, -1) for g in grads], dim=1)
         grad_s = (grad @ matrix.t()).view_as(s)
-        by_pair = s.reshape(b, -1).t() @ grad
-        flat = by_pair.new_zeros(sum(w.numel() for w in weights)).index_add_(0, index[valid], by_pair[valid])
+        by_pair = (s.reshape(b, -1).t() @ grad).flatten().index_select(0, taps.positions)
+        flat = by_pair.new_zeros(taps.count).index_add_(0, taps.at, by_pair)
         parts = flat.split([w.numel() for w in weights])
         grad_weights = [part.view_as(w) for part, w in zip(parts, weights, strict=True)]
         return grad_s, grad_weights, [g.sum().view(1) for g in grads]
