@@ -511,8 +511,9 @@ HELPER int FN(tap_conv_grad_s)(const SCALAR *gpad, const SCALAR *w, const int64_
 
 /* Gradient of tap_conv's weights: gw[b, t] = sum over the whole map of g[b, i, j] * s[b, c_t, i + dy_t, j + dx_t], the
    padding's products included (so a NaN or an infinity of g reaches every tap, as through the reference's
-   convolution). Each row sums in SCALAR lanes, then the rows and the lanes add up in double. gpad, spad: g (B, H, W)
-   and s padded (padded(), reach R). */
+   convolution). Each lane sums FLUSH_ROWS rows in SCALAR, then those sums and the lanes add up in double. gpad,
+   spad: g (B, H, W) and s padded (padded(), reach R). */
+#define FLUSH_ROWS 8
 HELPER void FN(tap_conv_grad_w)(const SCALAR *gpad, const SCALAR *spad, const int64_t *taps, SCALAR *gw,
                                 int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t ntaps,
                                 int64_t R, int threads) {
@@ -532,10 +533,10 @@ HELPER void FN(tap_conv_grad_w)(const SCALAR *gpad, const SCALAR *spad, const in
             sb[q] = spad + (b * channels + tap[0]) * plane + (R + tap[1]) * Wp + R + tap[2];
         }
         double total[4][LANES] = {{0}};
+        VEC a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
         for (int64_t i = 0; i < height; ++i) {
             const SCALAR *grow = gb + i * Wp, *s0 = sb[0] + i * Wp, *s1 = sb[1] + i * Wp, *s2 = sb[2] + i * Wp;
             const SCALAR *s3 = sb[3] + i * Wp;
-            VEC a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
             for (int64_t j = 0; j < full; j += LANES) {
                 const VEC v = VLOAD(grow + j);
                 a0 += v * VLOAD(s0 + j), a1 += v * VLOAD(s1 + j), a2 += v * VLOAD(s2 + j), a3 += v * VLOAD(s3 + j);
@@ -547,8 +548,11 @@ HELPER void FN(tap_conv_grad_w)(const SCALAR *gpad, const SCALAR *spad, const in
                 a2 += (VEC)((FN(bits))(v * VLOAD(s2 + full)) & keep);
                 a3 += (VEC)((FN(bits))(v * VLOAD(s3 + full)) & keep);
             }
-            for (int l = 0; l < LANES; ++l)
-                total[0][l] += a0[l], total[1][l] += a1[l], total[2][l] += a2[l], total[3][l] += a3[l];
+            if (i % FLUSH_ROWS == FLUSH_ROWS - 1 || i == height - 1) {
+                for (int l = 0; l < LANES; ++l)
+                    total[0][l] += a0[l], total[1][l] += a1[l], total[2][l] += a2[l], total[3][l] += a3[l];
+                a0 = a1 = a2 = a3 = (VEC){0};
+            }
         }
         for (int64_t q = 0; q < n; ++q) {
             double sum = 0;
@@ -591,15 +595,25 @@ static void FN(gate_all)(const SCALAR *z, SCALAR *y, int64_t n, double t, int64_
 /* dz = d gate(z / t) / dz * grad over n values (in place of grad allowed); returns sum(grad_u * z) for the
    temperature's gradient, -sum / t^2. */
 static double FN(gate_back)(const SCALAR *grad, const SCALAR *z, const SCALAR *y, SCALAR *dz, int64_t n, double t,
-                            int64_t hard) {
+                            int64_t hard, int threads) {
     const SCALAR tt = (SCALAR)t;
-    double total = 0;
-    for (int64_t i = 0; i < n; ++i) {
-        const SCALAR u = t == 1.0 ? z[i] : z[i] / tt;
-        const SCALAR gu = FN(gate_grad)(grad[i], u, y[i], hard);
-        total += (double)gu * (double)z[i];
-        dz[i] = t == 1.0 ? gu : gu / tt;
+    const int parts = n >= GATE_PARALLEL_FROM ? threads : 1;
+    double part[64] = {0}; /* the sum by equal slices in slice order: the same for a given thread count */
+    const int used = parts < 64 ? parts : 64;
+#pragma omp parallel for num_threads(used) schedule(static)
+    for (int q = 0; q < used; ++q) {
+        const int64_t start = n * q / used, end = n * (q + 1) / used;
+        double total = 0;
+        for (int64_t i = start; i < end; ++i) {
+            const SCALAR u = t == 1.0 ? z[i] : z[i] / tt;
+            const SCALAR gu = FN(gate_grad)(grad[i], u, y[i], hard);
+            total += (double)gu * (double)z[i];
+            dz[i] = t == 1.0 ? gu : gu / tt;
+        }
+        part[q] = total;
     }
+    double total = 0;
+    for (int q = 0; q < used; ++q) total += part[q];
     return total;
 }
 
@@ -721,7 +735,7 @@ static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *
         for (int64_t i = 0; i < B * C; ++i) gca[i] = (SCALAR)(gca[i] * alpha);
     }
     /* the spatial gate, in place: gsa becomes the logit's gradient */
-    g_scal[2] = -FN(gate_back)(gsa, logit, sa, gsa, B * P, scal[1], dims[8]) / (scal[1] * scal[1]);
+    g_scal[2] = -FN(gate_back)(gsa, logit, sa, gsa, B * P, scal[1], dims[8], threads) / (scal[1] * scal[1]);
     for (int64_t b = 0; b < B; ++b) {
         double total = 0;
         for (int64_t p = 0; p < P; ++p) total += gsa[b * P + p];
@@ -792,7 +806,7 @@ static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *
         }
     if ((status = FN(pool_c_grad)(x, ca, smax, cmean, gmax, ties, coef, gpool, B, C, P, threads))) goto done;
     for (int64_t i = 0; i < B * C; ++i) gca[i] += gpool[i];
-    g_scal[1] = -FN(gate_back)(gca, z, ca, dz, B * C, scal[0], dims[7]) / (scal[0] * scal[0]);
+    g_scal[1] = -FN(gate_back)(gca, z, ca, dz, B * C, scal[0], dims[7], threads) / (scal[0] * scal[0]);
 done:
     free(gsa), free(gmax), free(gca), free(gpool), free(gsum), free(tapw), free(gtaps), free(gs), free(per_sample);
     free(ties), free(gr), free(spad), free(gpad);
@@ -834,20 +848,23 @@ static void FN(gemm_nt)(const SCALAR *a, const SCALAR *b, SCALAR *out, int64_t M
     }
 }
 
-/* out[m, n] = sum_k a[m, k] * b[k, n]   (a: M x K, b: K x N), by column chunks of out, four k at a time. (Chunks
-   narrower than 128 for more threads were slower here: the threads then share cache lines of out.) */
+/* out[m, n] = sum_k a[m, k] * b[k, n]   (a: M x K, b: K x N), by tiles of ROWS rows and a column chunk of out,
+   four k at a time. (Chunks narrower than 128 for more threads were slower here: the threads then share cache lines
+   of out; tiles of rows share none, and keep every thread busy where N is narrow, as dz @ w2 with N = Rm.) */
+#define ROWS 8
 static void FN(gemm_nn)(const SCALAR *a, const SCALAR *b, SCALAR *out, int64_t M, int64_t N, int64_t K,
                         int threads) {
-    const int64_t width = 128, chunks = (N + width - 1) / width;
+    const int64_t width = 128, chunks = (N + width - 1) / width, tiles = (M + ROWS - 1) / ROWS;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    for (int64_t task = 0; task < chunks * tiles; ++task) {
+        const int64_t chunk = task / tiles, m0 = task % tiles * ROWS, m1 = M - m0 < ROWS ? M : m0 + ROWS;
         const int64_t n0 = chunk * width, n = N - n0 < width ? N - n0 : width;
-        for (int64_t m = 0; m < M; ++m)
+        for (int64_t m = m0; m < m1; ++m)
             for (int64_t j = 0; j < n; ++j) out[m * N + n0 + j] = 0;
         int64_t k = 0;
         for (; k + 4 <= K; k += 4) {
             const SCALAR *b0 = b + k * N + n0, *b1 = b0 + N, *b2 = b1 + N, *b3 = b2 + N;
-            for (int64_t m = 0; m < M; ++m) {
+            for (int64_t m = m0; m < m1; ++m) {
                 const SCALAR *am = a + m * K + k;
                 const SCALAR v0 = am[0], v1 = am[1], v2 = am[2], v3 = am[3];
                 SCALAR *o = out + m * N + n0;
@@ -857,7 +874,7 @@ static void FN(gemm_nn)(const SCALAR *a, const SCALAR *b, SCALAR *out, int64_t M
         }
         for (; k < K; ++k) {
             const SCALAR *bk = b + k * N + n0;
-            for (int64_t m = 0; m < M; ++m) {
+            for (int64_t m = m0; m < m1; ++m) {
                 const SCALAR v = a[m * K + k];
                 SCALAR *o = out + m * N + n0;
 #pragma omp simd
