@@ -48,14 +48,7 @@
 #define STATUS_NO_MEMORY 1    /* an allocation failed: nothing is left allocated, the outputs are incomplete */
 #define STATUS_BAD_ARGUMENT 2 /* a dimension is negative, or the sizes overflow */
 
-/* The single-pass kernels below are internal to the two entry points. The fast path that returns the maps still
-   binds them from Python until the operator replaces it; built with -DCBAM_DSA_EXPORT_HELPERS they are exported for
-   it (drop that flag from build.py with that path). */
-#ifdef CBAM_DSA_EXPORT_HELPERS
-#define HELPER
-#else
-#define HELPER static
-#endif
+/* Every function but the two entry points is internal (static). */
 
 /* n elements of the given size, NULL when n is negative or the byte count overflows (a NULL is checked as any
    failed allocation). At least one byte, so that a zero-size request is not mistaken for a failure. */
@@ -71,7 +64,7 @@ static inline SCALAR FN(max_nan)(SCALAR m, SCALAR v) { return (v > m || v != v) 
    sends its column to the exact loop, so NaN still propagates. */
 static inline SCALAR FN(max_fast)(SCALAR m, SCALAR v) { return v > m ? v : m; }
 
-HELPER void FN(pool_hw)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t planes, int64_t count, int threads) {
+static void FN(pool_hw)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t planes, int64_t count, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t plane = 0; plane < planes; ++plane) {
         const SCALAR *v = x + plane * count;
@@ -94,7 +87,7 @@ HELPER void FN(pool_hw)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t plan
     }
 }
 
-HELPER void FN(pool_c)(const SCALAR *x, const SCALAR *ca, SCALAR *s, int64_t batch, int64_t channels, int64_t count,
+static void FN(pool_c)(const SCALAR *x, const SCALAR *ca, SCALAR *s, int64_t batch, int64_t channels, int64_t count,
                 int threads) {
     const int64_t tiles = (count + TILE - 1) / TILE;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -147,7 +140,7 @@ HELPER void FN(pool_c)(const SCALAR *x, const SCALAR *ca, SCALAR *s, int64_t bat
     }
 }
 
-HELPER void FN(blend)(const SCALAR *x, const SCALAR *ca, const SCALAR *sa, SCALAR *out, int64_t batch, int64_t channels,
+static void FN(blend)(const SCALAR *x, const SCALAR *ca, const SCALAR *sa, SCALAR *out, int64_t batch, int64_t channels,
                int64_t count, double alpha, int use_alpha, int threads) {
     const SCALAR a = (SCALAR)alpha;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -168,7 +161,7 @@ HELPER void FN(blend)(const SCALAR *x, const SCALAR *ca, const SCALAR *sa, SCALA
    pool_c_grad, in the same pass). If hmean is given, also pool_hw's hmean[b, c] = mean_p x and hmax[b, c] = max_p x
    (for a backward whose forward did not keep them). Sums run in SCALAR over blocks of BLOCK channels or CHUNK pixels,
    then in double. */
-HELPER int FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *sa, const SCALAR *top,
+static int FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *sa, const SCALAR *top,
                     SCALAR *gsa, SCALAR *gca, SCALAR *gsum, SCALAR *ties, SCALAR *hmean, SCALAR *hmax,
                     int64_t batch, int64_t channels, int64_t count, int threads) {
     int failed = 0;
@@ -255,7 +248,7 @@ HELPER int FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, co
 /* Backward of pool_c, the reductions. With y = x * ca, count[p] = #c with y == smax[p] (counted here, or given as
    counted, (B, P)) and coef[b, p] = gmax[b, p] / count[p] (written out); gca[b, c] = sum_p (cmean[b, p] + (y == smax)
    * coef) * x. */
-HELPER int FN(pool_c_grad)(const SCALAR *x, const SCALAR *ca, const SCALAR *smax, const SCALAR *cmean, const SCALAR *gmax,
+static int FN(pool_c_grad)(const SCALAR *x, const SCALAR *ca, const SCALAR *smax, const SCALAR *cmean, const SCALAR *gmax,
                      const SCALAR *counted, SCALAR *coef, SCALAR *gca, int64_t batch, int64_t channels, int64_t count,
                      int threads) {
     int failed = 0;
@@ -307,7 +300,7 @@ HELPER int FN(pool_c_grad)(const SCALAR *x, const SCALAR *ca, const SCALAR *smax
      pool over C (cmean):  (cmean[p] + (x * ca == smax[p]) * coef[p]) * ca
      pool over H, W (hmean): hmean[b, c] + (x == hmax_at[b, c]) * hmax[b, c] / #ties in the plane
    and, if base is given, plus base. */
-HELPER int FN(grad_x)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *sa, double alpha, int use_alpha,
+static int FN(grad_x)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *sa, double alpha, int use_alpha,
                 const SCALAR *cmean, const SCALAR *coef, const SCALAR *smax, const SCALAR *hmean, const SCALAR *hmax,
                 const SCALAR *hmax_at, const SCALAR *base, SCALAR *out, int64_t batch, int64_t channels,
                 int64_t count, int threads) {
@@ -459,7 +452,7 @@ static inline void FN(correlate_rows)(const SCALAR *at, int64_t stride, int64_t 
 
 /* The branches' logit: out[b, i, j] = sum_t w[b, t] * s[b, c_t, i + dy_t, j + dx_t] (zero outside the map), with
    taps[t] = (c_t, dy_t, dx_t) and per-sample weights. spad: s padded (padded(), reach R); out (B, H, W). */
-HELPER int FN(tap_conv)(const SCALAR *spad, const SCALAR *w, const int64_t *taps, SCALAR *out, int64_t batch,
+static int FN(tap_conv)(const SCALAR *spad, const SCALAR *w, const int64_t *taps, SCALAR *out, int64_t batch,
                         int64_t channels, int64_t height, int64_t width, int64_t ntaps, int64_t R, int threads) {
     const int64_t Wp = width + 2 * R, plane = (height + 2 * R) * Wp;
     int64_t *off = NEW(int64_t, ntaps);
@@ -478,7 +471,7 @@ HELPER int FN(tap_conv)(const SCALAR *spad, const SCALAR *w, const int64_t *taps
 
 /* Gradient of tap_conv's input: gs[b, c, r, k] = sum over the taps t of channel c of w[b, t] * g[b, r - dy_t, k - dx_t]
    (zero outside the map), the taps in order. gpad: g (B, H, W) padded (padded(), reach R). */
-HELPER int FN(tap_conv_grad_s)(const SCALAR *gpad, const SCALAR *w, const int64_t *taps, SCALAR *gs, int64_t batch,
+static int FN(tap_conv_grad_s)(const SCALAR *gpad, const SCALAR *w, const int64_t *taps, SCALAR *gs, int64_t batch,
                                int64_t channels, int64_t height, int64_t width, int64_t ntaps, int64_t R,
                                int threads) {
     const int64_t Wp = width + 2 * R, plane = (height + 2 * R) * Wp;
@@ -514,7 +507,7 @@ HELPER int FN(tap_conv_grad_s)(const SCALAR *gpad, const SCALAR *w, const int64_
    convolution). Each lane sums FLUSH_ROWS rows in SCALAR, then those sums and the lanes add up in double. gpad,
    spad: g (B, H, W) and s padded (padded(), reach R). */
 #define FLUSH_ROWS 8
-HELPER void FN(tap_conv_grad_w)(const SCALAR *gpad, const SCALAR *spad, const int64_t *taps, SCALAR *gw,
+static void FN(tap_conv_grad_w)(const SCALAR *gpad, const SCALAR *spad, const int64_t *taps, SCALAR *gw,
                                 int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t ntaps,
                                 int64_t R, int threads) {
     const int64_t Wp = width + 2 * R, plane = (height + 2 * R) * Wp, full = width / LANES * LANES;
