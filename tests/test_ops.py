@@ -136,6 +136,20 @@ def test_non_finite_values_spread_as_in_the_reference(backend, drawn, shape, val
     assert_same(run(block, x, seed, maps), reference(block, x, seed, maps), rtol=1e-9, atol=1e-11)
 
 
+# Maps wider than the C kernels' vector blocks (8 columns) and taller than their row tiles (4 rows), on both sides of
+# a block's edge, with and without a non-finite value: the property-based tests above stop at 9 x 9.
+@pytest.mark.parametrize("shape", [(2, 3, 5, 17), (1, 4, 13, 8), (2, 2, 6, 23), (1, 3, 30, 31)])
+@pytest.mark.parametrize("special", [None, float("nan"), float("inf")])
+@pytest.mark.parametrize("maps", [False, True])
+def test_wide_maps_equal_the_reference(backend, shape, special, maps):
+    b, c, h, w = shape
+    block = make_block(c, seed=w)
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(h))
+    if special is not None:
+        x[b - 1, c - 1, h // 2, w - 1] = special
+    assert_same(run(block, x, w, maps), reference(block, x, w, maps), rtol=1e-9, atol=1e-11)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The operators' contract: opcheck, argument checks, other dtypes and layouts, threads, double backward.
 
