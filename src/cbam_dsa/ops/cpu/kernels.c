@@ -417,12 +417,13 @@ typedef SCALAR FN(vec) __attribute__((vector_size(LANES * sizeof(SCALAR)), align
 /* the same bytes as integers, for masks */
 typedef long long FN(bits) __attribute__((vector_size(LANES * sizeof(SCALAR)), may_alias));
 
-/* Up to LANES values of v into o: n of them. */
-static inline void FN(store_lanes)(SCALAR *o, VEC v, int64_t n) {
+/* Up to LANES values of *v into o: n of them (v by pointer: a vector wider than the target's registers would
+   change the calling convention). */
+static inline void FN(store_lanes)(SCALAR *o, const VEC *v, int64_t n) {
     if (n >= LANES) {
-        *(VEC *)o = v;
+        *(VEC *)o = *v;
     } else {
-        for (int64_t l = 0; l < n; ++l) o[l] = v[l];
+        for (int64_t l = 0; l < n; ++l) o[l] = (*v)[l];
     }
 }
 
@@ -443,10 +444,10 @@ static inline void FN(correlate_rows)(const SCALAR *at, int64_t stride, int64_t 
             a3 += wt * VLOAD(q + s3);
         }
         const int64_t n = W - j;
-        FN(store_lanes)(o + j, a0, n);
-        if (rows > 1) FN(store_lanes)(o + W + j, a1, n);
-        if (rows > 2) FN(store_lanes)(o + 2 * W + j, a2, n);
-        if (rows > 3) FN(store_lanes)(o + 3 * W + j, a3, n);
+        FN(store_lanes)(o + j, &a0, n);
+        if (rows > 1) FN(store_lanes)(o + W + j, &a1, n);
+        if (rows > 2) FN(store_lanes)(o + 2 * W + j, &a2, n);
+        if (rows > 3) FN(store_lanes)(o + 3 * W + j, &a3, n);
     }
 }
 
