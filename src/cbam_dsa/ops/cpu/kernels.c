@@ -24,8 +24,9 @@
  * Max gradients split evenly among ties, as torch.amax's: tie * grad / ties, written as a product so that a set
  * with no tie (its max is NaN) gets 0 * inf = NaN, as torch.amax's gradient does.
  * Backward (first order):
- *   blend_reduce: t = g * x;  gsa[b, p] = sum_c t * ca;  gca[b, c] = sum_p t * sa;  gsum[b, c] = sum_p t
- *   pool_c_reduce: count[b, p] = #c with x * ca == smax;  gca[b, c] = sum_p (cmean[p] + tie * cmax[p] / count) * x
+ *   blend_grad: t = g * x;  gsa[b, p] = sum_c t * ca;  gca[b, c] = sum_p t * sa;  gsum[b, c] = sum_p t;
+ *              count[b, p] = #c with x * ca == smax (and pool_hw again where the forward did not keep it)
+ *   pool_c_grad: gca[b, c] = sum_p (cmean[p] + tie * cmax[p] / count) * x
  *   grad_x:    gx = g * ((x * 0 + ca * sa) * alpha + (1 - alpha))            (blend, if g is given)
  *                 + (cmean[p] + tie_c * cmax[p] / count[p]) * ca             (pool over C, if cmean is given)
  *                 + hmean[b, c] + tie_hw * hmax[b, c] / count_hw             (pool over H, W, if hmean is given)
@@ -157,10 +158,17 @@ static void FN(blend)(const SCALAR *x, const SCALAR *ca, const SCALAR *sa, SCALA
 }
 
 /* Backward of blend, the reductions: t = g * x; gsa[b, p] = sum_c t * ca; gca[b, c] = sum_p t * sa; and, if gsum
-   is given, gsum[b, c] = sum_p t. If top (B, P) is given, also ties[b, p] = #c with x * ca == top[b, p] (for
-   pool_c_grad, in the same pass). If hmean is given, also pool_hw's hmean[b, c] = mean_p x and hmax[b, c] = max_p x
-   (for a backward whose forward did not keep them). Sums run in SCALAR over blocks of BLOCK channels or CHUNK pixels,
-   then in double. */
+   is given, gsum[b, c] = sum_p t; with top (B, P), the maximum over C of x * ca, also ties[b, p] = #c with
+   x * ca == top[b, p] (for pool_c_grad, in the same pass). If hmean is given, also pool_hw's hmean[b, c] = mean_p x
+   and hmax[b, c] = max_p x (for a backward whose forward did not keep them). Sums run in SCALAR over blocks of BLOCK
+   channels or CHUNK pixels, then in double. */
+/* the terms every variant of blend_grad's loop sums, pixel i of one channel */
+#define BLEND_GRAD_TERMS                    \
+    const SCALAR t = gv[i] * xv[i];         \
+    part[i] += t * w;                       \
+    s_sa += t * m[i];                       \
+    s_plain += t;                           \
+    tie[i] += xv[i] * w == best[i] ? 1 : 0
 static int FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *sa, const SCALAR *top,
                     SCALAR *gsa, SCALAR *gca, SCALAR *gsum, SCALAR *ties, SCALAR *hmean, SCALAR *hmax,
                     int64_t batch, int64_t channels, int64_t count, int threads) {
@@ -176,11 +184,10 @@ static int FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, co
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < batch; ++b) {
             if (!acc || !part) continue;
-            const SCALAR *m = sa + b * count, *best = top ? top + b * count : NULL;
-            SCALAR *tie = top ? ties + b * count : NULL;
+            const SCALAR *m = sa + b * count, *best = top + b * count;
+            SCALAR *tie = ties + b * count;
             for (int64_t i = 0; i < count; ++i) acc[i] = 0;
-            if (tie)
-                for (int64_t i = 0; i < count; ++i) tie[i] = 0;
+            for (int64_t i = 0; i < count; ++i) tie[i] = 0;
             for (int64_t c0 = 0; c0 < channels; c0 += BLOCK) {
                 const int64_t end = c0 + BLOCK < channels ? c0 + BLOCK : channels;
                 for (int64_t i = 0; i < count; ++i) part[i] = 0;
@@ -193,33 +200,17 @@ static int FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, co
                     for (int64_t start = 0; start < count; start += CHUNK) {
                         const int64_t stop = start + CHUNK < count ? start + CHUNK : count;
                         SCALAR s_sa = 0, s_plain = 0, s_x = 0;
-                        if (tie && hmean) {
+                        if (hmean) {
 #pragma omp simd reduction(+ : s_sa, s_plain, s_x) reduction(max : high)
                             for (int64_t i = start; i < stop; ++i) {
-                                const SCALAR t = gv[i] * xv[i];
-                                part[i] += t * w;
-                                s_sa += t * m[i];
-                                s_plain += t;
-                                tie[i] += xv[i] * w == best[i] ? 1 : 0;
+                                BLEND_GRAD_TERMS;
                                 s_x += xv[i];
                                 high = FN(max_fast)(high, xv[i]);
-                            }
-                        } else if (tie) {
-#pragma omp simd reduction(+ : s_sa, s_plain)
-                            for (int64_t i = start; i < stop; ++i) {
-                                const SCALAR t = gv[i] * xv[i];
-                                part[i] += t * w;
-                                s_sa += t * m[i];
-                                s_plain += t;
-                                tie[i] += xv[i] * w == best[i] ? 1 : 0;
                             }
                         } else {
 #pragma omp simd reduction(+ : s_sa, s_plain)
                             for (int64_t i = start; i < stop; ++i) {
-                                const SCALAR t = gv[i] * xv[i];
-                                part[i] += t * w;
-                                s_sa += t * m[i];
-                                s_plain += t;
+                                BLEND_GRAD_TERMS;
                             }
                         }
                         by_sa += s_sa;
