@@ -401,7 +401,8 @@ static SCALAR *FN(padded)(const SCALAR *src, int64_t n, int64_t H, int64_t W, in
     return out;
 }
 
-/* LANES values as one vector (GCC and Clang vector extensions); VLOAD / VSTORE need no alignment. */
+/* LANES values as one vector (GCC and Clang vector extensions); loads by VLOAD and stores through a VEC pointer need
+   no alignment (the type is aligned as one SCALAR). */
 typedef SCALAR FN(vec) __attribute__((vector_size(LANES * sizeof(SCALAR)), aligned(sizeof(SCALAR)), may_alias));
 #define VEC FN(vec)
 #define VLOAD(p) (*(const VEC *)(p))
