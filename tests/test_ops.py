@@ -233,6 +233,67 @@ def test_every_entry_checks_the_arguments(backend, requires_grad):
         ops.BACKWARD(*grads, *detached[:15], [t.detach() for t in saved], *detached[15:], needs)
 
 
+def _backward_args(block: CBAMResidualDynamicSA, x: Tensor) -> tuple[list, list, list, list]:
+    """``block_backward``'s arguments for ``block(x)``, detached: the five gradients, the forward's arguments, the
+    forward's ``saved`` list and ``needs``."""
+    args = [t.detach() if isinstance(t, Tensor) else t for t in _op_args(block, x)]
+    args[13], args[14] = [t.detach() for t in args[13]], [t.detach() for t in args[14]]
+    out, ca, sa, fusion_w, router_w, saved = ops.FORWARD(*args)
+    grads = [torch.randn_like(t) for t in (out, ca, sa, fusion_w, router_w)]
+    return grads, args, list(saved), [t is not None for t in library.gradient_inputs(args)]
+
+
+BAD_BACKWARD = {  # what is wrong: (part, position, replacement from the good value, message)
+    "grad_out_batch": ("grads", 0, lambda t: t[:1], r"grad_out must have shape \(2, 6, 4, 5\), but got \(1, 6, 4, 5\)"),
+    "grad_sa_shape": ("grads", 2, lambda t: t.transpose(2, 3), r"grad_sa must have shape \(2, 1, 4, 5\)"),
+    "grad_router_w_integer": ("grads", 4, lambda t: t.long(), "grad_router_w must be a floating-point tensor"),
+    "grad_ca_meta": ("grads", 1, lambda t: t.to("meta"), "grad_ca must be a floating-point tensor on x's device"),
+    "saved_short": ("saved", None, lambda saved: saved[:-1], "saved must hold the 7 tensors"),
+    "saved_shape": ("saved", 1, lambda t: t[:1], r"saved\[1\] must have shape \(2, 2, 4, 5\)"),
+    "needs_short": ("needs", None, lambda needs: needs[:-1], "needs must have one entry per tensor argument"),
+    "forward_argument": ("args", 4, lambda t: t[:5], r"block_backward: fc2_bias must have shape \(6,\)"),
+}
+
+
+@pytest.mark.parametrize("wrong", list(BAD_BACKWARD))
+def test_the_backward_checks_its_gradients_and_saved_tensors(backend, wrong):
+    """A gradient, saved tensor or ``needs`` that does not match the forward is a ValueError naming it, in the
+    device's kernel and in the fake kernel (what torch.compile traces): no kernel reads past what it is given."""
+    block = make_block(6, torch.float32)
+    grads, args, saved, needs = _backward_args(block, torch.randn(2, 6, 4, 5))
+    part, position, change, message = BAD_BACKWARD[wrong]
+    parts = {"grads": grads, "args": args, "saved": saved, "needs": needs}
+    if position is None:
+        parts[part] = change(parts[part])
+    else:
+        parts[part][position] = change(parts[part][position])
+    call = (*parts["grads"], *parts["args"][:15], parts["saved"], *parts["args"][15:], parts["needs"])
+    with pytest.raises(ValueError, match=message):
+        ops.BACKWARD(*call)
+    if wrong == "grad_ca_meta":
+        return  # a fake-tensor mode takes no mix of meta and real tensors
+    with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, Tensor) else a for a in call]
+        fake = [
+            [mode.from_tensor(t) for t in a] if isinstance(a, list) and a and isinstance(a[0], Tensor) else a
+            for a in fake
+        ]
+        with pytest.raises(ValueError, match=message):
+            ops.BACKWARD(*fake)
+
+
+def test_the_backward_takes_any_subset_of_gradients(backend):
+    """Gradients that are None (an output the loss does not use) need no check, and the result equals the one with
+    zeros in their place."""
+    block = make_block(6, torch.float32)
+    grads, args, saved, needs = _backward_args(block, torch.randn(2, 6, 4, 5))
+    given = [grads[0], None, grads[2], None, None]
+    zeros = [grads[0], torch.zeros_like(grads[1]), grads[2], torch.zeros_like(grads[3]), torch.zeros_like(grads[4])]
+    found, expected = (ops.BACKWARD(*g, *args[:15], saved, *args[15:], needs) for g in (given, zeros))
+    for a, b in zip(found, expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def _channels_last(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 

@@ -35,6 +35,7 @@ __all__ = [
     "FORWARD",
     "TENSOR_ARGS",
     "check_arguments",
+    "check_backward_arguments",
     "devices",
     "forward_arguments",
     "gradients_like",
@@ -98,7 +99,7 @@ def implement(device: str, forward: Callable, backward: Callable, saved_like: Sa
         return forward(*args)
 
     def checked_backward(*args: Any) -> Any:
-        check_arguments(forward_arguments(args))
+        check_backward_arguments(args)
         return backward(*args)
 
     _library.impl("block_forward", checked_forward, key)
@@ -117,76 +118,108 @@ def devices() -> frozenset[str]:
 # memory (the fake kernels too, so that torch.compile reports a bad call when it traces it).
 
 
-def _expect(name: str, t: Tensor | None, shape: tuple[int, ...], x: Tensor) -> None:
+def _bad(where: str, name: str, t: Tensor | None, shape: tuple[int, ...], device: torch.device) -> ValueError:
+    """The error for a tensor argument that is missing, or of the wrong shape, device or dtype."""
+    shape = tuple(shape)
     if t is None:
-        raise ValueError(f"cbam_dsa::block_forward: {name} is None, but the operator needs a tensor of shape {shape}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"cbam_dsa::block_forward: {name} must have shape {shape}, but got {tuple(t.shape)}")
-    if t.device != x.device or not t.dtype.is_floating_point:
-        raise ValueError(
-            f"cbam_dsa::block_forward: {name} must be a floating-point tensor on x's device ({x.device}), but got "
-            f"{t.dtype} on {t.device}"
-        )
+        return ValueError(f"{where}: {name} is None, but the operator needs a tensor of shape {shape}")
+    if t.shape != shape:
+        return ValueError(f"{where}: {name} must have shape {shape}, but got {tuple(t.shape)}")
+    return ValueError(
+        f"{where}: {name} must be a floating-point tensor on x's device ({device}), but got {t.dtype} on {t.device}"
+    )
 
 
-def check_arguments(args: Sequence[Any]) -> None:
+def _check_tensors(where: str, names: Sequence[str], tensors: Sequence[Any], shapes: Sequence[tuple], x: Tensor):
+    """Each tensor (not ``None``) of its shape, floating-point, on ``x``'s device; raise for the first that is not."""
+    device = x.device
+    for name, t, shape in zip(names, tensors, shapes, strict=True):
+        if t is None or t.shape != shape or t.device != device or not t.dtype.is_floating_point:
+            raise _bad(where, name, t, shape, device)
+
+
+_MLP_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "ca_temperature", "sa_temperature")
+_ROUTER_NAMES = TENSOR_ARGS[9:13]
+_SPEC_NAMES = (("act", FA.ACTIVATIONS), ("ca_gate", FA.GATES), ("sa_gate", FA.GATES))
+
+
+def check_arguments(args: Sequence[Any], where: str = "cbam_dsa::block_forward") -> None:
     """Check ``block_forward``'s arguments (also the matching part of ``block_backward``'s): shapes that agree with
     ``x`` and with each other, one device, known activation and gates. Raises ``ValueError`` naming the argument."""
     x, fc1_weight = args[0], args[1]
-    if x.dim() != 4 or not x.dtype.is_floating_point or x.shape[2] == 0 or x.shape[3] == 0:
-        raise ValueError(
-            f"cbam_dsa::block_forward: x must be a floating-point (B, C, H, W) tensor with H, W >= 1, but got shape "
-            f"{tuple(x.shape)} and dtype {x.dtype}"
-        )
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.dtype.is_floating_point or 0 in x.shape[2:]:
+        got = f"shape {tuple(x.shape)} and dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{where}: x must be a floating-point (B, C, H, W) tensor with H, W >= 1, but got {got}")
     c = x.shape[1]
-    if fc1_weight.dim() != 4 or fc1_weight.shape[1] != c:
-        raise ValueError(
-            f"cbam_dsa::block_forward: x has {c} channels, but fc1_weight has shape {tuple(fc1_weight.shape)} "
-            f"(expected (hidden, {c}, 1, 1))"
-        )
+    if not isinstance(fc1_weight, Tensor) or fc1_weight.dim() != 4 or fc1_weight.shape[1] != c:
+        got = tuple(fc1_weight.shape) if isinstance(fc1_weight, Tensor) else fc1_weight
+        raise ValueError(f"{where}: x has {c} channels, but fc1_weight has shape {got} (expected (hidden, {c}, 1, 1))")
     hidden = fc1_weight.shape[0]
-    for name, t, shape in (
-        ("fc1_weight", fc1_weight, (hidden, c, 1, 1)),
-        ("fc1_bias", args[2], (hidden,)),
-        ("fc2_weight", args[3], (c, hidden, 1, 1)),
-        ("fc2_bias", args[4], (c,)),
-        ("ca_temperature", args[6], ()),
-        ("sa_temperature", args[7], ()),
-    ):
-        _expect(name, t, shape, x)
+    _check_tensors(
+        where, _MLP_NAMES, (fc1_weight, *args[2:5], args[6], args[7]),
+        ((hidden, c, 1, 1), (hidden,), (c, hidden, 1, 1), (c,), (), ()), x,
+    )  # fmt: skip
     if args[5] is not None:
-        _expect("fusion_logits", args[5], (2,), x)
+        _check_tensors(where, ("fusion_logits",), (args[5],), ((2,),), x)
     if args[8] is not None:
-        _expect("alpha", args[8], (), x)
-    weights, biases, dilations, act, ca_gate, sa_gate = args[_N : _N + 6]
+        _check_tensors(where, ("alpha",), (args[8],), ((),), x)
+    weights, biases, dilations = args[_N : _N + 3]
     branches = len(weights)
     if branches == 0 or len(biases) != branches or len(dilations) != branches:
         raise ValueError(
-            f"cbam_dsa::block_forward: branch_weights, branch_biases and dilations must have one entry per branch "
-            f"(at least one), but got {branches}, {len(biases)} and {len(dilations)}"
+            f"{where}: branch_weights, branch_biases and dilations must have one entry per branch (at least one), "
+            f"but got {branches}, {len(biases)} and {len(dilations)}"
         )
     for k, (weight, bias, dilation) in enumerate(zip(weights, biases, dilations, strict=True)):
-        size = weight.shape[-1]
+        size = weight.shape[-1] if isinstance(weight, Tensor) and weight.dim() else 0
         if size % 2 == 0 or dilation < 1:
+            got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
             raise ValueError(
-                f"cbam_dsa::block_forward: branch {k} must have an odd kernel size and a dilation >= 1, but got "
-                f"kernel shape {tuple(weight.shape)} and dilation {dilation}"
+                f"{where}: branch {k} must have an odd kernel size and a dilation >= 1, but got kernel shape {got} "
+                f"and dilation {dilation}"
             )
-        _expect(f"branch_weights[{k}]", weight, (1, 2, size, size), x)
-        _expect(f"branch_biases[{k}]", bias, (1,), x)
+        _check_tensors(
+            where, (f"branch_weights[{k}]", f"branch_biases[{k}]"), (weight, bias), ((1, 2, size, size), (1,)), x
+        )
     router = args[9:13]
     if any(t is not None for t in router):
-        r_hidden = -1 if router[0] is None else router[0].shape[0]
+        r_hidden = router[0].shape[0] if isinstance(router[0], Tensor) and router[0].dim() else -1
         shapes = ((r_hidden, 2, 1, 1), (r_hidden,), (branches, r_hidden, 1, 1), (branches,))
-        for name, t, shape in zip(TENSOR_ARGS[9:13], router, shapes, strict=True):
-            _expect(name, t, shape, x)
-    for name, value, allowed in (
-        ("act", act, FA.ACTIVATIONS),
-        ("ca_gate", ca_gate, FA.GATES),
-        ("sa_gate", sa_gate, FA.GATES),
-    ):
+        _check_tensors(where, _ROUTER_NAMES, router, shapes, x)
+    for (name, allowed), value in zip(_SPEC_NAMES, args[_N + 3 : _N + 6], strict=True):
         if value not in allowed:
-            raise ValueError(f"cbam_dsa::block_forward: {name} must be one of {allowed}, but got {value!r}")
+            raise ValueError(f"{where}: {name} must be one of {allowed}, but got {value!r}")
+
+
+_GRAD_NAMES = ("grad_out", "grad_ca", "grad_sa", "grad_fusion_w", "grad_router_w")
+
+
+def check_backward_arguments(args: Sequence[Any]) -> None:
+    """Check ``block_backward``'s arguments: those of the forward (:func:`check_arguments`), each given gradient
+    shaped as its output, ``saved`` shaped as the device's forward returns it, one ``needs`` entry per gradient.
+    Raises ``ValueError`` naming the argument: a kernel never reads past a tensor it is given."""
+    where = "cbam_dsa::block_backward"
+    forward = forward_arguments(args)
+    check_arguments(forward, where)
+    x = forward[0]
+    b, c, h, w = x.shape
+    shapes = (x.shape, (b, c, 1, 1), (b, 1, h, w), (2,), (b, len(forward[_N])))
+    given = [(name, g, shape) for name, g, shape in zip(_GRAD_NAMES, args[:5], shapes, strict=True) if g is not None]
+    if given:
+        _check_tensors(where, *zip(*given, strict=True), x)
+    saved, needs = args[5 + _N + 2], args[-1]
+    saved_like = _saved_like.get(x.device.type)
+    if saved_like is None:
+        raise NotImplementedError(f"{where} has no implementation on {x.device.type}")
+    expected = [t.shape for t in saved_like(*forward)]
+    if len(saved) != len(expected):
+        raise ValueError(
+            f"{where}: saved must hold the {len(expected)} tensors the forward returns, but got {len(saved)}"
+        )
+    _check_tensors(where, [f"saved[{i}]" for i in range(len(saved))], saved, expected, x)
+    count = len(gradient_inputs(forward))
+    if len(needs) != count:
+        raise ValueError(f"{where}: needs must have one entry per tensor argument ({count}), but got {len(needs)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,7 +240,7 @@ def _forward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, l
 
 @torch.library.register_fake("cbam_dsa::block_backward", lib=_library)
 def _backward_fake(*args: Any) -> list[Tensor]:
-    check_arguments(forward_arguments(args))
+    check_backward_arguments(args)
     inputs, needs = gradient_inputs(args[5:]), args[-1]
     return gradients_like([None] * len(inputs), inputs, needs)
 
