@@ -19,6 +19,7 @@ Shape:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -82,13 +83,21 @@ def _dense(s: Tensor, weights: Sequence[Tensor], dilations: Sequence[int]) -> tu
     return flat.index_select(0, taps.gather).view(2 * height * width, -1), taps
 
 
-def _use_dense(s: Tensor, *values: Tensor) -> bool:
+def _small(s: Tensor) -> bool:
+    return s.device.type == "cpu" and s.shape[2] * s.shape[3] <= DENSE_UP_TO
+
+
+def _finite(values: Tensor) -> bool:
+    """Whether every value is finite, by their sum (one reduction): a NaN or an infinity makes it NaN or infinite.
+    Finite values whose sum overflows count as not finite, which only sends them to the convolutions."""
+    return math.isfinite(values.sum())
+
+
+def _use_dense(s: Tensor, values: Tensor) -> bool:
     """Whether the dense matrix runs: small maps on the CPU, and ``values`` (what multiplies the matrix's zeros: ``s``
     forward, the branches' gradients backward) all finite. The kernels need no check: the matrix holds each weight
     only where the convolution uses it, so a non-finite weight meets the same values in both."""
-    if s.device.type != "cpu" or s.shape[2] * s.shape[3] > DENSE_UP_TO:
-        return False
-    return all(bool(torch.isfinite(t).all()) for t in values)
+    return _small(s) and _finite(values)
 
 
 def conv_input(s: Tensor) -> Tensor:
@@ -106,8 +115,9 @@ def branches_forward(
     dtype = s.dtype
     if _use_dense(s, s):
         matrix, _ = _dense(s, weights, dilations)
-        out = (s.reshape(b, -1) @ matrix).view(b, len(weights), 1, h, w)
-        return [out[:, k] + bias.to(dtype) for k, bias in enumerate(biases)]
+        bias = torch.cat([bias.to(dtype) for bias in biases]).repeat_interleave(h * w)
+        out = torch.addmm(bias, s.reshape(b, -1), matrix)
+        return list(out.view(b, len(weights), 1, h, w).unbind(1))
     source = conv_input(s)
     return [
         F.conv2d(source, weight.to(dtype), bias.to(dtype), padding=FA.branch_padding(weight.shape[-1], d), dilation=d)
@@ -120,9 +130,9 @@ def branches_backward(
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """The gradients of ``s``, of the kernels and of the biases from those of the K branches' outputs."""
     b = s.shape[0]
-    if _use_dense(s, *grads):
+    grad = torch.cat([g.reshape(b, -1) for g in grads], dim=1) if _small(s) else None
+    if grad is not None and _finite(grad):
         matrix, taps = _dense(s, weights, dilations)
-        grad = torch.cat([g.reshape(b, -1) for g in grads], dim=1)
         grad_s = (grad @ matrix.t()).view_as(s)
         by_pair = (s.reshape(b, -1).t() @ grad).flatten().index_select(0, taps.positions)
         flat = by_pair.new_zeros(taps.count).index_add_(0, taps.at, by_pair)

@@ -20,7 +20,16 @@ from torch import Tensor
 from .. import functional as FA
 from . import branches as branch_ops
 
-__all__ = ["ChannelLight", "SpatialLight", "channel_backward", "channel_forward", "spatial_backward", "spatial_forward"]
+__all__ = [
+    "ChannelLight",
+    "SpatialLight",
+    "channel_backward",
+    "channel_forward",
+    "channel_resume",
+    "spatial_backward",
+    "spatial_forward",
+    "spatial_resume",
+]
 
 
 def _flat(weight: Tensor, dtype: torch.dtype) -> Tensor:
@@ -29,6 +38,11 @@ def _flat(weight: Tensor, dtype: torch.dtype) -> Tensor:
 
 # PyTorch's hardsigmoid_backward multiplies by 1/6 rounded to float32, in every dtype.
 _ONE_SIXTH = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))
+
+
+def _gate(u: Tensor, gate: str) -> Tensor:
+    """:func:`..functional.apply_gate` of ``u`` already divided by its temperature."""
+    return torch.sigmoid(u) if gate == "sigmoid" else F.hardsigmoid(u)
 
 
 def _gate_backward(grad: Tensor, u: Tensor, y: Tensor, gate: str) -> Tensor:
@@ -54,7 +68,7 @@ class ChannelLight(NamedTuple):
 
     pre: Tensor  # (2B, Rm): the first layer, before the activation
     hidden: Tensor  # (2B, Rm)
-    mlp: Tensor  # (2B, C)
+    mlp: Tensor | None  # (2B, C): the second layer (None from channel_resume with sum fusion: no gradient needs it)
     fusion_w: Tensor  # (2,)
     z: Tensor  # (B, C): the gate's input
     u: Tensor  # (B, C): z / T
@@ -80,9 +94,33 @@ def channel_forward(
     hidden = FA.activation(pre, act)
     out = F.linear(hidden, _flat(mlp[2], dtype), mlp[3].to(dtype))
     fusion_w = FA.fusion_weights(fusion_logits, out)
-    z = fusion_w[0] * out[:b] + fusion_w[1] * out[b:]
+    # sum fusion's weights are ones: the products by them are exact, so they are left out
+    z = out[:b] + out[b:] if fusion_logits is None else fusion_w[0] * out[:b] + fusion_w[1] * out[b:]
     u = z / temperature
-    return ChannelLight(pre, hidden, out, fusion_w, z, u, FA.apply_gate(u, gate))
+    return ChannelLight(pre, hidden, out, fusion_w, z, u, _gate(u, gate))
+
+
+def channel_resume(
+    mlp: Sequence[Tensor],
+    fusion_logits: Tensor | None,
+    temperature: Tensor,
+    act: str,
+    gate: str,
+    z: Tensor,
+    pre: Tensor,
+) -> ChannelLight:
+    """:func:`channel_forward`'s results for :func:`channel_backward` from what the forward kept (the gate's input
+    ``z`` and the first layer ``pre``): no matrix product is redone but the second layer's, and that one only for
+    learned fusion, whose gradient reads it.
+
+    Shape:
+        - z: :math:`(B, C)`; pre: :math:`(2B, R_m)`
+        - Output: :class:`ChannelLight`
+    """
+    hidden = FA.activation(pre, act)
+    out = None if fusion_logits is None else F.linear(hidden, _flat(mlp[2], z.dtype), mlp[3].to(z.dtype))
+    u = z / temperature
+    return ChannelLight(pre, hidden, out, FA.fusion_weights(fusion_logits, z), z, u, _gate(u, gate))
 
 
 def channel_backward(
@@ -121,10 +159,10 @@ def channel_backward(
 class SpatialLight(NamedTuple):
     """:func:`spatial_forward`'s results."""
 
-    pooled: Tensor  # (B, 2): the router's input
+    pooled: Tensor | None  # (B, 2): the router's input (None from spatial_resume without a router)
     hidden: Tensor  # (B, Rh): the router's hidden layer (ones, Rh = 1, without a router)
     router: Tensor  # (B, K)
-    branches: list[Tensor]  # K x (B, 1, H, W)
+    branches: list[Tensor] | None  # K x (B, 1, H, W) (None from spatial_resume: recomputed where a gradient needs them)
     logit: Tensor  # (B, 1, H, W)
     u: Tensor  # logit / T
     sa: Tensor  # (B, 1, H, W)
@@ -157,7 +195,29 @@ def spatial_forward(
     for k, branch in enumerate(branches):
         logit = logit + weights[:, k].view(-1, 1, 1, 1) * branch
     u = logit / temperature
-    return SpatialLight(pooled, hidden, weights, branches, logit, u, FA.apply_gate(u, gate))
+    return SpatialLight(pooled, hidden, weights, branches, logit, u, _gate(u, gate))
+
+
+def spatial_resume(
+    s: Tensor,
+    router: Sequence[Tensor | None],
+    temperature: Tensor,
+    gate: str,
+    logit: Tensor,
+    weights: Tensor,
+    hidden: Tensor,
+) -> SpatialLight:
+    """:func:`spatial_forward`'s results for :func:`spatial_backward` from what the forward kept (the gate's input
+    ``logit``, the router's weights and hidden layer): neither the router nor the branches are rerun here
+    (:func:`spatial_backward` reruns the branches where the router's gradient needs them).
+
+    Shape:
+        - s: :math:`(B, 2, H, W)`; logit: :math:`(B, 1, H, W)`; weights: :math:`(B, K)`; hidden: :math:`(B, R_h)`
+        - Output: :class:`SpatialLight`
+    """
+    pooled = None if router[0] is None else s.mean(dim=(2, 3))
+    u = logit / temperature
+    return SpatialLight(pooled, hidden, weights, None, logit, u, _gate(u, gate))
 
 
 def spatial_backward(
@@ -165,6 +225,7 @@ def spatial_backward(
     s: Tensor,
     router: Sequence[Tensor | None],
     branch_weights: Sequence[Tensor],
+    branch_biases: Sequence[Tensor],
     dilations: Sequence[int],
     temperature: Tensor,
     gate: str,
@@ -175,12 +236,14 @@ def spatial_backward(
     biases, and of the temperature, from those of ``sa`` and of the router weights (``None``: zero)."""
     b, _, h, w = s.shape
     grad_logit, grad_t = _gate_input_backward(grad_sa, f.logit, f.u, f.sa, gate, temperature)
-    grad_branches = [f.router[:, k].view(-1, 1, 1, 1) * grad_logit for k in range(len(f.branches))]
-    grad_r = [(grad_logit * branch).sum(dim=(1, 2, 3)) for branch in f.branches]
+    grad_branches = [f.router[:, k].view(-1, 1, 1, 1) * grad_logit for k in range(len(branch_weights))]
     grad_s, grad_weights, grad_biases = branch_ops.branches_backward(s, branch_weights, dilations, grad_branches)
     grads_router: list[Tensor | None] = [None, None, None, None]
     if router[0] is not None:
-        grad_r = torch.stack(grad_r, dim=1)
+        branches = f.branches
+        if branches is None:
+            branches = branch_ops.branches_forward(s, branch_weights, branch_biases, dilations)
+        grad_r = torch.stack([(grad_logit * branch).sum(dim=(1, 2, 3)) for branch in branches], dim=1)
         if grad_router is not None:
             grad_r = grad_r + grad_router.to(grad_r.dtype)
         grad_logits = _softmax_backward(grad_r, f.router, 1)

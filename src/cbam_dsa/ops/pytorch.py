@@ -153,9 +153,10 @@ def _backward(
     g_out, g_ca, g_sa, g_fusion, g_router = grads
     b, c, h, w = x.shape
     mlp, fusion_logits, t_ca, t_sa, alpha, router = params[:4], params[4], params[5], params[6], params[7], params[8:]
-    s, pools = saved[1], saved[6] if saved[6].numel() else _pools(x)
-    channel = light.channel_forward(pools, mlp, fusion_logits, t_ca, act, ca_gate)
-    spatial = light.spatial_forward(s, router, branch_weights, branch_biases, dilations, t_sa, sa_gate)
+    z, s, logit, router_w, router_hidden, pre = saved[:6]
+    pools = saved[6] if saved[6].numel() else _pools(x)
+    channel = light.channel_resume(mlp, fusion_logits, t_ca, act, ca_gate, z, pre)
+    spatial = light.spatial_resume(s, router, t_sa, sa_gate, logit, router_w, router_hidden)
     ca, sa = channel.ca.to(x.dtype).view(b, c, 1, 1), spatial.sa.to(x.dtype)
     blend = None if alpha is None else alpha.to(x.dtype)
     # Two full-size buffers: `work` holds x * ca, then the max over C's mask, then the gradient of y = x * ca, then
@@ -176,7 +177,7 @@ def _backward(
     if g_sa is not None:
         grad_sa = grad_sa + g_sa.to(grad_sa.dtype)
     grad_s, grad_router, grad_weights, grad_biases, grad_t_sa = light.spatial_backward(
-        spatial, s, router, branch_weights, dilations, t_sa, sa_gate, grad_sa, g_router
+        spatial, s, router, branch_weights, branch_biases, dilations, t_sa, sa_gate, grad_sa, g_router
     )
     # d y = alpha * sa * g + the pooling over C's terms (the max's split evenly among ties, as torch.amax's)
     mask = torch.eq(work, top, out=work)
