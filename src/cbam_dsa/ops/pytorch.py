@@ -4,10 +4,10 @@ The forward pass is :mod:`..functional`'s math, with the output written in place
 ``torch.lerp``) and the light networks run on the pooled descriptors as the matrix products they are (:mod:`.light`;
 the spatial branches by :mod:`.branches`, each map size the way it measured fastest). It keeps small tensors only
 (the same list as the C kernels, :func:`saved_like`): the descriptors ``s`` and ``[mean_hw(x); max_hw(x)]``, the
-gates' inputs and the networks' hidden layers. The backward pass recomputes the light networks from the descriptors
-and differentiates them by hand (:mod:`.light`, after PyTorch's own formulas), and writes the full-size passes in two
-buffers: the two reductions of ``grad * x * ca`` (over C, and over H, W with the pooling's terms), and the gradient of
-``x``. The max gradients follow ``torch.amax``: split evenly among tied maxima, and NaN wherever the maximum is NaN;
+gates' inputs and the networks' hidden layers. The backward pass resumes the light networks from those (no matrix
+product of the MLP or the router is redone) and differentiates them by hand (:mod:`.light`, after PyTorch's own
+formulas), and writes the full-size passes in two buffers: the two reductions of ``grad * x * ca`` (over C, and over
+H, W with the pooling's terms), and the gradient of ``x``. The max gradients follow ``torch.amax``: split evenly among tied maxima, and NaN wherever the maximum is NaN;
 their masks are written as numbers by ``torch.eq`` into a floating-point buffer (one pass, where a bool mask and its
 conversion measured three).
 
