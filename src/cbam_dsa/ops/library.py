@@ -74,10 +74,17 @@ _N = len(TENSOR_ARGS)
 
 SavedLike = Callable[..., list[Tensor]]
 _saved_like: dict[str, SavedLike] = {}
+_saved_shapes: dict[str, Callable[..., Sequence[Sequence[int]]]] = {}
 _kernels: dict[str, tuple[Callable, Callable]] = {}
 
 
-def implement(device: str, forward: Callable, backward: Callable, saved_like: SavedLike) -> None:
+def implement(
+    device: str,
+    forward: Callable,
+    backward: Callable,
+    saved_like: SavedLike,
+    saved_shapes: Callable[..., Sequence[Sequence[int]]] | None = None,
+) -> None:
     """Register a device's implementation of both operators.
 
     The dispatcher's kernels check their arguments (:func:`check_arguments`) before calling ``forward`` or
@@ -91,6 +98,8 @@ def implement(device: str, forward: Callable, backward: Callable, saved_like: Sa
         backward (Callable): takes ``block_backward``'s arguments and returns its outputs.
         saved_like (Callable): takes ``block_forward``'s arguments and returns empty tensors shaped as its
             ``saved`` output, for the fake kernel (called on fake tensors: no data access).
+        saved_shapes (Callable, optional): takes ``block_forward``'s arguments and returns the shapes of its
+            ``saved`` output, for ``block_backward``'s check (without allocating); default: those of ``saved_like``.
     """
     key = {"cpu": "CPU", "cuda": "CUDA"}[device]
 
@@ -105,6 +114,7 @@ def implement(device: str, forward: Callable, backward: Callable, saved_like: Sa
     _library.impl("block_forward", checked_forward, key)
     _library.impl("block_backward", checked_backward, key)
     _saved_like[device] = saved_like
+    _saved_shapes[device] = saved_shapes or (lambda *args: [t.shape for t in saved_like(*args)])
     _kernels[device] = (checked_forward, backward)
 
 
@@ -203,21 +213,25 @@ def check_backward_arguments(args: Sequence[Any]) -> None:
     check_arguments(forward, where)
     x = forward[0]
     b, c, h, w = x.shape
-    shapes = (x.shape, (b, c, 1, 1), (b, 1, h, w), (2,), (b, len(forward[_N])))
-    given = [(name, g, shape) for name, g, shape in zip(_GRAD_NAMES, args[:5], shapes, strict=True) if g is not None]
-    if given:
-        _check_tensors(where, *zip(*given, strict=True), x)
+    branches = len(forward[_N])
+    shapes = (x.shape, (b, c, 1, 1), (b, 1, h, w), (2,), (b, branches))
+    for name, grad, shape in zip(_GRAD_NAMES, args[:5], shapes, strict=True):
+        if grad is not None:
+            _check_tensors(where, (name,), (grad,), (shape,), x)
     saved, needs = args[5 + _N + 2], args[-1]
-    saved_like = _saved_like.get(x.device.type)
-    if saved_like is None:
+    saved_shapes = _saved_shapes.get(x.device.type)
+    if saved_shapes is None:
         raise NotImplementedError(f"{where} has no implementation on {x.device.type}")
-    expected = [t.shape for t in saved_like(*forward)]
+    expected = saved_shapes(*forward)
     if len(saved) != len(expected):
         raise ValueError(
             f"{where}: saved must hold the {len(expected)} tensors the forward returns, but got {len(saved)}"
         )
-    _check_tensors(where, [f"saved[{i}]" for i in range(len(saved))], saved, expected, x)
-    count = len(gradient_inputs(forward))
+    device = x.device
+    for i, (t, shape) in enumerate(zip(saved, expected, strict=True)):
+        if not isinstance(t, Tensor) or t.shape != shape or t.device != device or not t.dtype.is_floating_point:
+            raise _bad(where, f"saved[{i}]", t if isinstance(t, Tensor) else None, shape, device)
+    count = len(forward[1:_N]) + 1 + 2 * branches
     if len(needs) != count:
         raise ValueError(f"{where}: needs must have one entry per tensor argument ({count}), but got {len(needs)}")
 

@@ -7,9 +7,9 @@ the spatial branches by :mod:`.branches`, each map size the way it measured fast
 gates' inputs and the networks' hidden layers. The backward pass resumes the light networks from those (no matrix
 product of the MLP or the router is redone) and differentiates them by hand (:mod:`.light`, after PyTorch's own
 formulas), and writes the full-size passes in two buffers: the two reductions of ``grad * x * ca`` (over C, and over
-H, W with the pooling's terms), and the gradient of ``x``. The max gradients follow ``torch.amax``: split evenly among tied maxima, and NaN wherever the maximum is NaN;
-their masks are written as numbers by ``torch.eq`` into a floating-point buffer (one pass, where a bool mask and its
-conversion measured three).
+H, W with the pooling's terms), and the gradient of ``x``. The max gradients follow ``torch.amax``: split evenly
+among tied maxima, and NaN wherever the maximum is NaN; their masks are written as numbers by ``torch.eq`` into a
+floating-point buffer (one pass, where a bool mask and its conversion measured three).
 
 Shape:
     - x: :math:`(B, C, H, W)`; every other tensor as in :func:`..functional.cbam_residual_dynamic_sa`
@@ -25,17 +25,17 @@ from torch import Tensor
 from .. import functional as FA
 from . import library, light
 
-__all__ = ["KEEP_POOLS_FROM_PIXELS", "block_backward", "block_forward", "channel_max", "saved_like"]
+__all__ = ["KEEP_POOLS_FROM_PIXELS", "block_backward", "block_forward", "channel_max", "saved_like", "saved_shapes"]
 
 # From this many pixels per map on, the pooled (2B, C) descriptors are kept for backward (2 / pixels of the input, at
 # most 3%); below, they are recomputed there by one pass over the input.
 KEEP_POOLS_FROM_PIXELS = 64
 
 
-def _saved_like(x: Tensor, fc1_weight: Tensor, router_fc1_weight: Tensor | None, branches: int) -> list[Tensor]:
-    """Empty tensors shaped as the saved list of the CPU implementations: ``(z, s, logit, router, router hidden,
-    pre, pools)`` in :func:`..functional.accumulation_dtype`; ``pools`` has no elements below
-    :data:`KEEP_POOLS_FROM_PIXELS` pixels per map.
+def _saved_shapes(x: Tensor, fc1_weight: Tensor, router_fc1_weight: Tensor | None, branches: int) -> list[tuple]:
+    """The shapes of the saved list of the CPU implementations: ``(z, s, logit, router, router hidden, pre, pools)``
+    (in :func:`..functional.accumulation_dtype`); ``pools`` has no elements below :data:`KEEP_POOLS_FROM_PIXELS`
+    pixels per map.
 
     Shape:
         - z: :math:`(B, C)`; s: :math:`(B, 2, H, W)`; logit: :math:`(B, 1, H, W)`; router: :math:`(B, K)`;
@@ -43,15 +43,9 @@ def _saved_like(x: Tensor, fc1_weight: Tensor, router_fc1_weight: Tensor | None,
           :math:`(2B, C)` or :math:`(0,)`
     """
     b, c, h, w = x.shape
-    acc = FA.accumulation_dtype(x.dtype)
-    new = x.new_empty
     hidden = 1 if router_fc1_weight is None else router_fc1_weight.shape[0]
-    keep = h * w >= KEEP_POOLS_FROM_PIXELS
-    pools = (2 * b, c) if keep else (0,)
-    return [
-        new(b, c, dtype=acc), new(b, 2, h, w, dtype=acc), new(b, 1, h, w, dtype=acc), new(b, branches, dtype=acc),
-        new(b, hidden, dtype=acc), new(2 * b, fc1_weight.shape[0], dtype=acc), new(pools, dtype=acc),
-    ]  # fmt: skip
+    pools = (2 * b, c) if h * w >= KEEP_POOLS_FROM_PIXELS else (0,)
+    return [(b, c), (b, 2, h, w), (b, 1, h, w), (b, branches), (b, hidden), (2 * b, fc1_weight.shape[0]), pools]
 
 
 # The maximum over channels by halving (torch.maximum of the two halves, repeated) for small maps of large tensors,
@@ -109,7 +103,7 @@ def _forward(
     ca_gate: str,
     sa_gate: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    """The block's forward pass: ``(out, ca, sa, fusion_w, router_w, saved)`` (see :func:`_saved_like`)."""
+    """The block's forward pass: ``(out, ca, sa, fusion_w, router_w, saved)`` (see :func:`_saved_shapes`)."""
     b, c, h, w = x.shape
     pools = _pools(x)
     mlp = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
@@ -148,7 +142,7 @@ def _backward(
     gradients of ``(out, ca, sa, fusion_w, router_w)`` (each may be ``None``).
 
     ``params`` is ``(fc1 weight, fc1 bias, fc2 weight, fc2 bias, fusion logits, T_ca, T_sa, alpha, router fc1 weight,
-    fc1 bias, fc2 weight, fc2 bias)``; ``saved`` as :func:`_saved_like`.
+    fc1 bias, fc2 weight, fc2 bias)``; ``saved`` as :func:`_saved_shapes`.
     """
     g_out, g_ca, g_sa, g_fusion, g_router = grads
     b, c, h, w = x.shape
@@ -215,9 +209,16 @@ def _backward(
 _N = len(library.TENSOR_ARGS)
 
 
+def saved_shapes(*args: object) -> list[tuple]:
+    """The shapes of ``block_forward``'s saved list, from its arguments (:func:`_saved_shapes`)."""
+    return _saved_shapes(args[0], args[1], args[9], len(args[_N]))  # type: ignore[arg-type]
+
+
 def saved_like(*args: object) -> list[Tensor]:
     """Empty tensors shaped as ``block_forward``'s saved list, from its arguments (for the fake kernel)."""
-    return _saved_like(args[0], args[1], args[9], len(args[_N]))  # type: ignore[arg-type]
+    x: Tensor = args[0]  # type: ignore[assignment]
+    acc = FA.accumulation_dtype(x.dtype)
+    return [x.new_empty(shape, dtype=acc) for shape in saved_shapes(*args)]
 
 
 def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:

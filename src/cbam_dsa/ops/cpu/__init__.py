@@ -4,4 +4,4 @@ PyTorch implementation as the fallback (:mod:`.impl`)."""
 from .. import library
 from . import impl
 
-library.implement("cpu", impl.block_forward, impl.block_backward, impl.saved_like)
+library.implement("cpu", impl.block_forward, impl.block_backward, impl.saved_like, impl.saved_shapes)

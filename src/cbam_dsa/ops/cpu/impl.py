@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import library, pytorch
 from . import native
 
-__all__ = ["block_backward", "block_forward", "compute_dtype", "saved_like"]
+__all__ = ["block_backward", "block_forward", "compute_dtype", "saved_like", "saved_shapes"]
 
 # The positions among the operators' flat tensor arguments (library.gradient_inputs) of the C kernels' inputs, in the
 # order they take them (the temperatures go to them as numbers); the branch kernels and biases follow.
@@ -30,7 +30,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in native.DTYPES else torch.float32
 
 
-saved_like = pytorch.saved_like  # the C kernels keep the same list
+saved_like, saved_shapes = pytorch.saved_like, pytorch.saved_shapes  # the C kernels keep the same list
 
 
 def _ready(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
