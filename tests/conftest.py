@@ -1,9 +1,15 @@
-"""Shared fixtures: deterministic seeds and small helpers for every test file."""
+"""Shared fixtures: deterministic seeds and small helpers for every test file.
+
+The fixtures of the C library's build tests (a fake compiler, an empty cache) live in ``cpu_build_helpers.py``,
+registered here as a plugin.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+pytest_plugins = ["cpu_build_helpers"]
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,217 @@
+"""Measuring in the benchmark tool (``cbam_dsa.bench``): saved-tensor bytes, the statistics over rounds, the
+interleaved order of the contenders, the contenders themselves, the per-call overhead, one shape's rows and the
+network step. That it measures the right things, not its numbers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from bench_helpers import fake_results
+from cbam_dsa import CBAMResidualDynamicSA, bench
+
+pytest.importorskip("timm")
+pytest.importorskip("matplotlib")
+
+
+class Sigmoid(nn.Module):
+    def forward(self, x):
+        return torch.sigmoid(x)  # saves its output: one input-sized tensor
+
+
+class ScaleByParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x[:, :2] * self.weight  # saves a view of x and the parameter: nothing beyond them
+
+
+class TwoSavedResults(nn.Module):
+    def forward(self, x):
+        y = torch.exp(x)  # saves y
+        return y * torch.sigmoid(x)  # saves y again (same storage) and the sigmoid's output
+
+
+def test_saved_tensor_bytes_on_known_cases():
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    nbytes = x.numel() * x.element_size()
+    assert bench.saved_tensor_bytes(Sigmoid(), x) == nbytes
+    assert bench.saved_tensor_bytes(ScaleByParameter(), x) == 0
+    assert bench.saved_tensor_bytes(TwoSavedResults(), x) == 2 * nbytes
+    assert bench.saved_tensor_bytes(Sigmoid(), x.double()) == 2 * nbytes
+
+
+def test_summarize_takes_min_median_and_the_median_of_round_ratios():
+    times = {"base": [2.0, 2.0, 4.0], "other": [1.0, 3.0, 2.0]}
+    summary = bench.summarize(times, "base")
+    assert summary["other"]["min_ms"] == 1000.0
+    assert summary["other"]["median_ms"] == 2000.0
+    assert summary["other"]["ratio"] == 0.5  # ratios 0.5, 1.5, 0.5
+    assert summary["base"]["ratio"] == 1.0
+
+
+def test_paired_comparison_is_round_by_round():
+    paired = bench.paired_comparison([1.0, 3.0, 2.0], [2.0, 2.0, 4.0])  # ratios 0.5, 1.5, 0.5; diffs -1, 1, -2 s
+    assert paired == {"median_ratio": -0.5, "median_diff_ms": -1000.0, "faster_rounds": 2, "rounds": 3}
+
+
+def test_interleaved_rounds_draw_a_seeded_order_per_round():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    times = bench.interleaved_times(fns, rounds=40, warmup=1, seed=3)
+    assert calls[:4] == ["a", "b", "c", "d"]  # warm-up
+    rounds = [calls[i : i + 4] for i in range(4, len(calls), 4)]
+    assert all(sorted(order) == ["a", "b", "c", "d"] for order in rounds)  # each once per round
+    assert len({tuple(order) for order in rounds}) > 10  # not one fixed or rotating order
+    # every function runs right after every other one in some round
+    followers = {pair for order in rounds for pair in itertools.pairwise(order)}
+    assert followers == {(x, y) for x in "abcd" for y in "abcd" if x != y}
+    assert all(len(values) == 40 for values in times.values())
+    calls.clear()
+    bench.interleaved_times(fns, rounds=40, warmup=1, seed=3)
+    assert [calls[i : i + 4] for i in range(4, len(calls), 4)] == rounds  # the same seed, the same orders
+
+
+# --- contenders ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("before", [None, "1"])
+def test_no_compiler_contender_sets_the_variable_around_each_call_and_restores_it(before, monkeypatch):
+    if before is None:
+        monkeypatch.delenv("CBAM_DSA_NATIVE", raising=False)
+    else:
+        monkeypatch.setenv("CBAM_DSA_NATIVE", before)
+    seen = []
+    step = bench.Contender(nn.Identity(), bench.NO_COMPILER).wrap(
+        lambda: seen.append(os.environ.get("CBAM_DSA_NATIVE"))
+    )
+    step()
+    step()
+    assert seen == ["0", "0"] and os.environ.get("CBAM_DSA_NATIVE") == before
+
+    def fails():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        bench.Contender(nn.Identity(), bench.NO_COMPILER).wrap(fails)()
+    assert os.environ.get("CBAM_DSA_NATIVE") == before
+    plain = bench.Contender(nn.Identity()).wrap(fails)
+    assert plain is fails  # no environment: the step itself
+
+
+def test_contenders_are_the_operator_its_no_compiler_path_the_reference_and_the_compiled_block(monkeypatch):
+    from cbam_dsa.ops import pytorch
+
+    contenders = bench.build_contenders(8, compile=True, device="cpu", dtype=torch.float32)  # compiles lazily
+    assert list(contenders) == list(bench.LABELS)
+    operator = contenders["ours_operator"].module
+    assert operator.fast_path and contenders["ours_no_compiler"].module is operator
+    assert contenders["ours_reference"].module.fast_path is False
+    assert contenders["ours_compiled"].module._orig_mod is operator
+    assert contenders["ours_no_compiler"].env == {"CBAM_DSA_NATIVE": "0"} and not contenders["ours_operator"].env
+
+    calls = []
+    original = pytorch.block_forward
+    monkeypatch.setattr(pytorch, "block_forward", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+
+    def step():
+        operator(x).sum().backward()
+
+    from cbam_dsa.ops.cpu import native
+
+    contenders["ours_operator"].wrap(step)()
+    c_kernels = native.library() is not None  # where no C compiler works, both run the PyTorch implementation
+    assert calls == ([] if c_kernels else [1])
+    calls.clear()
+    contenders["ours_no_compiler"].wrap(step)()
+    assert calls == [1]  # the operator's PyTorch implementation
+
+
+def test_capture_operator_args_gives_what_the_block_passes_to_the_operator():
+    from cbam_dsa import ops
+    from cbam_dsa.ops.cpu import impl
+
+    block = CBAMResidualDynamicSA(8)
+    x = torch.randn(2, 8, 6, 6)
+    args = bench.capture_operator_args(block, x)
+    assert ops.FORWARD is torch.ops.cbam_dsa.block_forward.default  # restored
+    with torch.no_grad():
+        expected = block(x)
+        torch.testing.assert_close(ops.FORWARD(*args)[0], expected)
+        torch.testing.assert_close(impl.block_forward(*args)[0], expected)
+    block.fast_path = False
+    assert bench.capture_operator_args(block, x) == ()
+
+
+def test_overhead_is_none_where_the_block_does_not_run_the_operator(monkeypatch):
+    assert bench.measure_overhead(bench.Settings.quick(device="cuda"), torch.float32) is None
+    monkeypatch.setattr(CBAMResidualDynamicSA, "fast_path", False)
+    assert bench.measure_overhead(bench.Settings.quick(), torch.float32) is None
+
+
+def test_measure_shape_pairs_compiled_rows_and_drops_a_failing_one(monkeypatch):
+    from timm.layers.cbam import CbamModule
+
+    from cbam_dsa.bench import measure
+
+    class Fails(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no compiler here\nsecond line")
+
+    def fake_contenders(channels, compile, device, dtype):  # eager modules under the compiled names: no compiling
+        contenders = bench.build_contenders(channels, False, device, dtype)
+        contenders["ours_compiled"] = bench.Contender(CBAMResidualDynamicSA(channels))
+        contenders["timm_cbam_compiled"] = bench.Contender(CbamModule(channels))
+        contenders["timm_se_compiled"] = bench.Contender(Fails())
+        return contenders
+
+    monkeypatch.setattr(measure, "build_contenders", fake_contenders)
+    entry = bench.measure_shape(bench.Settings.quick(compile=True), (2, 8, 5, 5), torch.float32)
+    assert entry["errors"] == {"timm_se_compiled": "RuntimeError: no compiler here"}
+    assert "timm_se_compiled" not in entry["contenders"]
+    assert set(entry["pairs"]) == {"ours_compiled/ours_operator", "ours_compiled/timm_cbam_compiled"}
+    for pair in entry["pairs"].values():
+        assert pair["forward"] > 0 and pair["forward_backward"] > 0
+    assert entry["contenders"]["ours_compiled"]["saved_bytes"] is None  # not measured for compiled rows
+
+
+def test_network_compares_compiled_variants_with_the_compiled_plain_network(monkeypatch):
+    from cbam_dsa.bench import network
+
+    def tiny(scale):
+        return nn.Sequential(
+            nn.Conv2d(3, 4 * scale, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * scale, 10)
+        )
+
+    class Fails(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            raise RuntimeError("compile failed")
+
+    def fake_variants(compile, device, dtype):
+        assert compile
+        variants = {name: tiny(1 + i) for i, name in enumerate(network.NETWORK_LABELS)}
+        variants["cbam_compiled"] = Fails()
+        return variants
+
+    monkeypatch.setattr(network, "_variants", fake_variants)
+    settings = bench.Settings.quick(network_compile=True, network_rounds=3, network_size=8)
+    result = bench.measure_network(settings, torch.float32)
+    variants = result["variants"]
+    assert list(variants) == [name for name in network.NETWORK_LABELS if name != "cbam_compiled"]
+    assert result["errors"] == {"cbam_compiled": "RuntimeError: compile failed"}
+    assert variants["plain"]["overhead"] is None and variants["plain_compiled"]["overhead"] is None
+    assert variants["ours_compiled"]["overhead"] is not None
+    assert result["ours_vs_se_compiled"]["rounds"] == 3
+    assert "compiled plain network" in bench.render_markdown([fake_results(network=result)])
