@@ -13,7 +13,7 @@ dilation). How they run is chosen by measurement (CPU, 2 threads, the default br
 * otherwise the convolutions as they are.
 
 Shape:
-    - s: :math:`(B, 2, H, W)`; each branch's output and gradient: :math:`(B, 1, H, W)`
+    - s: :math:`(B, 2, H, W)`; the branches' outputs and their gradients, stacked: :math:`(B, K, H, W)`
 """
 
 from __future__ import annotations
@@ -109,28 +109,33 @@ def conv_input(s: Tensor) -> Tensor:
 
 def branches_forward(
     s: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], dilations: Sequence[int]
-) -> list[Tensor]:
-    """The K branches' outputs ``conv_k(s) + bias_k``, each :math:`(B, 1, H, W)`, in ``s``'s dtype."""
+) -> Tensor:
+    """The K branches' outputs ``conv_k(s) + bias_k`` stacked, :math:`(B, K, H, W)`, in ``s``'s dtype."""
     b, _, h, w = s.shape
     dtype = s.dtype
     if _use_dense(s, s):
         matrix, _ = _dense(s, weights, dilations)
         bias = torch.cat([bias.to(dtype) for bias in biases]).repeat_interleave(h * w)
-        out = torch.addmm(bias, s.reshape(b, -1), matrix)
-        return list(out.view(b, len(weights), 1, h, w).unbind(1))
+        return torch.addmm(bias, s.reshape(b, -1), matrix).view(b, len(weights), h, w)
     source = conv_input(s)
-    return [
-        F.conv2d(source, weight.to(dtype), bias.to(dtype), padding=FA.branch_padding(weight.shape[-1], d), dilation=d)
-        for weight, bias, d in zip(weights, biases, dilations, strict=True)
-    ]
+    return torch.cat(
+        [
+            F.conv2d(
+                source, weight.to(dtype), bias.to(dtype), padding=FA.branch_padding(weight.shape[-1], d), dilation=d
+            )
+            for weight, bias, d in zip(weights, biases, dilations, strict=True)
+        ],
+        dim=1,
+    )
 
 
 def branches_backward(
-    s: Tensor, weights: Sequence[Tensor], dilations: Sequence[int], grads: Sequence[Tensor]
+    s: Tensor, weights: Sequence[Tensor], dilations: Sequence[int], grads: Tensor
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """The gradients of ``s``, of the kernels and of the biases from those of the K branches' outputs."""
+    """The gradients of ``s``, of the kernels and of the biases from those of the K branches' outputs, stacked as
+    :func:`branches_forward` returns them (:math:`(B, K, H, W)`)."""
     b = s.shape[0]
-    grad = torch.cat([g.reshape(b, -1) for g in grads], dim=1) if _small(s) else None
+    grad = grads.reshape(b, -1) if _small(s) else None
     if grad is not None and _finite(grad):
         matrix, taps = _dense(s, weights, dilations)
         grad_s = (grad @ matrix.t()).view_as(s)
@@ -138,15 +143,16 @@ def branches_backward(
         flat = by_pair.new_zeros(taps.count).index_add_(0, taps.at, by_pair)
         parts = flat.split([w.numel() for w in weights])
         grad_weights = [part.view_as(w) for part, w in zip(parts, weights, strict=True)]
-        return grad_s, grad_weights, [g.sum().view(1) for g in grads]
+        return grad_s, grad_weights, list(grads.sum(dim=(0, 2, 3)).split(1))
     source = conv_input(s)
     grad_s = torch.zeros_like(s)
     grad_weights, grad_biases = [], []
-    for weight, grad, d in zip(weights, grads, dilations, strict=True):
+    for k, (weight, d) in enumerate(zip(weights, dilations, strict=True)):
         pad = FA.branch_padding(weight.shape[-1], d)
         found = torch.ops.aten.convolution_backward(
-            grad, source, weight.to(s.dtype), [1], [1, 1], [pad, pad], [d, d], False, [0, 0], 1, [True, True, True]
-        )
+            grads[:, k : k + 1], source, weight.to(s.dtype), [1], [1, 1], [pad, pad], [d, d], False, [0, 0], 1,
+            [True, True, True],
+        )  # fmt: skip
         grad_s = grad_s + found[0]
         grad_weights.append(found[1])
         grad_biases.append(found[2])

@@ -162,7 +162,7 @@ class SpatialLight(NamedTuple):
     pooled: Tensor | None  # (B, 2): the router's input (None from spatial_resume without a router)
     hidden: Tensor  # (B, Rh): the router's hidden layer (ones, Rh = 1, without a router)
     router: Tensor  # (B, K)
-    branches: list[Tensor] | None  # K x (B, 1, H, W) (None from spatial_resume: recomputed where a gradient needs them)
+    branches: Tensor | None  # (B, K, H, W) (None from spatial_resume: recomputed where a gradient needs them)
     logit: Tensor  # (B, 1, H, W)
     u: Tensor  # logit / T
     sa: Tensor  # (B, 1, H, W)
@@ -191,9 +191,8 @@ def spatial_forward(
         hidden = F.relu(F.linear(pooled, _flat(router[0], dtype), router[1].to(dtype)))
         weights = torch.softmax(F.linear(hidden, _flat(router[2], dtype), router[3].to(dtype)), dim=1)
     branches = branch_ops.branches_forward(s, branch_weights, branch_biases, dilations)
-    logit = torch.zeros_like(s[:, :1])
-    for k, branch in enumerate(branches):
-        logit = logit + weights[:, k].view(-1, 1, 1, 1) * branch
+    k, h, w = branches.shape[1:]
+    logit = torch.bmm(weights.view(b, 1, k), branches.reshape(b, k, h * w)).view(b, 1, h, w)
     u = logit / temperature
     return SpatialLight(pooled, hidden, weights, branches, logit, u, _gate(u, gate))
 
@@ -236,14 +235,15 @@ def spatial_backward(
     biases, and of the temperature, from those of ``sa`` and of the router weights (``None``: zero)."""
     b, _, h, w = s.shape
     grad_logit, grad_t = _gate_input_backward(grad_sa, f.logit, f.u, f.sa, gate, temperature)
-    grad_branches = [f.router[:, k].view(-1, 1, 1, 1) * grad_logit for k in range(len(branch_weights))]
+    k = len(branch_weights)
+    grad_branches = f.router.view(b, k, 1, 1) * grad_logit
     grad_s, grad_weights, grad_biases = branch_ops.branches_backward(s, branch_weights, dilations, grad_branches)
     grads_router: list[Tensor | None] = [None, None, None, None]
     if router[0] is not None:
         branches = f.branches
         if branches is None:
             branches = branch_ops.branches_forward(s, branch_weights, branch_biases, dilations)
-        grad_r = torch.stack([(grad_logit * branch).sum(dim=(1, 2, 3)) for branch in branches], dim=1)
+        grad_r = torch.bmm(branches.reshape(b, k, h * w), grad_logit.reshape(b, h * w, 1)).view(b, k)
         if grad_router is not None:
             grad_r = grad_r + grad_router.to(grad_r.dtype)
         grad_logits = _softmax_backward(grad_r, f.router, 1)
