@@ -81,6 +81,50 @@ def test_non_finite_values_reach_what_the_convolutions_reach(where, value):
     assert found_s.isfinite().sum() == grad_s.isfinite().sum() > 0  # the non-finite values stayed local
 
 
+def _mixed_reference(s, weights, biases, dilations, mix, grad):
+    """The router's mix ``sum_k mix_k * branch_k(s)`` under autograd: the gradients of s, kernels, biases, mix."""
+    inputs = [t.detach().requires_grad_() for t in (s, *weights, *biases, mix)]
+    x, ws, bs, r = inputs[0], inputs[1 : 1 + len(weights)], inputs[1 + len(weights) : -1], inputs[-1]
+    logit = torch.zeros_like(x[:, :1])
+    for k, (w, b, d) in enumerate(zip(ws, bs, dilations, strict=True)):
+        logit = logit + r[:, k].view(-1, 1, 1, 1) * F.conv2d(
+            x, w, b, padding=FA.branch_padding(w.shape[-1], d), dilation=d
+        )
+    found = torch.autograd.grad(logit, inputs, grad)
+    return found[0], list(found[1 : 1 + len(weights)]), list(found[1 + len(weights) : -1]), found[-1]
+
+
+@pytest.mark.parametrize("special", [None, "nan_descriptor", "inf_gradient"])
+@pytest.mark.parametrize("mix_grad", [False, True])
+@pytest.mark.parametrize("size", [(7, 7), (9, 8), (28, 28)], ids=lambda size: f"{size[0]}x{size[1]}_{_way(*size)}")
+def test_the_mix_backward_equals_autograd_over_the_mix(size, mix_grad, special):
+    """The router mix's backward (the branches' gradients weighted by the mix, and the mix's own gradient from the
+    same convolution calls where the values are finite) equals autograd over the mix, on each of the three ways;
+    NaN and inf reach exactly what they reach there."""
+    s, weights, biases, dilations, _ = _case(size, KERNELS["default"], torch.float64)
+    generator = torch.Generator().manual_seed(1)
+    mix = torch.softmax(torch.randn(3, 3, dtype=torch.float64, generator=generator), dim=1)
+    grad = torch.randn(3, 1, *size, dtype=torch.float64, generator=generator)
+    if special == "nan_descriptor":
+        s[1, 0, 3, 2] = float("nan")
+    elif special == "inf_gradient":
+        grad[0, 0, 5, 4] = float("inf")
+    expected = _mixed_reference(s, weights, biases, dilations, mix, grad)
+    found = branches.mixed_backward(s, weights, biases, dilations, mix, grad, mix_grad)
+    pairs = [
+        (found[0], expected[0]),
+        *zip(found[1], expected[1], strict=True),
+        *zip(found[2], expected[2], strict=True),
+    ]
+    pairs.append((found[3], expected[3]) if mix_grad else (found[3], None))
+    for got, want in pairs:
+        if want is None:
+            assert got is None
+            continue
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
 def test_the_dense_matrix_places_every_tap_once():
     """Each kernel weight appears in the dense matrix once per output pixel whose window holds its input pixel."""
     kernels = ((3, 1), (5, 2))

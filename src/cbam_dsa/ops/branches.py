@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import functional as FA
 
-__all__ = ["CHANNELS_LAST_FROM", "DENSE_UP_TO", "branches_backward", "branches_forward"]
+__all__ = ["CHANNELS_LAST_FROM", "DENSE_UP_TO", "branches_backward", "branches_forward", "mixed_backward"]
 
 DENSE_UP_TO = 64
 """Maps of at most this many pixels run the branches as one dense matrix (CPU, finite values)."""
@@ -157,3 +157,51 @@ def branches_backward(
         grad_weights.append(found[1])
         grad_biases.append(found[2])
     return grad_s, grad_weights, grad_biases
+
+
+def mixed_backward(
+    s: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    dilations: Sequence[int],
+    mix: Tensor,
+    grad: Tensor,
+    mix_grad: bool,
+) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor | None]:
+    """The backward of the router's mix ``logit = sum_k mix[:, k] * branch_k(s)``: the gradients of ``s``, of the
+    kernels, of the biases and (with ``mix_grad``) of ``mix``, from ``grad``, the gradient of ``logit``.
+
+    The mix's gradient needs ``<grad, branch_k(s)>`` per sample. On the convolutions' maps, where ``s`` and ``grad``
+    are finite, it is taken as ``<conv_k^T(grad), s>`` from the same call that gives the kernels' gradients (with
+    ``mix_k * s`` as the input, their gradient is the mix-weighted one), so the branches are not run again: that
+    saved their three convolutions at (8, 2, 28, 28) and (16, 2, 56, 56). Elsewhere the branches' gradients go to
+    :func:`branches_backward` and the branches are rerun (NaN and inf then spread exactly as through the reference).
+
+    Shape:
+        - s: :math:`(B, 2, H, W)`; mix: :math:`(B, K)`; grad: :math:`(B, 1, H, W)`
+        - Output: ``(grad_s, grad_weights, grad_biases, grad_mix)``, ``grad_mix`` :math:`(B, K)` or ``None``
+    """
+    b, k, (h, w) = s.shape[0], mix.shape[1], s.shape[2:]
+    if _small(s) or not (_finite(s) and _finite(grad)):
+        grad_s, grad_weights, grad_biases = branches_backward(s, weights, dilations, mix.view(b, k, 1, 1) * grad)
+        if not mix_grad:
+            return grad_s, grad_weights, grad_biases, None
+        outputs = branches_forward(s, weights, biases, dilations).reshape(b, k, h * w)
+        return grad_s, grad_weights, grad_biases, torch.bmm(outputs, grad.reshape(b, h * w, 1)).view(b, k)
+    source = conv_input(s)
+    per_sample = grad.sum(dim=(1, 2, 3))
+    grad_s = torch.zeros_like(s)
+    grad_weights, grad_biases, grad_mix = [], [], []
+    for j, (weight, bias, d) in enumerate(zip(weights, biases, dilations, strict=True)):
+        pad = FA.branch_padding(weight.shape[-1], d)
+        share = mix[:, j].view(b, 1, 1, 1)
+        found = torch.ops.aten.convolution_backward(
+            grad, share * source, weight.to(s.dtype), [1], [1, 1], [pad, pad], [d, d], False, [0, 0], 1,
+            [True, True, False],
+        )  # fmt: skip
+        grad_s = grad_s.addcmul_(share, found[0])
+        grad_weights.append(found[1])
+        grad_biases.append((mix[:, j] * per_sample).sum().view(1))
+        if mix_grad:
+            grad_mix.append((found[0] * s).sum(dim=(1, 2, 3)) + bias.to(s.dtype) * per_sample)
+    return grad_s, grad_weights, grad_biases, torch.stack(grad_mix, dim=1) if mix_grad else None

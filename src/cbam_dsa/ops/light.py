@@ -162,7 +162,7 @@ class SpatialLight(NamedTuple):
     pooled: Tensor | None  # (B, 2): the router's input (None from spatial_resume without a router)
     hidden: Tensor  # (B, Rh): the router's hidden layer (ones, Rh = 1, without a router)
     router: Tensor  # (B, K)
-    branches: Tensor | None  # (B, K, H, W) (None from spatial_resume: recomputed where a gradient needs them)
+    branches: Tensor | None  # (B, K, H, W) (None from spatial_resume)
     logit: Tensor  # (B, 1, H, W)
     u: Tensor  # logit / T
     sa: Tensor  # (B, 1, H, W)
@@ -235,15 +235,11 @@ def spatial_backward(
     biases, and of the temperature, from those of ``sa`` and of the router weights (``None``: zero)."""
     b, _, h, w = s.shape
     grad_logit, grad_t = _gate_input_backward(grad_sa, f.logit, f.u, f.sa, gate, temperature)
-    k = len(branch_weights)
-    grad_branches = f.router.view(b, k, 1, 1) * grad_logit
-    grad_s, grad_weights, grad_biases = branch_ops.branches_backward(s, branch_weights, dilations, grad_branches)
+    grad_s, grad_weights, grad_biases, grad_r = branch_ops.mixed_backward(
+        s, branch_weights, branch_biases, dilations, f.router, grad_logit, router[0] is not None
+    )
     grads_router: list[Tensor | None] = [None, None, None, None]
-    if router[0] is not None:
-        branches = f.branches
-        if branches is None:
-            branches = branch_ops.branches_forward(s, branch_weights, branch_biases, dilations)
-        grad_r = torch.bmm(branches.reshape(b, k, h * w), grad_logit.reshape(b, h * w, 1)).view(b, k)
+    if grad_r is not None:
         if grad_router is not None:
             grad_r = grad_r + grad_router.to(grad_r.dtype)
         grad_logits = _softmax_backward(grad_r, f.router, 1)
