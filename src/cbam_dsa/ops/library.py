@@ -143,13 +143,13 @@ def _bad(where: str, name: str, t: Tensor | None, shape: tuple[int, ...], device
 def _check_tensors(where: str, names: Sequence[str], tensors: Sequence[Any], shapes: Sequence[tuple], x: Tensor):
     """Each tensor (not ``None``) of its shape, floating-point, on ``x``'s device; raise for the first that is not."""
     device = x.device
-    for name, t, shape in zip(names, tensors, shapes, strict=True):
+    for name, t, shape in zip(names, tensors, shapes):  # noqa: B905 (one length by construction)
         if t is None or t.shape != shape or t.device != device or not t.dtype.is_floating_point:
             raise _bad(where, name, t, shape, device)
 
 
-_MLP_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "ca_temperature", "sa_temperature")
-_ROUTER_NAMES = TENSOR_ARGS[9:13]
+_SINGLE_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "ca_temperature", "sa_temperature")
+_OPTIONAL_NAMES = ("fusion_logits", "alpha", *TENSOR_ARGS[9:13])
 _SPEC_NAMES = (("act", FA.ACTIVATIONS), ("ca_gate", FA.GATES), ("sa_gate", FA.GATES))
 
 
@@ -165,14 +165,6 @@ def check_arguments(args: Sequence[Any], where: str = "cbam_dsa::block_forward")
         got = tuple(fc1_weight.shape) if isinstance(fc1_weight, Tensor) else fc1_weight
         raise ValueError(f"{where}: x has {c} channels, but fc1_weight has shape {got} (expected (hidden, {c}, 1, 1))")
     hidden = fc1_weight.shape[0]
-    _check_tensors(
-        where, _MLP_NAMES, (fc1_weight, *args[2:5], args[6], args[7]),
-        ((hidden, c, 1, 1), (hidden,), (c, hidden, 1, 1), (c,), (), ()), x,
-    )  # fmt: skip
-    if args[5] is not None:
-        _check_tensors(where, ("fusion_logits",), (args[5],), ((2,),), x)
-    if args[8] is not None:
-        _check_tensors(where, ("alpha",), (args[8],), ((),), x)
     weights, biases, dilations = args[_N : _N + 3]
     branches = len(weights)
     if branches == 0 or len(biases) != branches or len(dilations) != branches:
@@ -180,7 +172,27 @@ def check_arguments(args: Sequence[Any], where: str = "cbam_dsa::block_forward")
             f"{where}: branch_weights, branch_biases and dilations must have one entry per branch (at least one), "
             f"but got {branches}, {len(biases)} and {len(dilations)}"
         )
-    for k, (weight, bias, dilation) in enumerate(zip(weights, biases, dilations, strict=True)):
+    device = x.device
+    singles = (fc1_weight, args[2], args[3], args[4], args[6], args[7])
+    shapes = ((hidden, c, 1, 1), (hidden,), (c, hidden, 1, 1), (c,), (), ())
+    for name, t, shape in zip(_SINGLE_NAMES, singles, shapes):  # noqa: B905 (one length by construction)
+        if t is None or t.shape != shape or t.device != device or not t.dtype.is_floating_point:
+            raise _bad(where, name, t, shape, device)
+    router = args[9:13]
+    if router[0] is None and router[1] is None and router[2] is None and router[3] is None:
+        optional, shapes = (args[5], args[8]), ((2,), ())
+    else:
+        r_hidden = router[0].shape[0] if isinstance(router[0], Tensor) and router[0].dim() else -1
+        optional = (args[5], args[8], *router)
+        shapes = ((2,), (), (r_hidden, 2, 1, 1), (r_hidden,), (branches, r_hidden, 1, 1), (branches,))
+        if any(t is None for t in router):
+            name = _OPTIONAL_NAMES[2 + [t is None for t in router].index(True)]
+            raise ValueError(f"{where}: {name} is None, but the other router tensors are given")
+    for i, (t, shape) in enumerate(zip(optional, shapes)):  # noqa: B905 (one length by construction)
+        if t is not None and (t.shape != shape or t.device != device or not t.dtype.is_floating_point):
+            raise _bad(where, _OPTIONAL_NAMES[i], t, shape, device)
+    for k in range(branches):
+        weight, bias, dilation = weights[k], biases[k], dilations[k]
         size = weight.shape[-1] if isinstance(weight, Tensor) and weight.dim() else 0
         if size % 2 == 0 or dilation < 1:
             got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
@@ -188,15 +200,17 @@ def check_arguments(args: Sequence[Any], where: str = "cbam_dsa::block_forward")
                 f"{where}: branch {k} must have an odd kernel size and a dilation >= 1, but got kernel shape {got} "
                 f"and dilation {dilation}"
             )
-        _check_tensors(
-            where, (f"branch_weights[{k}]", f"branch_biases[{k}]"), (weight, bias), ((1, 2, size, size), (1,)), x
-        )
-    router = args[9:13]
-    if any(t is not None for t in router):
-        r_hidden = router[0].shape[0] if isinstance(router[0], Tensor) and router[0].dim() else -1
-        shapes = ((r_hidden, 2, 1, 1), (r_hidden,), (branches, r_hidden, 1, 1), (branches,))
-        _check_tensors(where, _ROUTER_NAMES, router, shapes, x)
-    for (name, allowed), value in zip(_SPEC_NAMES, args[_N + 3 : _N + 6], strict=True):
+        shape = (1, 2, size, size)
+        if weight.shape != shape or weight.device != device or not weight.dtype.is_floating_point:
+            raise _bad(where, f"branch_weights[{k}]", weight, shape, device)
+        if (
+            not isinstance(bias, Tensor)
+            or bias.shape != (1,)
+            or bias.device != device
+            or not bias.dtype.is_floating_point
+        ):
+            raise _bad(where, f"branch_biases[{k}]", bias if isinstance(bias, Tensor) else None, (1,), device)
+    for (name, allowed), value in zip(_SPEC_NAMES, args[_N + 3 : _N + 6]):  # noqa: B905
         if value not in allowed:
             raise ValueError(f"{where}: {name} must be one of {allowed}, but got {value!r}")
 
