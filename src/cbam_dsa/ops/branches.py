@@ -171,18 +171,20 @@ def mixed_backward(
     """The backward of the router's mix ``logit = sum_k mix[:, k] * branch_k(s)``: the gradients of ``s``, of the
     kernels, of the biases and (with ``mix_grad``) of ``mix``, from ``grad``, the gradient of ``logit``.
 
-    The mix's gradient needs ``<grad, branch_k(s)>`` per sample. On the convolutions' maps, where ``s`` and ``grad``
-    are finite, it is taken as ``<conv_k^T(grad), s>`` from the same call that gives the kernels' gradients (with
-    ``mix_k * s`` as the input, their gradient is the mix-weighted one), so the branches are not run again: that
-    saved their three convolutions at (8, 2, 28, 28) and (16, 2, 56, 56). Elsewhere the branches' gradients go to
-    :func:`branches_backward` and the branches are rerun (NaN and inf then spread exactly as through the reference).
+    The mix's gradient needs ``<grad, branch_k(s)>`` per sample. On the CPU's convolution maps, where ``s`` and
+    ``grad`` are finite, it is taken as ``<conv_k^T(grad), s>`` from the same call that gives the kernels'
+    gradients (with ``mix_k * s`` as the input, their gradient is the mix-weighted one), so the branches are not run
+    again: that saved their three convolutions at (8, 2, 28, 28) and (16, 2, 56, 56). Elsewhere the branches'
+    gradients go to :func:`branches_backward` and the branches are rerun (NaN and inf then spread exactly as through
+    the reference).
 
     Shape:
         - s: :math:`(B, 2, H, W)`; mix: :math:`(B, K)`; grad: :math:`(B, 1, H, W)`
         - Output: ``(grad_s, grad_weights, grad_biases, grad_mix)``, ``grad_mix`` :math:`(B, K)` or ``None``
     """
     b, k, (h, w) = s.shape[0], mix.shape[1], s.shape[2:]
-    if _small(s) or not (_finite(s) and _finite(grad)):
+    # (the CPU only: the finiteness checks read a value back, which would stall a GPU's stream)
+    if s.device.type != "cpu" or _small(s) or not (_finite(s) and _finite(grad)):
         grad_s, grad_weights, grad_biases = branches_backward(s, weights, dilations, mix.view(b, k, 1, 1) * grad)
         if not mix_grad:
             return grad_s, grad_weights, grad_biases, None
