@@ -107,6 +107,15 @@ def conv_input(s: Tensor) -> Tensor:
     return s
 
 
+def _conv_backward(grad: Tensor, source: Tensor, weight: Tensor, dilation: int, mask: list[bool]) -> tuple:
+    """``convolution_backward`` of one branch (``'same'`` padding): the gradients of the input, kernel and bias where
+    ``mask`` asks for them."""
+    pad = FA.branch_padding(weight.shape[-1], dilation)
+    return torch.ops.aten.convolution_backward(
+        grad, source, weight.to(source.dtype), [1], [1, 1], [pad, pad], [dilation] * 2, False, [0, 0], 1, mask
+    )
+
+
 def branches_forward(
     s: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], dilations: Sequence[int]
 ) -> Tensor:
@@ -148,11 +157,7 @@ def branches_backward(
     grad_s = torch.zeros_like(s)
     grad_weights, grad_biases = [], []
     for k, (weight, d) in enumerate(zip(weights, dilations, strict=True)):
-        pad = FA.branch_padding(weight.shape[-1], d)
-        found = torch.ops.aten.convolution_backward(
-            grads[:, k : k + 1], source, weight.to(s.dtype), [1], [1, 1], [pad, pad], [d, d], False, [0, 0], 1,
-            [True, True, True],
-        )  # fmt: skip
+        found = _conv_backward(grads[:, k : k + 1], source, weight, d, [True, True, True])
         grad_s = grad_s + found[0]
         grad_weights.append(found[1])
         grad_biases.append(found[2])
@@ -195,12 +200,8 @@ def mixed_backward(
     grad_s = torch.zeros_like(s)
     grad_weights, grad_biases, grad_mix = [], [], []
     for j, (weight, bias, d) in enumerate(zip(weights, biases, dilations, strict=True)):
-        pad = FA.branch_padding(weight.shape[-1], d)
         share = mix[:, j].view(b, 1, 1, 1)
-        found = torch.ops.aten.convolution_backward(
-            grad, share * source, weight.to(s.dtype), [1], [1, 1], [pad, pad], [d, d], False, [0, 0], 1,
-            [True, True, False],
-        )  # fmt: skip
+        found = _conv_backward(grad, share * source, weight, d, [True, True, False])
         grad_s = grad_s.addcmul_(share, found[0])
         grad_weights.append(found[1])
         grad_biases.append((mix[:, j] * per_sample).sum().view(1))

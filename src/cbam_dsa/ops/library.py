@@ -128,24 +128,22 @@ def devices() -> frozenset[str]:
 # memory (the fake kernels too, so that torch.compile reports a bad call when it traces it).
 
 
-def _bad(where: str, name: str, t: Tensor | None, shape: tuple[int, ...], device: torch.device) -> ValueError:
-    """The error for a tensor argument that is missing, or of the wrong shape, device or dtype."""
+def _fits(t: Any, shape: Sequence[int], device: torch.device) -> bool:
+    """Whether ``t`` is a floating-point tensor of ``shape`` on ``device``."""
+    return isinstance(t, Tensor) and t.shape == shape and t.device == device and t.dtype.is_floating_point
+
+
+def _bad(where: str, name: str, t: Any, shape: Sequence[int], device: torch.device) -> ValueError:
+    """The error for a tensor argument that is missing (or not a tensor), or of the wrong shape, device or dtype."""
     shape = tuple(shape)
-    if t is None:
-        return ValueError(f"{where}: {name} is None, but the operator needs a tensor of shape {shape}")
+    if not isinstance(t, Tensor):
+        what = "None" if t is None else f"a {type(t).__name__}"
+        return ValueError(f"{where}: {name} is {what}, but the operator needs a tensor of shape {shape}")
     if t.shape != shape:
         return ValueError(f"{where}: {name} must have shape {shape}, but got {tuple(t.shape)}")
     return ValueError(
         f"{where}: {name} must be a floating-point tensor on x's device ({device}), but got {t.dtype} on {t.device}"
     )
-
-
-def _check_tensors(where: str, names: Sequence[str], tensors: Sequence[Any], shapes: Sequence[tuple], x: Tensor):
-    """Each tensor (not ``None``) of its shape, floating-point, on ``x``'s device; raise for the first that is not."""
-    device = x.device
-    for name, t, shape in zip(names, tensors, shapes):  # noqa: B905 (one length by construction)
-        if t is None or t.shape != shape or t.device != device or not t.dtype.is_floating_point:
-            raise _bad(where, name, t, shape, device)
 
 
 _SINGLE_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "ca_temperature", "sa_temperature")
@@ -176,7 +174,7 @@ def check_arguments(args: Sequence[Any], where: str = "cbam_dsa::block_forward")
     singles = (fc1_weight, args[2], args[3], args[4], args[6], args[7])
     shapes = ((hidden, c, 1, 1), (hidden,), (c, hidden, 1, 1), (c,), (), ())
     for name, t, shape in zip(_SINGLE_NAMES, singles, shapes):  # noqa: B905 (one length by construction)
-        if t is None or t.shape != shape or t.device != device or not t.dtype.is_floating_point:
+        if not _fits(t, shape, device):
             raise _bad(where, name, t, shape, device)
     router = args[9:13]
     if router[0] is None and router[1] is None and router[2] is None and router[3] is None:
@@ -189,7 +187,7 @@ def check_arguments(args: Sequence[Any], where: str = "cbam_dsa::block_forward")
             name = _OPTIONAL_NAMES[2 + [t is None for t in router].index(True)]
             raise ValueError(f"{where}: {name} is None, but the other router tensors are given")
     for i, (t, shape) in enumerate(zip(optional, shapes)):  # noqa: B905 (one length by construction)
-        if t is not None and (t.shape != shape or t.device != device or not t.dtype.is_floating_point):
+        if t is not None and not _fits(t, shape, device):
             raise _bad(where, _OPTIONAL_NAMES[i], t, shape, device)
     for k in range(branches):
         weight, bias, dilation = weights[k], biases[k], dilations[k]
@@ -201,15 +199,10 @@ def check_arguments(args: Sequence[Any], where: str = "cbam_dsa::block_forward")
                 f"and dilation {dilation}"
             )
         shape = (1, 2, size, size)
-        if weight.shape != shape or weight.device != device or not weight.dtype.is_floating_point:
+        if not _fits(weight, shape, device):
             raise _bad(where, f"branch_weights[{k}]", weight, shape, device)
-        if (
-            not isinstance(bias, Tensor)
-            or bias.shape != (1,)
-            or bias.device != device
-            or not bias.dtype.is_floating_point
-        ):
-            raise _bad(where, f"branch_biases[{k}]", bias if isinstance(bias, Tensor) else None, (1,), device)
+        if not _fits(bias, (1,), device):
+            raise _bad(where, f"branch_biases[{k}]", bias, (1,), device)
     for (name, allowed), value in zip(_SPEC_NAMES, args[_N + 3 : _N + 6]):  # noqa: B905
         if value not in allowed:
             raise ValueError(f"{where}: {name} must be one of {allowed}, but got {value!r}")
@@ -229,9 +222,10 @@ def check_backward_arguments(args: Sequence[Any]) -> None:
     b, c, h, w = x.shape
     branches = len(forward[_N])
     shapes = (x.shape, (b, c, 1, 1), (b, 1, h, w), (2,), (b, branches))
+    device = x.device
     for name, grad, shape in zip(_GRAD_NAMES, args[:5], shapes, strict=True):
-        if grad is not None:
-            _check_tensors(where, (name,), (grad,), (shape,), x)
+        if grad is not None and not _fits(grad, shape, device):
+            raise _bad(where, name, grad, shape, device)
     saved, needs = args[5 + _N + 2], args[-1]
     saved_shapes = _saved_shapes.get(x.device.type)
     if saved_shapes is None:
@@ -241,11 +235,10 @@ def check_backward_arguments(args: Sequence[Any]) -> None:
         raise ValueError(
             f"{where}: saved must hold the {len(expected)} tensors the forward returns, but got {len(saved)}"
         )
-    device = x.device
     for i, (t, shape) in enumerate(zip(saved, expected, strict=True)):
-        if not isinstance(t, Tensor) or t.shape != shape or t.device != device or not t.dtype.is_floating_point:
-            raise _bad(where, f"saved[{i}]", t if isinstance(t, Tensor) else None, shape, device)
-    count = len(forward[1:_N]) + 1 + 2 * branches
+        if not _fits(t, shape, device):
+            raise _bad(where, f"saved[{i}]", t, shape, device)
+    count = _N + 2 * branches  # len(gradient_inputs(forward))
     if len(needs) != count:
         raise ValueError(f"{where}: needs must have one entry per tensor argument ({count}), but got {len(needs)}")
 

@@ -162,7 +162,6 @@ class SpatialLight(NamedTuple):
     pooled: Tensor | None  # (B, 2): the router's input (None from spatial_resume without a router)
     hidden: Tensor  # (B, Rh): the router's hidden layer (ones, Rh = 1, without a router)
     router: Tensor  # (B, K)
-    branches: Tensor | None  # (B, K, H, W) (None from spatial_resume)
     logit: Tensor  # (B, 1, H, W)
     u: Tensor  # logit / T
     sa: Tensor  # (B, 1, H, W)
@@ -194,7 +193,7 @@ def spatial_forward(
     k, h, w = branches.shape[1:]
     logit = torch.bmm(weights.view(b, 1, k), branches.reshape(b, k, h * w)).view(b, 1, h, w)
     u = logit / temperature
-    return SpatialLight(pooled, hidden, weights, branches, logit, u, _gate(u, gate))
+    return SpatialLight(pooled, hidden, weights, logit, u, _gate(u, gate))
 
 
 def spatial_resume(
@@ -207,8 +206,8 @@ def spatial_resume(
     hidden: Tensor,
 ) -> SpatialLight:
     """:func:`spatial_forward`'s results for :func:`spatial_backward` from what the forward kept (the gate's input
-    ``logit``, the router's weights and hidden layer): neither the router nor the branches are rerun here
-    (:func:`spatial_backward` reruns the branches where the router's gradient needs them).
+    ``logit``, the router's weights and hidden layer): neither the router nor the branches are rerun (the router's
+    gradient gets what it needs of the branches from :func:`.branches.mixed_backward`).
 
     Shape:
         - s: :math:`(B, 2, H, W)`; logit: :math:`(B, 1, H, W)`; weights: :math:`(B, K)`; hidden: :math:`(B, R_h)`
@@ -216,7 +215,7 @@ def spatial_resume(
     """
     pooled = None if router[0] is None else s.mean(dim=(2, 3))
     u = logit / temperature
-    return SpatialLight(pooled, hidden, weights, None, logit, u, _gate(u, gate))
+    return SpatialLight(pooled, hidden, weights, logit, u, _gate(u, gate))
 
 
 def spatial_backward(
