@@ -8,9 +8,10 @@ from torch import nn
 
 from cbam_dsa import CBAMResidualDynamicSA, add_attention
 from cbam_dsa.integrations.timm import attn_layer
+from cbam_dsa.ops import library
 
-FORWARD = torch.ops.cbam_dsa.block_forward.default
-BACKWARD = torch.ops.cbam_dsa.block_backward.default
+FORWARD = library.FORWARD
+BACKWARD = library.BACKWARD
 
 
 def _capturing_backend() -> tuple[object, dict[str, list[torch.fx.GraphModule]]]:

@@ -8,8 +8,9 @@ from torch import nn
 
 from cbam_dsa import CBAMResidualDynamicSA, add_attention
 from cbam_dsa.integrations.timm import attn_layer
+from cbam_dsa.ops import library
 
-OPERATOR = torch.ops.cbam_dsa.block_forward.default
+OPERATOR = library.FORWARD
 
 
 def _operator_nodes(graph_module: torch.fx.GraphModule) -> int:

@@ -33,6 +33,7 @@ from .. import functional as FA
 __all__ = [
     "BACKWARD",
     "FORWARD",
+    "OVERLOAD",
     "TENSOR_ARGS",
     "check_arguments",
     "check_backward_arguments",
@@ -65,11 +66,16 @@ _ARGS = f"{_TENSORS}, Tensor[] branch_weights, Tensor[] branch_biases"
 _SPEC = "int[] dilations, str act, str ca_gate, str sa_gate"
 _GRADS = "Tensor? grad_out, Tensor? grad_ca, Tensor? grad_sa, Tensor? grad_fusion_w, Tensor? grad_router_w"
 
+OVERLOAD = "v2"
+"""The operators' overload name, raised whenever what an operator returns changes shape (``v2``: ``saved`` is one
+tensor). torch.compile's on-disk caches (AOTAutograd's, inductor's) key a graph on its operators' names, not on what
+their fake kernels return, so a graph compiled against an earlier version would otherwise be reused and fail."""
+
 _library = torch.library.Library("cbam_dsa", "DEF")
-_library.define(f"block_forward({_ARGS}, {_SPEC}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])")
-_library.define(f"block_backward({_GRADS}, {_ARGS}, Tensor[] saved, {_SPEC}, bool[] needs) -> Tensor[]")
-FORWARD = torch.ops.cbam_dsa.block_forward.default
-BACKWARD = torch.ops.cbam_dsa.block_backward.default
+_library.define(f"block_forward.{OVERLOAD}({_ARGS}, {_SPEC}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])")
+_library.define(f"block_backward.{OVERLOAD}({_GRADS}, {_ARGS}, Tensor[] saved, {_SPEC}, bool[] needs) -> Tensor[]")
+FORWARD = getattr(torch.ops.cbam_dsa.block_forward, OVERLOAD)
+BACKWARD = getattr(torch.ops.cbam_dsa.block_backward, OVERLOAD)
 _N = len(TENSOR_ARGS)
 
 SavedLike = Callable[..., list[Tensor]]
@@ -111,8 +117,8 @@ def implement(
         check_backward_arguments(args)
         return backward(*args)
 
-    _library.impl("block_forward", checked_forward, key)
-    _library.impl("block_backward", checked_backward, key)
+    _library.impl(f"block_forward.{OVERLOAD}", checked_forward, key)
+    _library.impl(f"block_backward.{OVERLOAD}", checked_backward, key)
     _saved_like[device] = saved_like
     _saved_shapes[device] = saved_shapes or (lambda *args: [t.shape for t in saved_like(*args)])
     _kernels[device] = (checked_forward, backward)
@@ -232,9 +238,8 @@ def check_backward_arguments(args: Sequence[Any]) -> None:
         raise NotImplementedError(f"{where} has no implementation on {x.device.type}")
     expected = saved_shapes(*forward)
     if len(saved) != len(expected):
-        raise ValueError(
-            f"{where}: saved must hold the {len(expected)} tensors the forward returns, but got {len(saved)}"
-        )
+        count = f"{len(expected)} tensor{'s' if len(expected) != 1 else ''}"
+        raise ValueError(f"{where}: saved must be the forward's list of {count}, but got {len(saved)}")
     for i, (t, shape) in enumerate(zip(saved, expected, strict=True)):
         if not _fits(t, shape, device):
             raise _bad(where, f"saved[{i}]", t, shape, device)
@@ -247,7 +252,7 @@ def check_backward_arguments(args: Sequence[Any]) -> None:
 # Fake kernels.
 
 
-@torch.library.register_fake("cbam_dsa::block_forward", lib=_library)
+@torch.library.register_fake(f"cbam_dsa::block_forward.{OVERLOAD}", lib=_library)
 def _forward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
     check_arguments(args)
     x, branches = args[0], len(args[_N])
@@ -259,7 +264,7 @@ def _forward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, l
     return (torch.empty_like(x), *maps, saved_like(*args))
 
 
-@torch.library.register_fake("cbam_dsa::block_backward", lib=_library)
+@torch.library.register_fake(f"cbam_dsa::block_backward.{OVERLOAD}", lib=_library)
 def _backward_fake(*args: Any) -> list[Tensor]:
     check_backward_arguments(args)
     inputs, needs = gradient_inputs(args[5:]), args[-1]
@@ -370,12 +375,12 @@ def _differentiable_grads(
 
 
 def _autograd_forward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    tensors = gradient_inputs(args)
-    spec = tuple(args[_N + 2 :])
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        outs = _Block.apply(spec, len(args[_N]), *tensors)
-        return (*outs[:5], list(outs[5:]))
+    if torch.is_grad_enabled():  # (not under a compiled graph's forward, which runs with grad off)
+        tensors = gradient_inputs(args)
+        if any(t is not None and t.requires_grad for t in tensors):
+            outs = _Block.apply(tuple(args[_N + 2 :]), len(args[_N]), *tensors)
+            return (*outs[:5], list(outs[5:]))
     return _below_autograd(0, FORWARD, args[0], args)
 
 
-_library.impl("block_forward", _autograd_forward, "Autograd")
+_library.impl(f"block_forward.{OVERLOAD}", _autograd_forward, "Autograd")

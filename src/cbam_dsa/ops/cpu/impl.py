@@ -9,7 +9,11 @@ gradient for one of the maps (the C backward takes the output's gradient only).
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,21 +34,42 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in native.DTYPES else torch.float32
 
 
-saved_like, saved_shapes = pytorch.saved_like, pytorch.saved_shapes  # the C kernels keep the same list
+saved_like, saved_shapes = pytorch.saved_like, pytorch.saved_shapes  # the C kernels keep the same tensor
 
 
 def _ready(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or (t.dtype == dtype and t.is_contiguous()) else t.to(dtype).contiguous()
 
 
-def _call(flat: Sequence[Tensor | None], branches: int, dilations: Sequence[int], act: str, gates: tuple[str, str]):
-    """The C kernels' inputs and settings from the operators' flat tensor arguments."""
-    dtype = compute_dtype(flat[0].dtype)
-    raw = [_ready(flat[i], dtype) for i in (*_KERNEL_ARGS, *range(_N, len(flat)))]
-    weights = flat[_N : _N + branches]
-    specs = tuple((int(weight.shape[-1]), int(d)) for weight, d in zip(weights, dilations, strict=True))
+class _Plan(NamedTuple):
+    """What the C kernels take besides the tensors, for one input shape and block configuration."""
+
+    packed: Tensor  # the merged branches' layout (native.layout)
+    sizes: ctypes.Array  # native.dims
+    shapes: list[tuple]  # the saved tensor's parts (pytorch.saved_parts)
+    counts: tuple[int, ...]  # their element counts
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(key: tuple) -> _Plan:
+    shape, hidden, router_hidden, specs, act, gates, fusion, alpha, threads = key
     taps, packed = native.layout(specs)
-    return raw, packed, native.dims(raw, branches, taps, gates, act), (float(flat[6]), float(flat[7]))
+    sizes = native.dims(shape, hidden, router_hidden, len(specs), taps, gates, act, fusion, alpha, threads)
+    parts = pytorch.saved_sizes(shape, hidden, router_hidden, len(specs))
+    return _Plan(packed, sizes, parts, tuple(math.prod(part) for part in parts))
+
+
+def _call(flat: Sequence[Tensor | None], branches: int, dilations: Sequence[int], act: str, gates: tuple[str, str]):
+    """The C kernels' inputs, plan and temperatures from the operators' flat tensor arguments."""
+    x, weights, router = flat[0], flat[_N : _N + branches], flat[9]
+    dtype = compute_dtype(x.dtype)
+    raw = [_ready(flat[i], dtype) for i in (*_KERNEL_ARGS, *range(_N, len(flat)))]
+    specs = tuple((weight.shape[-1], d) for weight, d in zip(weights, dilations, strict=True))
+    key = (
+        tuple(x.shape), flat[1].shape[0], None if router is None else router.shape[0], specs, act, gates,
+        flat[5] is not None, flat[8] is not None, torch.get_num_threads(),
+    )  # fmt: skip
+    return raw, _plan(key), (float(flat[6]), float(flat[7]))
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
@@ -62,18 +87,14 @@ def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
         return pytorch.block_forward(*args)
     flat = library.gradient_inputs(args)
     branches, (dilations, act, ca_gate, sa_gate) = len(args[_N]), args[_N + 2 :]
-    raw, packed, sizes, temperatures = _call(flat, branches, dilations, act, (ca_gate, sa_gate))
-    f = lib.block_forward(raw, packed, sizes, temperatures)
+    raw, plan, temperatures = _call(flat, branches, dilations, act, (ca_gate, sa_gate))
+    f = lib.block_forward(raw, plan.packed, plan.sizes, temperatures, plan.counts)
     if args[9] is None:  # no router: the kernels leave its hidden layer unwritten; ones, as the PyTorch version
-        f.router_hidden.fill_(1)
-    keep = x.shape[2] * x.shape[3] >= pytorch.KEEP_POOLS_FROM_PIXELS
-    saved = [f.z, f.s, f.logit, f.router, f.router_hidden, f.pre, f.pools if keep else f.pools.new_empty(0)]
-    fusion_w = torch.ones(2, dtype=f.z.dtype) if args[5] is None else torch.softmax(args[5].to(f.z.dtype), dim=0)
-    if x.dtype == f.z.dtype:
-        maps = (f.ca, f.sa, fusion_w, f.router.clone())  # no output aliases another
-    else:
-        maps = (f.ca.to(x.dtype), f.sa.to(x.dtype), fusion_w.to(x.dtype), f.router.to(x.dtype))
-    return (_like(f.out, x), *maps, saved)
+        pytorch.unpack_saved(f.saved, plan.shapes)[4].fill_(1)
+    maps = (f.ca, f.sa, f.fusion_w, f.router)
+    if x.dtype != f.saved.dtype:
+        maps = tuple(t.to(x.dtype) for t in maps)
+    return (_like(f.out, x), *maps, [f.saved])
 
 
 def block_backward(*args: object) -> list[Tensor]:
@@ -85,16 +106,18 @@ def block_backward(*args: object) -> list[Tensor]:
     lib = native.library()
     if lib is None or grads[0] is None or any(g is not None and bool(g.any()) for g in grads[1:]):
         return pytorch.block_backward(*args)
-    raw, packed, sizes, temperatures = _call(flat, branches, dilations, act, (ca_gate, sa_gate))
+    raw, plan, temperatures = _call(flat, branches, dilations, act, (ca_gate, sa_gate))
+    dtype = raw[0].dtype
     order = (*_KERNEL_ARGS, *range(_N, len(flat)))
     wanted = [needs[i] for i in order]
-    kept = [*saved[:6], saved[6] if saved[6].numel() else None]
-    kept = [_ready(t, raw[0].dtype) for t in kept]
-    grad = _ready(grads[0], raw[0].dtype)
-    found, scalars = lib.block_backward(grad, raw, kept, packed, wanted, sizes, temperatures)
+    found, scalars = lib.block_backward(
+        _ready(grads[0], dtype), raw, _ready(saved[0], dtype), plan.counts, plan.packed, wanted, plan.sizes,
+        temperatures,
+    )  # fmt: skip
     out: list[Tensor | None] = [None] * len(flat)
     for i, g in zip(order, found, strict=True):
         out[i] = g
-    out[8] = scalars[0] if flat[8] is not None else None
-    out[6], out[7] = scalars[1], scalars[2]
+    out[8], out[6], out[7] = scalars.unbind()
+    if flat[8] is None:
+        out[8] = None
     return library.gradients_like(out, flat, needs)

@@ -1199,7 +1199,8 @@ static int FN(dims_ok)(const int64_t *dims) {
     return 1;
 }
 
-/* outs as forward_core's. Returns STATUS_OK, or STATUS_NO_MEMORY / STATUS_BAD_ARGUMENT (outputs incomplete). */
+/* outs as forward_core's, then the fusion weights (2) and a copy of the router's weights (B, K). Returns STATUS_OK,
+   or STATUS_NO_MEMORY / STATUS_BAD_ARGUMENT (outputs incomplete). */
 int FN(block_forward)(const SCALAR *const *raw, const int64_t *layout, SCALAR *const *outs, const int64_t *dims,
                       const double *scal, int threads) {
     if (!FN(dims_ok)(dims)) return STATUS_BAD_ARGUMENT;
@@ -1212,7 +1213,11 @@ int FN(block_forward)(const SCALAR *const *raw, const int64_t *layout, SCALAR *c
     const SCALAR *spatial[6] = {raw[R_R1W], raw[R_R1B], raw[R_R2W], raw[R_R2B], mixing, mixing + K * T};
     const int status = FN(forward_core)(raw[R_X], mlp, spatial, layout + K + K * T, outs, dims, scal3, threads);
     free(mixing);
-    return status;
+    if (status) return status;
+    /* the maps that are outputs of their own: the fusion weights, and the router's weights beside the saved ones */
+    outs[10][0] = fusion[0], outs[10][1] = fusion[1];
+    for (int64_t i = 0; i < dims[0] * K; ++i) outs[11][i] = outs[6][i];
+    return STATUS_OK;
 }
 
 /* grads: one per raw tensor (x's first), each skipped where NULL (the router's and the branches' gradients are

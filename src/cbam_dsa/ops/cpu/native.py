@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import build
 
-__all__ = ["BlockForward", "Library", "dims", "layout", "library", "one_sample_per_thread", "tap_layout"]
+__all__ = ["SAVED_PARTS", "BlockForward", "Library", "dims", "layout", "library", "one_sample_per_thread", "tap_layout"]
 
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _PTR, _INT = ctypes.c_void_p, ctypes.c_int
@@ -34,21 +34,35 @@ _STATUS = {1: (MemoryError, "out of memory"), 2: (RuntimeError, "invalid dimensi
 class BlockForward(NamedTuple):
     """The outputs of :meth:`Library.block_forward`."""
 
-    pools: Tensor  # (2B, C): [avg; max]
-    pre: Tensor  # (2B, Rm): the MLP's first layer, before the activation
-    z: Tensor  # (B, C): the channel gate's input
     ca: Tensor  # (B, C, 1, 1)
-    s: Tensor  # (B, 2, H, W)
-    router_hidden: Tensor  # (B, Rh)
-    router: Tensor  # (B, K)
-    logit: Tensor  # (B, 1, H, W)
     sa: Tensor  # (B, 1, H, W)
+    fusion_w: Tensor  # (2,)
+    router: Tensor  # (B, K)
     out: Tensor  # (B, C, H, W)
+    saved: Tensor  # (L,): z, s, logit, router, router hidden, pre and pools (see SAVED_PARTS)
 
 
-def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
-    """A C array of the tensors' data pointers (NULL for ``None``)."""
-    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+SAVED_PARTS = ("z", "s", "logit", "router", "router_hidden", "pre", "pools")
+"""The parts of the one saved tensor, in order: ``z`` (B, C), the channel gate's input; ``s`` (B, 2, H, W), the
+descriptors; ``logit`` (B, 1, H, W), the spatial gate's input; ``router`` (B, K); ``router_hidden`` (B, Rh);
+``pre`` (2B, Rm), the MLP's first layer before the activation; ``pools`` (2B, C), ``[avg; max]`` over H, W (no
+elements where the forward does not keep them: then the backward recomputes them)."""
+
+
+def _pointers(items: Sequence[Tensor | int | None]) -> ctypes.Array:
+    """A C array of the tensors' data pointers (addresses as given for ints, NULL for ``None``)."""
+    return (ctypes.c_void_p * len(items))(
+        *[None if t is None else t if isinstance(t, int) else t.data_ptr() for t in items]
+    )
+
+
+def _parts(saved: Tensor, counts: Sequence[int]) -> list[int | None]:
+    """The addresses of the parts of ``saved`` with ``counts`` elements each (``None`` for an empty part)."""
+    at, size, found = saved.data_ptr(), saved.element_size(), []
+    for count in counts:
+        found.append(at if count else None)
+        at += count * size
+    return found
 
 
 def _check(status: int, name: str) -> None:
@@ -74,7 +88,12 @@ class Library:
                 self._functions[name, dtype] = function
 
     def block_forward(
-        self, raw: Sequence[Tensor | None], packed: Tensor, sizes: ctypes.Array, temperatures: tuple[float, float]
+        self,
+        raw: Sequence[Tensor | None],
+        packed: Tensor,
+        sizes: ctypes.Array,
+        temperatures: tuple[float, float],
+        counts: Sequence[int],
     ) -> BlockForward:
         """The whole block's forward in one call: the pooling over H, W; the channel MLP, fused on its hidden layer
         (``z = (w0 * act(pre_avg) + w1 * act(pre_max)) @ W2^T + (w0 + w1) * b2``); ``ca = gate(z / T_ca)``; the
@@ -87,6 +106,7 @@ class Library:
             packed: the merged branches' layout (:func:`layout`).
             sizes: from :func:`dims`.
             temperatures: ``(T_ca, T_sa)``, the effective temperatures.
+            counts: the element counts of the saved tensor's parts (:data:`SAVED_PARTS`; ``pools`` may have none).
 
         Shape:
             - x: :math:`(B, C, H, W)`
@@ -95,11 +115,12 @@ class Library:
         x = raw[0]
         b, c, h, w = x.shape
         new = x.new_empty
-        f = BlockForward(
-            new(2 * b, c), new(2 * b, raw[1].shape[0]), new(b, c), new(b, c, 1, 1), new(b, 2, h, w),
-            new(b, sizes[4]), new(b, sizes[5]), new(b, 1, h, w), new(b, 1, h, w), torch.empty_like(x),
-        )  # fmt: skip
-        pointers, scal = _pointers([*raw, *f]), (ctypes.c_double * 2)(*temperatures)
+        saved = new(sum(counts))
+        z, s, logit, router, router_hidden, pre, pools = _parts(saved, counts)
+        scratch = None if pools else new(2 * b, c)  # the pools, where the backward does not keep them
+        f = BlockForward(new(b, c, 1, 1), new(b, 1, h, w), new(2), new(b, sizes[5]), torch.empty_like(x), saved)
+        outs = (pools or scratch, pre, z, f.ca, s, router_hidden, router, logit, f.sa, f.out, f.fusion_w, f.router)
+        pointers, scal = _pointers([*raw, *outs]), (ctypes.c_double * 2)(*temperatures)
         at = ctypes.addressof(pointers)
         _check(
             self._functions["block_forward", x.dtype](
@@ -108,13 +129,15 @@ class Library:
             ),
             "block_forward",
         )  # fmt: skip
+        del scratch
         return f
 
     def block_backward(
         self,
         grad: Tensor,
         raw: Sequence[Tensor | None],
-        saved: Sequence[Tensor | None],
+        saved: Tensor,
+        counts: Sequence[int],
         packed: Tensor,
         wanted: Sequence[bool],
         sizes: ctypes.Array,
@@ -125,8 +148,8 @@ class Library:
         Args:
             grad: the output's gradient, contiguous, in ``x``'s dtype.
             raw, packed, sizes, temperatures: as given to :meth:`block_forward`.
-            saved: ``(z, s, logit, router, router hidden, pre, pools)`` from :meth:`block_forward` (``pools`` may be
-                ``None``: then recomputed).
+            saved, counts: the saved tensor from :meth:`block_forward` (contiguous, in ``x``'s dtype) and its parts'
+                element counts (``pools`` with none: then recomputed).
             wanted: per ``raw`` tensor, whether its gradient is wanted.
 
         Returns:
@@ -139,7 +162,7 @@ class Library:
             for i, (t, need) in enumerate(zip(raw, wanted, strict=True))
         ]
         scalars, scal = torch.zeros(3, dtype=torch.float64), (ctypes.c_double * 2)(*temperatures)
-        pointers = _pointers([*raw, *saved, *grads])
+        pointers = _pointers([*raw, *_parts(saved, counts), *grads])
         at, n = ctypes.addressof(pointers), len(raw)
         _check(
             self._functions["block_backward", grad.dtype](
@@ -165,14 +188,14 @@ def library() -> Library | None:
     return _state["library"]  # type: ignore[return-value]
 
 
-def one_sample_per_thread(batch: int, pixels: int, hidden: int) -> bool:
+def one_sample_per_thread(batch: int, pixels: int, hidden: int, threads: int) -> bool:
     """Whether the kernels run each sample on one thread from start to end, so that its slice of the input is read
     from memory once and from the cache after that.
 
     That needs at least as many samples as threads, and pays off where a sample's maps are larger than the channel
     MLP's weights, which each sample then reads again (``pixels >= 2 * hidden``). Otherwise each stage runs over the
-    whole batch on all threads."""
-    return batch >= torch.get_num_threads() and pixels >= 2 * hidden
+    whole batch on all ``threads``."""
+    return batch >= threads and pixels >= 2 * hidden
 
 
 @functools.lru_cache(maxsize=64)
@@ -214,14 +237,23 @@ def layout(specs: tuple[tuple[int, int], ...]) -> tuple[int, Tensor]:
 
 
 def dims(
-    raw: Sequence[Tensor | None], branches: int, taps: int, gates: tuple[str, str], act: str
+    shape: Sequence[int],
+    hidden: int,
+    router_hidden: int | None,
+    branches: int,
+    taps: int,
+    gates: tuple[str, str],
+    act: str,
+    fusion: bool,
+    alpha: bool,
+    threads: int,
 ) -> ctypes.Array:
     """The ``sizes`` array of :meth:`Library.block_forward`: ``(B, C, H, W, router hidden, K, T, ca gate hard, sa gate
-    hard, has router, uses alpha, MLP hidden, MLP activation silu, one sample per thread, has fusion logits)``."""
-    b, c, h, w = raw[0].shape
-    hidden, router = raw[1].shape[0], raw[7]
+    hard, has router, uses alpha, MLP hidden, MLP activation silu, one sample per thread, has fusion logits)``, for an
+    input of ``shape`` (``router_hidden`` is ``None`` without a router) on ``threads`` threads."""
+    b, c, h, w = shape
     return (ctypes.c_int64 * 15)(
-        b, c, h, w, 1 if router is None else router.shape[0], branches, taps, gates[0] == "hardsigmoid",
-        gates[1] == "hardsigmoid", router is not None, raw[6] is not None, hidden, act == "silu",
-        one_sample_per_thread(b, h * w, hidden), raw[5] is not None,
+        b, c, h, w, 1 if router_hidden is None else router_hidden, branches, taps, gates[0] == "hardsigmoid",
+        gates[1] == "hardsigmoid", router_hidden is not None, alpha, hidden, act == "silu",
+        one_sample_per_thread(b, h * w, hidden, threads), fusion,
     )  # fmt: skip
