@@ -19,6 +19,7 @@
  *
  * Forward:
  *   pool_hw:   mean[b, c] = mean_p x,  max[b, c] = max_p x                          one read of x
+ *              (planes shorter than SHORT_PLANE, 7 x 7 maps say, eight at a time: pool_hw_short)
  *   pool_c:    s[b, 0, p] = mean_c x * ca,  s[b, 1, p] = max_c x * ca               one read of x
  *   blend:     out = (x * ca) * sa                    (alpha: x + alpha * ((x * ca) * sa - x))
  * Max gradients split evenly among ties, as torch.amax's: tie * grad / ties, written as a product so that a set
@@ -44,6 +45,51 @@
 #define BLOCK 32
 #define CHUNK 1024
 
+#define LANES 8
+/* LANES values as one vector (GCC and Clang vector extensions); loads by VLOAD and stores through a VEC pointer need
+   no alignment (the type is aligned as one SCALAR). */
+typedef SCALAR FN(vec) __attribute__((vector_size(LANES * sizeof(SCALAR)), aligned(sizeof(SCALAR)), may_alias));
+#define VEC FN(vec)
+#define VLOAD(p) (*(const VEC *)(p))
+/* the same bytes as integers, for masks */
+typedef long long FN(bits) __attribute__((vector_size(LANES * sizeof(SCALAR)), may_alias));
+
+/* the same bytes as integers of SCALAR's width: what a comparison of two vectors gives */
+typedef __typeof__((VEC){0} < (VEC){0}) FN(mask);
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (FN(mask)){__VA_ARGS__})
+#endif
+
+/* The lanes of a and b, the larger of each pair (a's where b's is NaN: the fast loops' maximum, max_fast); a and b
+   are evaluated more than once. (Macros and pointers here: a vector wider than the target's registers passed or
+   returned by value would change the calling convention.) */
+#define VMAX(a, b) ((VEC)((((FN(mask))(b)) & ((b) > (a))) | (((FN(mask))(a)) & ~((b) > (a)))))
+#define VADD(a, b) ((a) + (b))
+
+/* Eight vectors' lanes reduced, one value per vector: out = {sum a[0], ..., sum a[7]} (or the maxima), in three
+   rounds of pairwise shuffles, where eight separate horizontal reductions take several times as long. */
+#define REDUCE8(name, op)                                                                                 \
+    static inline void FN(name)(const VEC *a, VEC *out) {                                                 \
+        VEC p[4], q[2];                                                                                   \
+        for (int k = 0; k < 4; ++k) {                                                                     \
+            const VEC even = SHUFFLE(a[2 * k], a[2 * k + 1], 0, 8, 2, 10, 4, 12, 6, 14);                  \
+            const VEC odd = SHUFFLE(a[2 * k], a[2 * k + 1], 1, 9, 3, 11, 5, 13, 7, 15);                   \
+            p[k] = op(even, odd);                                                                         \
+        }                                                                                                 \
+        for (int k = 0; k < 2; ++k) {                                                                     \
+            const VEC low = SHUFFLE(p[2 * k], p[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13);                    \
+            const VEC high = SHUFFLE(p[2 * k], p[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);                 \
+            q[k] = op(low, high);                                                                         \
+        }                                                                                                 \
+        const VEC low = SHUFFLE(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11);                                    \
+        const VEC high = SHUFFLE(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);                                 \
+        *out = op(low, high);                                                                             \
+    }
+REDUCE8(sums8, VADD)
+REDUCE8(maxes8, VMAX)
+
 /* The status the two entry points return (the internal functions that allocate return it too). */
 #define STATUS_OK 0
 #define STATUS_NO_MEMORY 1    /* an allocation failed: nothing is left allocated, the outputs are incomplete */
@@ -65,7 +111,64 @@ static inline SCALAR FN(max_nan)(SCALAR m, SCALAR v) { return (v > m || v != v) 
    sends its column to the exact loop, so NaN still propagates. */
 static inline SCALAR FN(max_fast)(SCALAR m, SCALAR v) { return v > m ? v : m; }
 
+/* Planes of fewer values than this (7 x 7 maps, say) are reduced eight at a time: a plane's few vectors cost less
+   than its horizontal reductions otherwise. */
+#define SHORT_PLANE 128
+
+/* One vector of lanes, each the value v: how a scalar becomes a vector (GCC and Clang broadcast it). */
+#define BROADCAST(v) ((VEC){0} + (v))
+
+/* pool_hw for short planes: eight at a time, their vector sums and maxima reduced together (sums8, maxes8); the
+   values past the last whole vector of a plane are summed one by one. */
+static void FN(pool_hw_short)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t planes, int64_t count,
+                              int threads) {
+    const int64_t groups = (planes + 7) / 8, full = count / LANES * LANES;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t group = 0; group < groups; ++group) {
+        const int64_t first = group * 8, rows = planes - first < 8 ? planes - first : 8;
+        VEC sums[8], tops[8], total, best;
+        SCALAR rest[8], high[8];
+        for (int64_t k = 0; k < 8; k += 2) { /* two planes at a time: four independent vector chains */
+            /* the rows past the last plane repeat it (computed, never stored) */
+            const SCALAR *u = x + (first + (k < rows ? k : rows - 1)) * count;
+            const SCALAR *v = x + (first + (k + 1 < rows ? k + 1 : rows - 1)) * count;
+            VEC su = {0}, sv = {0}, tu = BROADCAST(u[0]), tv = BROADCAST(v[0]);
+            for (int64_t i = 0; i < full; i += LANES) {
+                const VEC a = VLOAD(u + i), b = VLOAD(v + i);
+                su += a;
+                sv += b;
+                tu = VMAX(tu, a);
+                tv = VMAX(tv, b);
+            }
+            SCALAR ru = 0, rv = 0, hu = u[0], hv = v[0];
+            for (int64_t i = full; i < count; ++i) {
+                ru += u[i];
+                rv += v[i];
+                hu = FN(max_fast)(hu, u[i]);
+                hv = FN(max_fast)(hv, v[i]);
+            }
+            sums[k] = su, sums[k + 1] = sv, tops[k] = tu, tops[k + 1] = tv;
+            rest[k] = ru, rest[k + 1] = rv, high[k] = hu, high[k + 1] = hv;
+        }
+        FN(sums8)(sums, &total);
+        FN(maxes8)(tops, &best);
+        for (int64_t k = 0; k < rows; ++k) {
+            const SCALAR *v = x + (first + k) * count;
+            const double sum = (double)(total[k] + rest[k]);
+            SCALAR top = FN(max_fast)(best[k], high[k]);
+            if (sum != sum) /* as pool_hw: a NaN sum sends the maximum to the exact loop */
+                for (int64_t i = 0; i < count; ++i) top = FN(max_nan)(top, v[i]);
+            mean[first + k] = (SCALAR)(sum / (double)count);
+            max[first + k] = top;
+        }
+    }
+}
+
 static void FN(pool_hw)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t planes, int64_t count, int threads) {
+    if (count < SHORT_PLANE) {
+        FN(pool_hw_short)(x, mean, max, planes, count, threads);
+        return;
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t plane = 0; plane < planes; ++plane) {
         const SCALAR *v = x + plane * count;
@@ -372,8 +475,6 @@ static int FN(grad_x)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const 
    products with the padding are formed as a convolution with zero padding forms them (0 * a NaN or an infinity of
    the other factor is NaN there). Output rows run in blocks of LANES columns whose sums stay in registers over all
    the taps; lanes past W read the padding or the next row and are not stored. */
-#define LANES 8
-
 /* The taps' reach R: their largest |dy| or |dx|. */
 static int64_t tap_reach(const int64_t *taps, int64_t ntaps) {
     int64_t reach = 0;
@@ -400,14 +501,6 @@ static SCALAR *FN(padded)(const SCALAR *src, int64_t n, int64_t H, int64_t W, in
     }
     return out;
 }
-
-/* LANES values as one vector (GCC and Clang vector extensions); loads by VLOAD and stores through a VEC pointer need
-   no alignment (the type is aligned as one SCALAR). */
-typedef SCALAR FN(vec) __attribute__((vector_size(LANES * sizeof(SCALAR)), aligned(sizeof(SCALAR)), may_alias));
-#define VEC FN(vec)
-#define VLOAD(p) (*(const VEC *)(p))
-/* the same bytes as integers, for masks */
-typedef long long FN(bits) __attribute__((vector_size(LANES * sizeof(SCALAR)), may_alias));
 
 /* Up to LANES values of *v into o: n of them (v by pointer: a vector wider than the target's registers would
    change the calling convention). */
