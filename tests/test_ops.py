@@ -248,10 +248,9 @@ BAD_BACKWARD = {  # what is wrong: (part, position, replacement from the good va
     "grad_sa_shape": ("grads", 2, lambda t: t.transpose(2, 3), r"grad_sa must have shape \(2, 1, 4, 5\)"),
     "grad_router_w_integer": ("grads", 4, lambda t: t.long(), "grad_router_w must be a floating-point tensor"),
     "grad_ca_meta": ("grads", 1, lambda t: t.to("meta"), "grad_ca must be a floating-point tensor on x's device"),
-    "saved_short": ("saved", None, lambda saved: saved[:-1], "saved must be the forward's list of 1 tensor"),
-    "saved_long": ("saved", None, lambda saved: saved * 2, "saved must be the forward's list of 1 tensor"),
-    # the parts z (2, 6), s (2, 2, 4, 5), logit (2, 1, 4, 5), router (2, 3), router hidden (2, 8), pre (4, 4)
-    "saved_shape": ("saved", 0, lambda t: t[:-1], r"saved\[0\] must have shape \(170,\)"),
+    "saved_short": ("saved", None, lambda saved: saved[:-1], "saved must be the forward's list of 7 tensors"),
+    "saved_long": ("saved", None, lambda saved: saved * 2, "saved must be the forward's list of 7 tensors"),
+    "saved_shape": ("saved", 1, lambda t: t[:1], r"saved\[1\] must have shape \(2, 2, 4, 5\)"),
     "needs_short": ("needs", None, lambda needs: needs[:-1], "needs must have one entry per tensor argument"),
     "forward_argument": ("args", 4, lambda t: t[:5], r"block_backward: fc2_bias must have shape \(6,\)"),
 }

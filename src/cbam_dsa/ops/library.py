@@ -66,16 +66,20 @@ _ARGS = f"{_TENSORS}, Tensor[] branch_weights, Tensor[] branch_biases"
 _SPEC = "int[] dilations, str act, str ca_gate, str sa_gate"
 _GRADS = "Tensor? grad_out, Tensor? grad_ca, Tensor? grad_sa, Tensor? grad_fusion_w, Tensor? grad_router_w"
 
-OVERLOAD = "v2"
-"""The operators' overload name, raised whenever what an operator returns changes shape (``v2``: ``saved`` is one
-tensor). torch.compile's on-disk caches (AOTAutograd's, inductor's) key a graph on its operators' names, not on what
-their fake kernels return, so a graph compiled against an earlier version would otherwise be reused and fail."""
+OVERLOAD = ""
+"""The operators' overload name (``""``: the default overload), to be raised (``"v2"``, ...) whenever what an operator
+returns changes shape. torch.compile's on-disk caches (AOTAutograd's, inductor's) key a graph on its operators'
+names, not on what their fake kernels return: a graph cached by a version whose forward returned other tensors would
+be reused and fail on its first call (``AssertionError: wrong number of dimensions``), as it did when ``saved`` was
+briefly one packed tensor."""
+_FORWARD_NAME = f"block_forward.{OVERLOAD}" if OVERLOAD else "block_forward"
+_BACKWARD_NAME = f"block_backward.{OVERLOAD}" if OVERLOAD else "block_backward"
 
 _library = torch.library.Library("cbam_dsa", "DEF")
-_library.define(f"block_forward.{OVERLOAD}({_ARGS}, {_SPEC}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])")
-_library.define(f"block_backward.{OVERLOAD}({_GRADS}, {_ARGS}, Tensor[] saved, {_SPEC}, bool[] needs) -> Tensor[]")
-FORWARD = getattr(torch.ops.cbam_dsa.block_forward, OVERLOAD)
-BACKWARD = getattr(torch.ops.cbam_dsa.block_backward, OVERLOAD)
+_library.define(f"{_FORWARD_NAME}({_ARGS}, {_SPEC}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])")
+_library.define(f"{_BACKWARD_NAME}({_GRADS}, {_ARGS}, Tensor[] saved, {_SPEC}, bool[] needs) -> Tensor[]")
+FORWARD = getattr(torch.ops.cbam_dsa.block_forward, OVERLOAD or "default")
+BACKWARD = getattr(torch.ops.cbam_dsa.block_backward, OVERLOAD or "default")
 _N = len(TENSOR_ARGS)
 
 SavedLike = Callable[..., list[Tensor]]
@@ -117,8 +121,8 @@ def implement(
         check_backward_arguments(args)
         return backward(*args)
 
-    _library.impl(f"block_forward.{OVERLOAD}", checked_forward, key)
-    _library.impl(f"block_backward.{OVERLOAD}", checked_backward, key)
+    _library.impl(_FORWARD_NAME, checked_forward, key)
+    _library.impl(_BACKWARD_NAME, checked_backward, key)
     _saved_like[device] = saved_like
     _saved_shapes[device] = saved_shapes or (lambda *args: [t.shape for t in saved_like(*args)])
     _kernels[device] = (checked_forward, backward)
@@ -252,7 +256,7 @@ def check_backward_arguments(args: Sequence[Any]) -> None:
 # Fake kernels.
 
 
-@torch.library.register_fake(f"cbam_dsa::block_forward.{OVERLOAD}", lib=_library)
+@torch.library.register_fake(f"cbam_dsa::{_FORWARD_NAME}", lib=_library)
 def _forward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
     check_arguments(args)
     x, branches = args[0], len(args[_N])
@@ -264,7 +268,7 @@ def _forward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, l
     return (torch.empty_like(x), *maps, saved_like(*args))
 
 
-@torch.library.register_fake(f"cbam_dsa::block_backward.{OVERLOAD}", lib=_library)
+@torch.library.register_fake(f"cbam_dsa::{_BACKWARD_NAME}", lib=_library)
 def _backward_fake(*args: Any) -> list[Tensor]:
     check_backward_arguments(args)
     inputs, needs = gradient_inputs(args[5:]), args[-1]
@@ -383,4 +387,4 @@ def _autograd_forward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tenso
     return _below_autograd(0, FORWARD, args[0], args)
 
 
-_library.impl(f"block_forward.{OVERLOAD}", _autograd_forward, "Autograd")
+_library.impl(_FORWARD_NAME, _autograd_forward, "Autograd")

@@ -1,15 +1,15 @@
 """The operators in PyTorch operations: the CPU implementation where the C library cannot be built.
 
 The forward pass is :mod:`..functional`'s math, with the output written in place of ``x * ca`` (the blend is one
-``torch.lerp``) and the light networks run on the pooled descriptors as the matrix products they are (:mod:`.light`; the
-spatial branches by :mod:`.branches`, each map size the way it measured fastest). It keeps small tensors only, packed in
-one flat tensor (as the C kernels do, :func:`unpack_saved`): the descriptors ``s`` and ``[mean_hw(x); max_hw(x)]``, the
+``torch.lerp``) and the light networks run on the pooled descriptors as the matrix products they are (:mod:`.light`;
+the spatial branches by :mod:`.branches`, each map size the way it measured fastest). It keeps small tensors only
+(the same list as the C kernels, :func:`saved_like`): the descriptors ``s`` and ``[mean_hw(x); max_hw(x)]``, the
 gates' inputs and the networks' hidden layers. The backward pass resumes the light networks from those (no matrix
 product of the MLP or the router is redone) and differentiates them by hand (:mod:`.light`, after PyTorch's own
-formulas), and writes the full-size passes in two buffers: the two reductions of ``grad * x * ca`` (over C, and over H,
-W with the pooling's terms), and the gradient of ``x``. The max gradients follow ``torch.amax``: split evenly among tied
-maxima, and NaN wherever the maximum is NaN; their masks are written as numbers by ``torch.eq`` into a floating-point
-buffer (one pass, where a bool mask and its conversion measured three).
+formulas), and writes the full-size passes in two buffers: the two reductions of ``grad * x * ca`` (over C, and over
+H, W with the pooling's terms), and the gradient of ``x``. The max gradients follow ``torch.amax``: split evenly
+among tied maxima, and NaN wherever the maximum is NaN; their masks are written as numbers by ``torch.eq`` into a
+floating-point buffer (one pass, where a bool mask and its conversion measured three).
 
 Shape:
     - x: :math:`(B, C, H, W)`; every other tensor as in :func:`..functional.cbam_residual_dynamic_sa`
@@ -17,7 +17,6 @@ Shape:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -26,50 +25,27 @@ from torch import Tensor
 from .. import functional as FA
 from . import library, light
 
-__all__ = [
-    "KEEP_POOLS_FROM_PIXELS",
-    "block_backward",
-    "block_forward",
-    "channel_max",
-    "saved_like",
-    "saved_parts",
-    "saved_shapes",
-    "saved_sizes",
-    "unpack_saved",
-]
+__all__ = ["KEEP_POOLS_FROM_PIXELS", "block_backward", "block_forward", "channel_max", "saved_like", "saved_shapes"]
 
 # From this many pixels per map on, the pooled (2B, C) descriptors are kept for backward (2 / pixels of the input, at
 # most 3%); below, they are recomputed there by one pass over the input.
 KEEP_POOLS_FROM_PIXELS = 64
 
 
-def saved_sizes(shape: Sequence[int], hidden: int, router_hidden: int | None, branches: int) -> list[tuple]:
-    """The shapes of the parts of the CPU implementations' one saved tensor, in order: ``(z, s, logit, router, router
-    hidden, pre, pools)`` (in :func:`..functional.accumulation_dtype`), for an input of ``shape``, a channel MLP of
-    ``hidden`` units and a router of ``router_hidden`` (``None``: no router); ``pools`` has no elements below
-    :data:`KEEP_POOLS_FROM_PIXELS` pixels per map.
+def _saved_shapes(x: Tensor, fc1_weight: Tensor, router_fc1_weight: Tensor | None, branches: int) -> list[tuple]:
+    """The shapes of the saved list of the CPU implementations: ``(z, s, logit, router, router hidden, pre, pools)``
+    (in :func:`..functional.accumulation_dtype`); ``pools`` has no elements below :data:`KEEP_POOLS_FROM_PIXELS`
+    pixels per map.
 
     Shape:
         - z: :math:`(B, C)`; s: :math:`(B, 2, H, W)`; logit: :math:`(B, 1, H, W)`; router: :math:`(B, K)`;
           router hidden: :math:`(B, R_h)` (``R_h = 1`` without a router); pre: :math:`(2B, R_m)`; pools:
           :math:`(2B, C)` or :math:`(0,)`
     """
-    b, c, h, w = shape
+    b, c, h, w = x.shape
+    hidden = 1 if router_fc1_weight is None else router_fc1_weight.shape[0]
     pools = (2 * b, c) if h * w >= KEEP_POOLS_FROM_PIXELS else (0,)
-    return [(b, c), (b, 2, h, w), (b, 1, h, w), (b, branches), (b, router_hidden or 1), (2 * b, hidden), pools]
-
-
-def unpack_saved(saved: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
-    """The parts of the one saved tensor (views), shaped as ``shapes`` (:func:`saved_sizes`).
-
-    The parts travel as one flat tensor: one allocation, and one tensor for autograd, ``torch.compile``'s wrappers
-    and the operators' checks to handle where seven measured slower.
-
-    Shape:
-        - saved: :math:`(L,)`, ``L`` the parts' total element count
-    """
-    counts = [math.prod(shape) for shape in shapes]
-    return [part.view(shape) for part, shape in zip(saved.split(counts), shapes, strict=True)]
+    return [(b, c), (b, 2, h, w), (b, 1, h, w), (b, branches), (b, hidden), (2 * b, fc1_weight.shape[0]), pools]
 
 
 # The maximum over channels by halving (torch.maximum of the two halves, repeated) for small maps of large tensors,
@@ -127,8 +103,7 @@ def _forward(
     ca_gate: str,
     sa_gate: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    """The block's forward pass: ``(out, ca, sa, fusion_w, router_w, saved)``: ``saved`` is one flat tensor holding
-    the parts of :func:`saved_sizes`."""
+    """The block's forward pass: ``(out, ca, sa, fusion_w, router_w, saved)`` (see :func:`_saved_shapes`)."""
     b, c, h, w = x.shape
     pools = _pools(x)
     mlp = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
@@ -145,8 +120,7 @@ def _forward(
         # is NaN exactly where x is not finite, as in the reference).
         torch.lerp(x, out, alpha.to(x.dtype), out=out)
     kept = pools if h * w >= KEEP_POOLS_FROM_PIXELS else pools.new_empty(0)
-    parts = (channel.z, s, spatial.logit, spatial.router, spatial.hidden, channel.pre, kept)
-    saved = [torch.cat([part.reshape(-1) for part in parts])]
+    saved = [channel.z, s, spatial.logit, spatial.router, spatial.hidden, channel.pre, kept]
     maps = (ca, sa, channel.fusion_w.to(x.dtype), spatial.router.to(x.dtype, copy=True))  # no output aliases another
     return out, *maps, saved
 
@@ -168,7 +142,7 @@ def _backward(
     gradients of ``(out, ca, sa, fusion_w, router_w)`` (each may be ``None``).
 
     ``params`` is ``(fc1 weight, fc1 bias, fc2 weight, fc2 bias, fusion logits, T_ca, T_sa, alpha, router fc1 weight,
-    fc1 bias, fc2 weight, fc2 bias)``; ``saved`` the parts of :func:`saved_sizes` (:func:`unpack_saved`).
+    fc1 bias, fc2 weight, fc2 bias)``; ``saved`` as :func:`_saved_shapes`.
     """
     g_out, g_ca, g_sa, g_fusion, g_router = grads
     b, c, h, w = x.shape
@@ -235,16 +209,9 @@ def _backward(
 _N = len(library.TENSOR_ARGS)
 
 
-def saved_parts(*args: object) -> list[tuple]:
-    """The shapes of the parts of ``block_forward``'s one saved tensor, from its arguments (:func:`saved_sizes`)."""
-    x, fc1_weight, router = args[0], args[1], args[9]
-    hidden = None if router is None else router.shape[0]  # type: ignore[attr-defined]
-    return saved_sizes(x.shape, fc1_weight.shape[0], hidden, len(args[_N]))  # type: ignore[attr-defined,arg-type]
-
-
 def saved_shapes(*args: object) -> list[tuple]:
-    """The shapes of ``block_forward``'s saved list, from its arguments: one flat tensor (:func:`unpack_saved`)."""
-    return [(sum(math.prod(shape) for shape in saved_parts(*args)),)]
+    """The shapes of ``block_forward``'s saved list, from its arguments (:func:`_saved_shapes`)."""
+    return _saved_shapes(args[0], args[1], args[9], len(args[_N]))  # type: ignore[arg-type]
 
 
 def saved_like(*args: object) -> list[Tensor]:
@@ -265,9 +232,8 @@ def block_backward(*args: object) -> list[Tensor]:
     flat = library.gradient_inputs(rest)
     branches = len(rest[_N])
     saved, (dilations, act, ca_gate, sa_gate) = rest[_N + 2], rest[_N + 3 : _N + 7]
-    parts = unpack_saved(saved[0], saved_parts(*rest))
     found = _backward(
-        args[:5], flat[0], flat[1:_N], flat[_N : _N + branches], flat[_N + branches :], parts, dilations, act,
+        args[:5], flat[0], flat[1:_N], flat[_N : _N + branches], flat[_N + branches :], saved, dilations, act,
         ca_gate, sa_gate, needs,
     )  # fmt: skip
     return library.gradients_like(found, flat, needs)

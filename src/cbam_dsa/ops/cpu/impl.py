@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -34,7 +33,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in native.DTYPES else torch.float32
 
 
-saved_like, saved_shapes = pytorch.saved_like, pytorch.saved_shapes  # the C kernels keep the same tensor
+saved_like, saved_shapes = pytorch.saved_like, pytorch.saved_shapes  # the C kernels keep the same list
 
 
 def _ready(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -46,8 +45,6 @@ class _Plan(NamedTuple):
 
     packed: Tensor  # the merged branches' layout (native.layout)
     sizes: ctypes.Array  # native.dims
-    shapes: list[tuple]  # the saved tensor's parts (pytorch.saved_parts)
-    counts: tuple[int, ...]  # their element counts
 
 
 @functools.lru_cache(maxsize=256)
@@ -55,8 +52,7 @@ def _plan(key: tuple) -> _Plan:
     shape, hidden, router_hidden, specs, act, gates, fusion, alpha, threads = key
     taps, packed = native.layout(specs)
     sizes = native.dims(shape, hidden, router_hidden, len(specs), taps, gates, act, fusion, alpha, threads)
-    parts = pytorch.saved_sizes(shape, hidden, router_hidden, len(specs))
-    return _Plan(packed, sizes, parts, tuple(math.prod(part) for part in parts))
+    return _Plan(packed, sizes)
 
 
 def _call(flat: Sequence[Tensor | None], branches: int, dilations: Sequence[int], act: str, gates: tuple[str, str]):
@@ -88,13 +84,15 @@ def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
     flat = library.gradient_inputs(args)
     branches, (dilations, act, ca_gate, sa_gate) = len(args[_N]), args[_N + 2 :]
     raw, plan, temperatures = _call(flat, branches, dilations, act, (ca_gate, sa_gate))
-    f = lib.block_forward(raw, plan.packed, plan.sizes, temperatures, plan.counts)
+    f = lib.block_forward(raw, plan.packed, plan.sizes, temperatures)
     if args[9] is None:  # no router: the kernels leave its hidden layer unwritten; ones, as the PyTorch version
-        pytorch.unpack_saved(f.saved, plan.shapes)[4].fill_(1)
-    maps = (f.ca, f.sa, f.fusion_w, f.router)
-    if x.dtype != f.saved.dtype:
+        f.router_hidden.fill_(1)
+    keep = x.shape[2] * x.shape[3] >= pytorch.KEEP_POOLS_FROM_PIXELS
+    saved = [f.z, f.s, f.logit, f.router, f.router_hidden, f.pre, f.pools if keep else f.pools.new_empty(0)]
+    maps = (f.ca, f.sa, f.fusion_w, f.router_w)  # the C forward writes the fusion weights and a copy of the router's
+    if x.dtype != f.z.dtype:
         maps = tuple(t.to(x.dtype) for t in maps)
-    return (_like(f.out, x), *maps, [f.saved])
+    return (_like(f.out, x), *maps, saved)
 
 
 def block_backward(*args: object) -> list[Tensor]:
@@ -110,10 +108,9 @@ def block_backward(*args: object) -> list[Tensor]:
     dtype = raw[0].dtype
     order = (*_KERNEL_ARGS, *range(_N, len(flat)))
     wanted = [needs[i] for i in order]
-    found, scalars = lib.block_backward(
-        _ready(grads[0], dtype), raw, _ready(saved[0], dtype), plan.counts, plan.packed, wanted, plan.sizes,
-        temperatures,
-    )  # fmt: skip
+    kept = [_ready(t, dtype) for t in (*saved[:6], saved[6] if saved[6].numel() else None)]
+    grad = _ready(grads[0], dtype)
+    found, scalars = lib.block_backward(grad, raw, kept, plan.packed, wanted, plan.sizes, temperatures)
     out: list[Tensor | None] = [None] * len(flat)
     for i, g in zip(order, found, strict=True):
         out[i] = g

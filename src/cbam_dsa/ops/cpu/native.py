@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import build
 
-__all__ = ["SAVED_PARTS", "BlockForward", "Library", "dims", "layout", "library", "one_sample_per_thread", "tap_layout"]
+__all__ = ["BlockForward", "Library", "dims", "layout", "library", "one_sample_per_thread", "tap_layout"]
 
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _PTR, _INT = ctypes.c_void_p, ctypes.c_int
@@ -34,35 +34,23 @@ _STATUS = {1: (MemoryError, "out of memory"), 2: (RuntimeError, "invalid dimensi
 class BlockForward(NamedTuple):
     """The outputs of :meth:`Library.block_forward`."""
 
+    pools: Tensor  # (2B, C): [avg; max]
+    pre: Tensor  # (2B, Rm): the MLP's first layer, before the activation
+    z: Tensor  # (B, C): the channel gate's input
     ca: Tensor  # (B, C, 1, 1)
-    sa: Tensor  # (B, 1, H, W)
-    fusion_w: Tensor  # (2,)
+    s: Tensor  # (B, 2, H, W)
+    router_hidden: Tensor  # (B, Rh)
     router: Tensor  # (B, K)
+    logit: Tensor  # (B, 1, H, W)
+    sa: Tensor  # (B, 1, H, W)
     out: Tensor  # (B, C, H, W)
-    saved: Tensor  # (L,): z, s, logit, router, router hidden, pre and pools (see SAVED_PARTS)
+    fusion_w: Tensor  # (2,): the fusion weights
+    router_w: Tensor  # (B, K): a copy of router (an output of its own)
 
 
-SAVED_PARTS = ("z", "s", "logit", "router", "router_hidden", "pre", "pools")
-"""The parts of the one saved tensor, in order: ``z`` (B, C), the channel gate's input; ``s`` (B, 2, H, W), the
-descriptors; ``logit`` (B, 1, H, W), the spatial gate's input; ``router`` (B, K); ``router_hidden`` (B, Rh);
-``pre`` (2B, Rm), the MLP's first layer before the activation; ``pools`` (2B, C), ``[avg; max]`` over H, W (no
-elements where the forward does not keep them: then the backward recomputes them)."""
-
-
-def _pointers(items: Sequence[Tensor | int | None]) -> ctypes.Array:
-    """A C array of the tensors' data pointers (addresses as given for ints, NULL for ``None``)."""
-    return (ctypes.c_void_p * len(items))(
-        *[None if t is None else t if isinstance(t, int) else t.data_ptr() for t in items]
-    )
-
-
-def _parts(saved: Tensor, counts: Sequence[int]) -> list[int | None]:
-    """The addresses of the parts of ``saved`` with ``counts`` elements each (``None`` for an empty part)."""
-    at, size, found = saved.data_ptr(), saved.element_size(), []
-    for count in counts:
-        found.append(at if count else None)
-        at += count * size
-    return found
+def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
+    """A C array of the tensors' data pointers (NULL for ``None``)."""
+    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
 
 
 def _check(status: int, name: str) -> None:
@@ -93,7 +81,6 @@ class Library:
         packed: Tensor,
         sizes: ctypes.Array,
         temperatures: tuple[float, float],
-        counts: Sequence[int],
     ) -> BlockForward:
         """The whole block's forward in one call: the pooling over H, W; the channel MLP, fused on its hidden layer
         (``z = (w0 * act(pre_avg) + w1 * act(pre_max)) @ W2^T + (w0 + w1) * b2``); ``ca = gate(z / T_ca)``; the
@@ -106,7 +93,6 @@ class Library:
             packed: the merged branches' layout (:func:`layout`).
             sizes: from :func:`dims`.
             temperatures: ``(T_ca, T_sa)``, the effective temperatures.
-            counts: the element counts of the saved tensor's parts (:data:`SAVED_PARTS`; ``pools`` may have none).
 
         Shape:
             - x: :math:`(B, C, H, W)`
@@ -115,12 +101,12 @@ class Library:
         x = raw[0]
         b, c, h, w = x.shape
         new = x.new_empty
-        saved = new(sum(counts))
-        z, s, logit, router, router_hidden, pre, pools = _parts(saved, counts)
-        scratch = None if pools else new(2 * b, c)  # the pools, where the backward does not keep them
-        f = BlockForward(new(b, c, 1, 1), new(b, 1, h, w), new(2), new(b, sizes[5]), torch.empty_like(x), saved)
-        outs = (pools or scratch, pre, z, f.ca, s, router_hidden, router, logit, f.sa, f.out, f.fusion_w, f.router)
-        pointers, scal = _pointers([*raw, *outs]), (ctypes.c_double * 2)(*temperatures)
+        f = BlockForward(
+            new(2 * b, c), new(2 * b, raw[1].shape[0]), new(b, c), new(b, c, 1, 1), new(b, 2, h, w),
+            new(b, sizes[4]), new(b, sizes[5]), new(b, 1, h, w), new(b, 1, h, w), torch.empty_like(x), new(2),
+            new(b, sizes[5]),
+        )  # fmt: skip
+        pointers, scal = _pointers([*raw, *f]), (ctypes.c_double * 2)(*temperatures)
         at = ctypes.addressof(pointers)
         _check(
             self._functions["block_forward", x.dtype](
@@ -129,15 +115,13 @@ class Library:
             ),
             "block_forward",
         )  # fmt: skip
-        del scratch
         return f
 
     def block_backward(
         self,
         grad: Tensor,
         raw: Sequence[Tensor | None],
-        saved: Tensor,
-        counts: Sequence[int],
+        saved: Sequence[Tensor | None],
         packed: Tensor,
         wanted: Sequence[bool],
         sizes: ctypes.Array,
@@ -148,8 +132,8 @@ class Library:
         Args:
             grad: the output's gradient, contiguous, in ``x``'s dtype.
             raw, packed, sizes, temperatures: as given to :meth:`block_forward`.
-            saved, counts: the saved tensor from :meth:`block_forward` (contiguous, in ``x``'s dtype) and its parts'
-                element counts (``pools`` with none: then recomputed).
+            saved: ``(z, s, logit, router, router hidden, pre, pools)`` from :meth:`block_forward` (``pools`` may be
+                ``None``: then recomputed).
             wanted: per ``raw`` tensor, whether its gradient is wanted.
 
         Returns:
@@ -162,7 +146,7 @@ class Library:
             for i, (t, need) in enumerate(zip(raw, wanted, strict=True))
         ]
         scalars, scal = torch.zeros(3, dtype=torch.float64), (ctypes.c_double * 2)(*temperatures)
-        pointers = _pointers([*raw, *_parts(saved, counts), *grads])
+        pointers = _pointers([*raw, *saved, *grads])
         at, n = ctypes.addressof(pointers), len(raw)
         _check(
             self._functions["block_backward", grad.dtype](
