@@ -7,7 +7,7 @@ nothing here imports an optional dependency.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ __all__ = [
     "as_tuple",
     "check_module_and_input",
     "compare",
+    "compare_runs",
     "dynamic_input_axes",
     "eval_mode",
     "output_names_for",
@@ -139,4 +140,24 @@ def compare(
             )
         if diff.numel():
             worst = max(worst, float(diff.max()))
+    return worst
+
+
+def compare_runs(
+    label: str,
+    module: nn.Module,
+    items: Sequence[Tensor],
+    run: Callable[[Tensor], Any],
+    names: Sequence[str],
+    atol: float,
+    rtol: float,
+) -> float:
+    """Largest absolute difference between ``run(x)`` (an exported file's runner) and ``module(x)`` (in eval mode)
+    over ``items``, by :func:`compare` on each input; ``label`` names the runner in the errors."""
+    worst = 0.0
+    with eval_mode(module), torch.no_grad():
+        for x in items:
+            expected = as_tuple(module(x))
+            got = as_tuple(run(x))
+            worst = max(worst, compare(f"{label} on input {tuple(x.shape)}", names, expected, got, atol, rtol))
     return worst

@@ -28,9 +28,8 @@ from ._common import (
     AXIS_NAMES,
     ExportError,
     as_inputs,
-    as_tuple,
     check_module_and_input,
-    compare,
+    compare_runs,
     dynamic_input_axes,
     eval_mode,
     output_names_for,
@@ -246,11 +245,8 @@ def verify_onnx(
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
-    worst = 0.0
-    with eval_mode(module), torch.no_grad():
-        for x in items:
-            expected = as_tuple(module(x))
-            got = [torch.from_numpy(a) for a in session.run(None, {input_name: x.detach().cpu().numpy()})]
-            what = f"onnxruntime on input {tuple(x.shape)}"
-            worst = max(worst, compare(what, names, expected, got, atol, rtol))
-    return worst
+
+    def run(x: Tensor) -> list[Tensor]:
+        return [torch.from_numpy(a) for a in session.run(None, {input_name: x.detach().cpu().numpy()})]
+
+    return compare_runs("onnxruntime", module, items, run, names, atol, rtol)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ._common import as_inputs, as_tuple, check_module_and_input, compare, eval_mode, output_names_for
+from ._common import as_inputs, check_module_and_input, compare_runs, eval_mode, output_names_for
 
 __all__ = ["export_torchscript", "verify_torchscript"]
 
@@ -74,12 +74,4 @@ def verify_torchscript(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")  # any category
         loaded = torch.jit.load(str(path), map_location="cpu")
-    names: list[str] = []
-    worst = 0.0
-    with eval_mode(module), torch.no_grad():
-        for x in items:
-            expected = as_tuple(module(x))
-            got = as_tuple(loaded(x))
-            names = names or output_names_for(module, x)
-            worst = max(worst, compare(f"TorchScript on input {tuple(x.shape)}", names, expected, got, atol, rtol))
-    return worst
+    return compare_runs("TorchScript", module, items, loaded, output_names_for(module, items[0]), atol, rtol)
