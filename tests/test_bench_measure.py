@@ -137,7 +137,7 @@ def test_contenders_are_the_operator_its_no_compiler_path_the_reference_and_the_
 
 def test_capture_operator_args_gives_what_the_block_passes_to_the_operator():
     from cbam_dsa import ops
-    from cbam_dsa.ops.cpu import impl
+    from cbam_dsa.bench.measure import cpu_kernel
 
     block = CBAMResidualDynamicSA(8)
     x = torch.randn(2, 8, 6, 6)
@@ -146,7 +146,7 @@ def test_capture_operator_args_gives_what_the_block_passes_to_the_operator():
     with torch.no_grad():
         expected = block(x)
         torch.testing.assert_close(ops.FORWARD(*args)[0], expected)
-        torch.testing.assert_close(impl.block_forward(*args)[0], expected)
+        torch.testing.assert_close(cpu_kernel(*args)[0], expected)
     block.fast_path = False
     assert bench.capture_operator_args(block, x) == ()
 

@@ -59,5 +59,5 @@ def test_overhead_sentence_names_the_three_calls():
     }
     text = bench.render_overhead(overhead)
     assert "the operator adds 50.0 µs per call (5.0% of the block's call)" in text
-    assert "`ops.cpu.impl.block_forward`, on the C kernels" in text
+    assert "below the autograd key: the C++ kernel over the C kernels" in text
     assert bench.render_overhead(None) is None

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..block import CBAMResidualDynamicSA
-from ..ops.cpu import impl, native
+from ..ops.cpu import native
 from .contenders import BASELINE, LABELS, build_contenders
 from .memory import peak_step_memory, saved_tensor_bytes
 from .network import measure_network
@@ -218,16 +218,22 @@ def capture_operator_args(block: CBAMResidualDynamicSA, x: Tensor) -> tuple[Any,
     return calls[0] if calls else ()
 
 
+def cpu_kernel(*args: Any) -> Any:
+    """``torch.ops.cbam_dsa.block_forward`` below the autograd key: the CPU kernel alone (the library's C++ kernel,
+    else the PyTorch implementation), as the autograd kernel reaches it."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return ops.FORWARD(*args)
+
+
 def measure_overhead(settings: Settings, dtype: torch.dtype) -> dict[str, Any] | None:
-    """What one forward of the block costs beyond the CPU implementation it runs, under ``torch.no_grad()``.
+    """What one forward of the block costs beyond the CPU kernel it runs, under ``torch.no_grad()``.
 
     Three calls with the same arguments, timed side by side in interleaved rounds (each sample
     ``settings.overhead_calls`` calls, reported per call): ``block(x)``; ``torch.ops.cbam_dsa.block_forward`` with
-    the arguments the block gives it; ``cbam_dsa.ops.cpu.impl.block_forward``, the CPU implementation the
-    dispatcher calls, with the same arguments. The operator's overhead is the median over rounds of operator time -
-    implementation time (the dispatcher, the autograd kernel, the schema's argument checks); the module's is
-    block time - operator time (the input check and the gathering of the weights). ``None`` off the CPU, or where
-    the block does not run the operator.
+    the arguments the block gives it; :func:`cpu_kernel`, the same call below the autograd key (the CPU kernel alone,
+    reported as ``implementation``). The operator's overhead is the median over rounds of operator time -
+    implementation time (the autograd kernel); the module's is block time - operator time (the input check and the
+    gathering of the weights). ``None`` off the CPU, or where the block does not run the operator.
     """
     if settings.device != "cpu":
         return None
@@ -250,7 +256,7 @@ def measure_overhead(settings: Settings, dtype: torch.dtype) -> dict[str, Any] |
     fns = {
         "block": repeat(block, x),
         "operator": repeat(ops.FORWARD, *args),
-        "implementation": repeat(impl.block_forward, *args),
+        "implementation": repeat(cpu_kernel, *args),
     }
     times = interleaved_times(fns, settings.rounds, settings.warmup, "cpu", settings.seed)
     per_call = {name: [t / calls for t in values] for name, values in times.items()}

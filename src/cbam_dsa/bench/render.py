@@ -115,12 +115,12 @@ def render_overhead(overhead: dict[str, Any] | None) -> str | None:
     if not overhead:
         return None
     median = overhead["median_us"]
-    kernels = "the C kernels" if overhead["fused_kernels"] else "its PyTorch implementation (no C kernels)"
+    kernels = "the C++ kernel over the C kernels" if overhead["fused_kernels"] else "the PyTorch implementation"
     return (
         f"Per-call overhead at {tuple(overhead['shape'])}, one forward under no_grad (median over rounds of "
         f"{overhead['calls_per_sample']} calls each): the block takes {median['block']:.1f} µs, "
-        f"`torch.ops.cbam_dsa.block_forward` {median['operator']:.1f} µs and the CPU implementation it dispatches to "
-        f"(`ops.cpu.impl.block_forward`, on {kernels}) {median['implementation']:.1f} µs with the same arguments: "
+        f"`torch.ops.cbam_dsa.block_forward` {median['operator']:.1f} µs and the CPU kernel it dispatches to (the same "
+        f"call below the autograd key: {kernels}) {median['implementation']:.1f} µs: "
         f"the operator adds {overhead['operator_overhead_us']:.1f} µs per call "
         f"({100 * overhead['operator_overhead_ratio']:.1f}% of the block's call), the module around it "
         f"{overhead['module_overhead_us']:.1f} µs."

@@ -32,7 +32,9 @@ from .. import functional as FA
 
 __all__ = [
     "BACKWARD",
+    "BACKWARD_SCHEMA",
     "FORWARD",
+    "FORWARD_SCHEMA",
     "OVERLOAD",
     "TENSOR_ARGS",
     "check_arguments",
@@ -75,9 +77,13 @@ briefly one packed tensor."""
 _FORWARD_NAME = f"block_forward.{OVERLOAD}" if OVERLOAD else "block_forward"
 _BACKWARD_NAME = f"block_backward.{OVERLOAD}" if OVERLOAD else "block_backward"
 
+# The operators' schemas less their names (also for operators of the same signature: the CPU implementation's).
+FORWARD_SCHEMA = f"({_ARGS}, {_SPEC}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])"
+BACKWARD_SCHEMA = f"({_GRADS}, {_ARGS}, Tensor[] saved, {_SPEC}, bool[] needs) -> Tensor[]"
+
 _library = torch.library.Library("cbam_dsa", "DEF")
-_library.define(f"{_FORWARD_NAME}({_ARGS}, {_SPEC}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])")
-_library.define(f"{_BACKWARD_NAME}({_GRADS}, {_ARGS}, Tensor[] saved, {_SPEC}, bool[] needs) -> Tensor[]")
+_library.define(_FORWARD_NAME + FORWARD_SCHEMA)
+_library.define(_BACKWARD_NAME + BACKWARD_SCHEMA)
 FORWARD = getattr(torch.ops.cbam_dsa.block_forward, OVERLOAD or "default")
 BACKWARD = getattr(torch.ops.cbam_dsa.block_backward, OVERLOAD or "default")
 _N = len(TENSOR_ARGS)
@@ -94,13 +100,13 @@ def implement(
     backward: Callable,
     saved_like: SavedLike,
     saved_shapes: Callable[..., Sequence[Sequence[int]]] | None = None,
+    direct: bool = True,
 ) -> None:
     """Register a device's implementation of both operators.
 
     The dispatcher's kernels check their arguments (:func:`check_arguments`) before calling ``forward`` or
-    ``backward``, so these get checked arguments. The autograd node's backward calls ``backward`` without the check:
-    its arguments are those its forward checked, the tensors that forward returned, and gradients that autograd has
-    matched to the outputs.
+    ``backward``. With ``direct``, the autograd node calls them without the dispatcher (:func:`_below_autograd`),
+    its backward without the check: it gets what its forward checked and returned, and autograd's gradients.
 
     Args:
         device (str): ``"cpu"`` or ``"cuda"``.
@@ -110,6 +116,8 @@ def implement(
             ``saved`` output, for the fake kernel (called on fake tensors: no data access).
         saved_shapes (Callable, optional): takes ``block_forward``'s arguments and returns the shapes of its
             ``saved`` output, for ``block_backward``'s check (without allocating); default: those of ``saved_like``.
+        direct (bool): whether the autograd node may call ``forward`` and ``backward`` directly; ``False`` where
+            kernels registered outside Python may take their place (the CPU's C++ ones).
     """
     key = {"cpu": "CPU", "cuda": "CUDA"}[device]
 
@@ -125,7 +133,10 @@ def implement(
     _library.impl(_BACKWARD_NAME, checked_backward, key)
     _saved_like[device] = saved_like
     _saved_shapes[device] = saved_shapes or (lambda *args: [t.shape for t in saved_like(*args)])
-    _kernels[device] = (checked_forward, backward)
+    if direct:
+        _kernels[device] = (checked_forward, backward)
+    else:
+        _kernels.pop(device, None)
 
 
 def devices() -> frozenset[str]:
@@ -306,11 +317,10 @@ def gradients_like(grads: Sequence[Tensor | None], inputs: Sequence[Tensor | Non
 
 
 def _below_autograd(which: int, op: Any, x: Tensor, args: Sequence[Any]) -> Any:
-    """``op(*args)`` below the autograd keys. For plain tensors with no dispatch mode or functorch transform active,
-    the device's kernel is called directly: the same function the dispatcher would reach (for the backward, without
-    re-checking the arguments its forward checked: see :func:`implement`), without a second pass through it (about
-    25 µs a call here, a large share of a call on small maps). Everything else (fake and functional tensors under
-    torch.compile, opcheck's modes, subclasses) goes through the dispatcher."""
+    """``op(*args)`` below the autograd keys. For a device whose Python kernels are ``direct`` (:func:`implement`),
+    plain tensors and no dispatch mode or functorch transform, the kernel is called directly (the backward without
+    re-checking what its forward checked), without a second pass through the dispatcher (about 25 µs a call here).
+    Everything else (C++ kernels, torch.compile's fake tensors, opcheck's modes, subclasses) goes through it."""
     kernels = _kernels.get(x.device.type)
     if (
         kernels is not None

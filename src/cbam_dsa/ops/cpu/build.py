@@ -1,9 +1,13 @@
-"""The C library of the CPU kernels: compiled from ``kernels.c`` on first use, cached, verified, loaded with ctypes.
+"""The library of the CPU kernels: compiled from ``kernels.c`` and ``operators.cpp`` on first use, cached, verified,
+loaded with ctypes.
 
-The library is compiled once per machine with the system C compiler (``$CC``, else ``cc``; a command with arguments
-such as ``ccache gcc`` is split as build tools split it; OpenMP, ``-O3 -march=native``) and kept in a cache folder
-(:func:`cache_dir`), keyed by the source, the flags, the compiler command and its version, and the CPU. OpenMP is the
-one PyTorch already loaded, so both share one thread pool.
+``kernels.c`` holds the C kernels (OpenMP, ``-O3 -march=native``); ``operators.cpp`` the operators' CPU kernels over
+them, against PyTorch's C++ headers and libraries (the ones of the torch that runs, which it registers with the
+dispatcher: :mod:`.native`). The library is compiled once per machine with the system compiler (``$CC``, else
+``cc``, for both files: gcc and clang compile C++ by the file's suffix; ``$CXX`` for the C++ file where it is set; a
+command with arguments such as ``ccache gcc`` is split as build tools split it) and kept in a cache folder
+(:func:`cache_dir`), keyed by the sources, the flags, the compiler commands and their versions, the torch version
+and the CPU. OpenMP is the one PyTorch already loaded, so both share one thread pool.
 
 The cache folder is ``$CBAM_DSA_CACHE``, else ``$XDG_CACHE_HOME/cbam_dsa``, else ``~/.cache/cbam_dsa``, with
 fallbacks where it is not writable (:mod:`.cache`, which also holds the record, the failure marker and the lock).
@@ -71,21 +75,29 @@ __all__ = [
     "cache_dir",
     "enabled",
     "library",
+    "registered",
     "why",
 ]
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
+CXX_SOURCE = Path(__file__).with_name("operators.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11")
+CXX_FLAGS = ("-O2", "-fPIC", "-std=c++20")
 SCALARS = {"f32": "float", "f64": "double"}  # the suffix of each entry point, and its C type
-ENTRY_POINTS = tuple(f"{name}_{suffix}" for name in ("block_forward", "block_backward") for suffix in SCALARS)
+ENTRY_POINTS = (
+    *(f"{name}_{suffix}" for name in ("block_forward", "block_backward") for suffix in SCALARS),
+    "cbam_dsa_register",
+    "cbam_dsa_error",
+)
 STEP_TIMEOUT = 300.0
 """Seconds each external step (version probe, compile, link) may take; ``CBAM_DSA_BUILD_TIMEOUT`` overrides it."""
 _LIBRARY_SUFFIX = ".dll" if os.name == "nt" else ".so"
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+_registered: list[ctypes.CDLL] = []
 
 
 class NativeBuildWarning(RuntimeWarning):
@@ -109,22 +121,38 @@ def why() -> str | None:
 # External steps.
 
 
-def _compiler_command() -> list[str]:
-    """The compiler command from ``$CC`` (else ``cc``), split as a shell would (``ccache gcc``, ``gcc -O2``), its
-    program resolved on ``PATH``.
+def _compiler_command(variable: str = "CC") -> list[str]:
+    """The compiler command from ``$CC`` (else ``cc``; ``$CXX`` with ``variable="CXX"``), split as a shell would
+    (``ccache gcc``, ``gcc -O2``), its program resolved on ``PATH``.
 
     Raises:
-        BuildError: ``CC`` cannot be split, or its program is not found.
+        BuildError: the variable cannot be split, or its program is not found.
     """
-    text = os.environ.get("CC", "").strip() or "cc"
+    text = os.environ.get(variable, "").strip() or "cc"
     try:
         parts = shlex.split(text, posix=os.name != "nt")
     except ValueError as error:
-        raise BuildError(f"CC={text!r} cannot be split into a command ({error})") from None
+        raise BuildError(f"{variable}={text!r} cannot be split into a command ({error})") from None
     found = shutil.which(parts[0]) if parts else None
     if found is None:
-        raise BuildError(f"no C compiler found: {parts[0] if parts else text!r} (from CC={text!r}) is not on PATH")
+        what = "C" if variable == "CC" else "C++"
+        raise BuildError(
+            f"no {what} compiler found: {parts[0] if parts else text!r} (from {variable}={text!r}) is not on PATH"
+        )
     return [found, *parts[1:]]
+
+
+def _torch_build() -> tuple[list[str], list[str], str]:
+    """What ``operators.cpp`` compiles and links against: the flags for PyTorch's headers, those for its libraries,
+    and the torch build they belong to (for the key)."""
+    import torch
+
+    root = Path(torch.__file__).resolve().parent
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+    lib = str(root / "lib")
+    compile_flags = ["-isystem", str(root / "include"), f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    link_flags = ["-L", lib, "-lc10", "-ltorch_cpu", "-lstdc++", f"-Wl,-rpath,{lib}"]
+    return compile_flags, link_flags, f"torch {torch.__version__} {torch.version.git_version} at {root}"
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -182,8 +210,9 @@ def _cpu_flags() -> str:
 
 def _key(command: list[str], version: str) -> str:
     parts = [
-        f"record format {RECORD_FORMAT}", SOURCE.read_text(), " ".join(FLAGS), shlex.join(command), version,
-        _cpu_flags(), platform.machine(), sys.platform,
+        f"record format {RECORD_FORMAT}", SOURCE.read_text(), CXX_SOURCE.read_text(), " ".join(FLAGS),
+        " ".join(CXX_FLAGS), shlex.join(command), version, _torch_build()[2], _cpu_flags(), platform.machine(),
+        sys.platform,
     ]  # fmt: skip
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
@@ -193,10 +222,12 @@ def _key(command: list[str], version: str) -> str:
 
 
 def _open(library: Path) -> ctypes.CDLL:
-    """Load ``library`` and check that it has the entry points.
+    """Load ``library``, check that it has the entry points, and register its operator kernels with PyTorch's
+    dispatcher (``cbam_dsa_register``: they take the place of the Python ones for the CPU) where no library has
+    yet in this process.
 
     Raises:
-        BuildError: it does not load, or lacks an entry point.
+        BuildError: it does not load, lacks an entry point, or its kernels do not register.
     """
     try:
         handle = ctypes.CDLL(str(library))
@@ -204,7 +235,19 @@ def _open(library: Path) -> ctypes.CDLL:
             getattr(handle, name)
     except (OSError, AttributeError) as error:
         raise BuildError(f"the library {library} does not load ({error})", remember=True) from None
+    if not _registered:  # once per process: a library loaded later (another cache's copy) is not registered
+        handle.cbam_dsa_register.restype = ctypes.c_int
+        handle.cbam_dsa_error.restype = ctypes.c_char_p
+        if handle.cbam_dsa_register() != 0:
+            error = handle.cbam_dsa_error().decode(errors="replace")
+            raise BuildError(f"the library {library} loads, but its kernels do not register ({error})", remember=True)
+        _registered.append(handle)
     return handle
+
+
+def registered() -> ctypes.CDLL | None:
+    """The library whose kernels the dispatcher runs (the first one loaded in this process), or ``None``."""
+    return _registered[0] if _registered else None
 
 
 def _load_cached(library: Path, key: str) -> ctypes.CDLL | None:
@@ -223,6 +266,8 @@ def _build(command: list[str], folder: Path, library: Path, key: str) -> None:
     Raises:
         BuildError: a step failed or ran too long (``remember`` set).
     """
+    compile_flags, link_flags, _ = _torch_build()
+    cxx = _compiler_command("CXX") if os.environ.get("CXX", "").strip() else command
     with tempfile.TemporaryDirectory(dir=folder, prefix=".build-", ignore_cleanup_errors=True) as work:
         objects = []
         for suffix, scalar in SCALARS.items():
@@ -230,8 +275,11 @@ def _build(command: list[str], folder: Path, library: Path, key: str) -> None:
             compile_step = [*command, *FLAGS, f"-DSCALAR={scalar}", f"-DSUFFIX={suffix}", "-c", str(SOURCE)]
             _run([*compile_step, "-o", str(obj)], f"compiling {SOURCE.name} for {scalar}")
             objects.append(str(obj))
+        obj = Path(work) / "operators.o"
+        _run([*cxx, *CXX_FLAGS, *compile_flags, "-c", str(CXX_SOURCE), "-o", str(obj)], f"compiling {CXX_SOURCE.name}")
+        objects.append(str(obj))
         built = Path(work) / library.name
-        _run([*command, "-shared", "-fopenmp", *objects, "-o", str(built)], "linking the library")
+        _run([*command, "-shared", "-fopenmp", *objects, "-o", str(built), *link_flags], "linking the library")
         try:
             size, digest = built.stat().st_size, _sha256(built)
             os.replace(built, library)
@@ -270,6 +318,10 @@ def _load_from(folder: Path, command: list[str], key: str) -> ctypes.CDLL:
 def _load() -> ctypes.CDLL:
     command = _compiler_command()
     version = _run([*command, "--version"], "the compiler's version probe (--version)", remember=False)
+    if os.environ.get("CXX", "").strip():  # the C++ file's own compiler: in the key too
+        cxx = _compiler_command("CXX")
+        probe = _run([*cxx, "--version"], "the C++ compiler's version probe (--version)", remember=False)
+        version = f"{version}\n{shlex.join(cxx)}\n{probe}"
     key = _key(command, version)
     folder = cache_dir()
     if folder is not None:
@@ -293,7 +345,8 @@ def _announce(reason: str) -> None:
     warnings.warn(
         "cbam_dsa: the C kernels of the CPU fast path are unavailable, so the block runs its PyTorch "
         f"implementation (same results, about 2-3x slower on the CPU). Reason: {reason}. To fix it, install a C "
-        "compiler with OpenMP support (e.g. gcc) or point CC at one (CC may hold arguments, e.g. CC='ccache gcc'). "
+        "and C++ compiler with OpenMP support (e.g. gcc and g++) or point CC at one (CC may hold arguments, e.g. "
+        "CC='ccache gcc'; CXX, where set, compiles the C++ file). "
         "To silence this warning, set CBAM_DSA_NATIVE=0.",
         NativeBuildWarning,
         stacklevel=3,
