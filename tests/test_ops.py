@@ -194,25 +194,46 @@ def test_opcheck_backward(backend, config, maps):
     torch.library.opcheck(ops.BACKWARD, (*grads, *args[:15], saved, *args[15:], needs))
 
 
-def test_the_operators_check_their_arguments():
+BAD_FORWARD = {  # what is wrong: (position, replacement from the good value, the whole message after the operator's name)
+    "x_dtype": (0, lambda t: t.long(), r"x must be a floating-point \(B, C, H, W\) tensor with H, W >= 1, but got "
+                r"shape \(2, 6, 4, 4\) and dtype torch.int64"),
+    "channels": (1, lambda t: torch.randn(3, 5, 1, 1), r"x has 6 channels, but fc1_weight has shape \(3, 5, 1, 1\) "
+                 r"\(expected \(hidden, 6, 1, 1\)\)"),
+    "shape": (4, lambda t: torch.randn(5), r"fc2_bias must have shape \(6,\), but got \(5,\)"),
+    "scalar": (6, lambda t: torch.ones(2), r"ca_temperature must have shape \(\), but got \(2,\)"),
+    "dtype": (2, lambda t: t.long(), r"fc1_bias must be a floating-point tensor on x's device \(cpu\), but got "
+              r"torch.int64 on cpu"),
+    "router": (9, lambda t: None, "router_fc1_weight is None, but the other router tensors are given"),
+    "kernel": (13, lambda ts: [torch.randn(1, 2, 4, 4), *ts[1:]], r"branch 0 must have an odd kernel size and a "
+               r"dilation >= 1, but got kernel shape \(1, 2, 4, 4\) and dilation 1"),
+    "act": (16, lambda a: "gelu", r"act must be one of \('relu', 'silu'\), but got 'gelu'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["kernel", "fake"])
+@pytest.mark.parametrize("wrong", list(BAD_FORWARD))
+def test_the_operators_check_their_arguments(where, wrong):
+    """A bad argument is a ValueError worded the same by the CPU kernel (C++ where the library is loaded) and by the
+    fake kernel (Python: what torch.compile traces)."""
     block = make_block(6, torch.float32)
-    args = list(_op_args(block, torch.randn(2, 6, 4, 4)))
-    bad = {
-        1: (torch.randn(3, 5, 1, 1), "x has 6 channels"),
-        4: (torch.randn(5), r"fc2_bias must have shape \(6,\)"),
-        6: (torch.ones(2), r"ca_temperature must have shape \(\)"),
-        9: (None, "router_fc1_weight is None"),
-        16: ("gelu", "act must be one of"),
-    }
-    for position, (value, message) in bad.items():
-        wrong = list(args)
-        wrong[position] = value
-        with pytest.raises(ValueError, match=message):
-            ops.FORWARD(*wrong)
-    wrong = list(args)
-    wrong[13] = [torch.randn(1, 2, 4, 4), *args[13][1:]]
-    with pytest.raises(ValueError, match="odd kernel size"):
-        ops.FORWARD(*wrong)
+    args = [a.detach() if isinstance(a, Tensor) else a for a in _op_args(block, torch.randn(2, 6, 4, 4))]
+    position, change, message = BAD_FORWARD[wrong]
+    args[position] = change(args[position])
+    if where == "fake":
+        mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
+        args = [
+            mode.from_tensor(a) if isinstance(a, Tensor) else [mode.from_tensor(t) for t in a] if _tensors(a) else a
+            for a in args
+        ]
+        with mode, pytest.raises(ValueError, match="cbam_dsa::block_forward: " + message):
+            ops.FORWARD(*args)
+    else:
+        with pytest.raises(ValueError, match="cbam_dsa::block_forward: " + message):
+            ops.FORWARD(*args)
+
+
+def _tensors(a: object) -> bool:
+    return isinstance(a, list) and bool(a) and isinstance(a[0], Tensor)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
