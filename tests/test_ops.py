@@ -194,7 +194,7 @@ def test_opcheck_backward(backend, config, maps):
     torch.library.opcheck(ops.BACKWARD, (*grads, *args[:15], saved, *args[15:], needs))
 
 
-BAD_FORWARD = {  # what is wrong: (position, replacement from the good value, the whole message after the operator's name)
+BAD_FORWARD = {  # what is wrong: (position, replacement of the good value, the message after the operator name)
     "x_dtype": (0, lambda t: t.long(), r"x must be a floating-point \(B, C, H, W\) tensor with H, W >= 1, but got "
                 r"shape \(2, 6, 4, 4\) and dtype torch.int64"),
     "channels": (1, lambda t: torch.randn(3, 5, 1, 1), r"x has 6 channels, but fc1_weight has shape \(3, 5, 1, 1\) "
