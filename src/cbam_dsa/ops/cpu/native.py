@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import ctypes
 
-import torch
-
 from . import build
 
-__all__ = ["DTYPES", "ENTRIES", "Library", "library"]
+__all__ = ["ENTRIES", "Library", "library"]
 
-DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-"""The dtypes the C code runs in (others are converted to float32 for it)."""
 ENTRIES = ("block_forward", "block_backward")
 
 

@@ -50,6 +50,9 @@ using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, std::ve
 
 constexpr int64_t KEEP_POOLS_FROM_PIXELS = 64;  // ops/pytorch.py: the pooled descriptors are saved from here on
 constexpr int N = 13;                           // the operators' single tensor arguments (library.TENSOR_ARGS)
+// The positions among them of the C code's inputs, in its order (the temperatures reach it as numbers); the branch
+// kernels and biases follow.
+constexpr int KERNEL_ARGS[11] = {0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12};
 
 // The operators' arguments, as one struct (the schema's order; library.py documents them).
 struct Args {
@@ -264,19 +267,14 @@ Tensor ready(const Tensor &t, at::ScalarType type) {
 void prepare(Call &call, const Args &a) {
   const Tensor &x = a.x;
   call.type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor *inputs[11] = {&x, &a.fc1_weight, &a.fc1_bias, &a.fc2_weight, &a.fc2_bias,
-                              a.fusion_logits ? &*a.fusion_logits : nullptr, a.alpha ? &*a.alpha : nullptr,
-                              a.router_fc1_weight ? &*a.router_fc1_weight : nullptr,
-                              a.router_fc1_bias ? &*a.router_fc1_bias : nullptr,
-                              a.router_fc2_weight ? &*a.router_fc2_weight : nullptr,
-                              a.router_fc2_bias ? &*a.router_fc2_bias : nullptr};
+  const auto singles = a.singles();
   const size_t branches = a.branch_weights.size();
   call.raw.reserve(11 + 2 * branches);
   auto add = [&](const Tensor *t) {
     call.raw.push_back(t ? ready(*t, call.type) : Tensor());
     call.pointers.push_back(t ? call.raw.back().data_ptr() : nullptr);
   };
-  for (const Tensor *t : inputs) add(t);
+  for (int i : KERNEL_ARGS) add(singles[i]);
   for (const Tensor &t : a.branch_weights) add(&t);
   for (const Tensor &t : a.branch_biases) add(&t);
   std::vector<std::pair<int64_t, int64_t>> specs;
@@ -411,9 +409,8 @@ std::vector<Tensor> block_backward(const Maybe &grad_out, const Maybe &grad_ca, 
   Call call;
   prepare(call, a);
   // The C code's tensors in its order, by their position among the operators' tensor arguments (needs' order).
-  static const int kernel_args[11] = {0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12};
   const size_t branches = branch_weights.size(), n = 11 + 2 * branches;
-  std::vector<int> order(kernel_args, kernel_args + 11);
+  std::vector<int> order(KERNEL_ARGS, KERNEL_ARGS + 11);
   for (size_t i = 0; i < 2 * branches; ++i) order.push_back(N + i);
   std::vector<Tensor> kept;
   std::vector<const void *> kept_pointers;
