@@ -1,6 +1,6 @@
 """The fused block as PyTorch operators (``torch.ops.cbam_dsa``), one implementation per device.
 
-* :mod:`.library`: the two operators' schemas, fake kernels and autograd;
+* :mod:`.library`: the two operators' schemas, argument checks and fake kernels; :mod:`.autograd`: their autograd;
 * :mod:`.cpu`: the C kernels (built on first use) and, without a C compiler, :mod:`.pytorch`;
 * :mod:`.cuda`: the Triton kernels, opt-in (:func:`use_triton`, or ``CBAM_DSA_TRITON=1`` in the environment) until
   they have passed the correctness check on a real GPU and measured faster than the reference there.
@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import cpu, library
+from . import autograd, cpu, library  # noqa: F401 (autograd: registers the autograd kernel)
 from .library import BACKWARD, FORWARD
 
 __all__ = ["BACKWARD", "FORWARD", "BlockSpec", "fused_block", "runs_on", "use_triton"]

@@ -14,10 +14,8 @@ takes the gradients of the output and of the maps (each may be ``None``) and ret
 argument, an empty tensor where the argument is ``None`` or its gradient is not needed.
 
 Each device registers its implementation with :func:`implement` (``cpu/``: the C kernels, ``cuda/``: Triton); the
-dispatcher chooses by device. The fake (meta) kernels make ``torch.compile`` and FX see through both operators. The
-autograd kernel records one node per block whose backward calls ``block_backward``; a backward pass that is itself
-differentiated (``create_graph=True``) differentiates the reference math of :mod:`..functional` instead, for every
-device: one mechanism for every order above the first.
+dispatcher chooses by device. The fake (meta) kernels make ``torch.compile`` and FX see through both operators. Their
+autograd is :mod:`.autograd`'s.
 """
 
 from __future__ import annotations
@@ -40,6 +38,7 @@ __all__ = [
     "check_arguments",
     "check_backward_arguments",
     "devices",
+    "direct_kernels",
     "forward_arguments",
     "gradients_like",
     "implement",
@@ -137,6 +136,11 @@ def implement(
         _kernels[device] = (checked_forward, backward)
     else:
         _kernels.pop(device, None)
+
+
+def direct_kernels(device: str) -> tuple[Callable, Callable] | None:
+    """The checked forward and the unchecked backward of a device registered with ``direct`` (:func:`implement`)."""
+    return _kernels.get(device)
 
 
 def devices() -> frozenset[str]:
@@ -310,91 +314,3 @@ def gradients_like(grads: Sequence[Tensor | None], inputs: Sequence[Tensor | Non
         else:
             out.append(torch.empty_like(t).copy_(grad.reshape(t.shape)))
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Autograd.
-
-
-def _below_autograd(which: int, op: Any, x: Tensor, args: Sequence[Any]) -> Any:
-    """``op(*args)`` below the autograd keys. For a device whose Python kernels are ``direct`` (:func:`implement`),
-    plain tensors and no dispatch mode or functorch transform, the kernel is called directly (the backward without
-    re-checking what its forward checked), without a second pass through the dispatcher (about 25 µs a call here).
-    Everything else (C++ kernels, torch.compile's fake tensors, opcheck's modes, subclasses) goes through it."""
-    kernels = _kernels.get(x.device.type)
-    if (
-        kernels is not None
-        and type(x) is torch.Tensor
-        and not torch._C._len_torch_dispatch_stack()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-    ):
-        return kernels[which](*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
-
-
-class _Block(torch.autograd.Function):
-    """One autograd node per block over ``block_forward``; backward calls ``block_backward``."""
-
-    @staticmethod
-    def forward(ctx: Any, spec: tuple, branches: int, *tensors: Tensor | None) -> tuple[Tensor, ...]:
-        *outs, saved = _below_autograd(0, FORWARD, tensors[0], (*_unflatten(tensors, branches), *spec))
-        ctx.save_for_backward(*tensors, *saved)
-        ctx.spec, ctx.branches, ctx.count = spec, branches, len(tensors)
-        ctx.mark_non_differentiable(*saved)
-        ctx.set_materialize_grads(False)
-        return (*outs, *saved)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        everything = ctx.saved_tensors
-        tensors, saved = everything[: ctx.count], list(everything[ctx.count :])
-        needs = list(ctx.needs_input_grad[2:])
-        grads = grads[:5]
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference math
-            return (None, None, *_differentiable_grads(tensors, ctx.branches, ctx.spec, grads, needs))
-        args = (*grads, *_unflatten(tensors, ctx.branches), saved, *ctx.spec, needs)
-        found = _below_autograd(1, BACKWARD, tensors[0], args)
-        return (None, None, *(grad if need else None for grad, need in zip(found, needs, strict=True)))
-
-
-def _unflatten(tensors: Sequence[Tensor | None], branches: int) -> tuple:
-    return (*tensors[:_N], list(tensors[_N : _N + branches]), list(tensors[_N + branches :]))
-
-
-def reference(tensors: Sequence[Tensor | None], branches: int, spec: Sequence[Any]) -> tuple[Tensor, ...]:
-    """The block's ``(out, ca, sa, fusion_w, router_w)`` by :func:`..functional.cbam_residual_dynamic_sa` from the
-    operators' flat tensor arguments and spec."""
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fusion_logits, t_ca, t_sa, alpha, *router = tensors[:_N]
-    weights, biases = tensors[_N : _N + branches], tensors[_N + branches :]
-    dilations, act, ca_gate, sa_gate = spec
-    return FA.cbam_residual_dynamic_sa(
-        x, (fc1_weight, fc1_bias, fc2_weight, fc2_bias), fusion_logits, list(weights), list(biases), list(dilations),
-        None if router[0] is None else tuple(router), alpha, act, ca_gate, t_ca, sa_gate, t_sa,
-    )  # fmt: skip
-
-
-def _differentiable_grads(
-    tensors: Sequence[Tensor | None], branches: int, spec: tuple, grads: Sequence[Tensor | None], needs: list[bool]
-) -> list[Tensor | None]:
-    """The gradients by autograd over the reference math, with ``create_graph=True``."""
-    wanted = [t for t, need in zip(tensors, needs, strict=True) if need]
-    pairs = [(o, g) for o, g in zip(reference(tensors, branches, spec), grads, strict=True) if g is not None]
-    pairs = [(o, g) for o, g in pairs if o.requires_grad]
-    found = iter([None] * len(wanted))
-    if pairs and wanted:
-        outputs, grad_outputs = zip(*pairs, strict=True)
-        found = iter(torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True, create_graph=True))
-    return [next(found) if need else None for need in needs]
-
-
-def _autograd_forward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    if torch.is_grad_enabled():  # (not under a compiled graph's forward, which runs with grad off)
-        tensors = gradient_inputs(args)
-        if any(t is not None and t.requires_grad for t in tensors):
-            outs = _Block.apply(tuple(args[_N + 2 :]), len(args[_N]), *tensors)
-            return (*outs[:5], list(outs[5:]))
-    return _below_autograd(0, FORWARD, args[0], args)
-
-
-_library.impl(_FORWARD_NAME, _autograd_forward, "Autograd")

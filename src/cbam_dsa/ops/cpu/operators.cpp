@@ -1,5 +1,6 @@
 /* The CPU kernels of the operators cbam_dsa::block_forward and cbam_dsa::block_backward, over the C entry points of
- * kernels.c, registered with PyTorch's dispatcher by cbam_dsa_register() (called once by native.py).
+ * kernels.c, and block_forward's AutogradCPU kernel, registered with PyTorch's dispatcher by cbam_dsa_register()
+ * (called once by native.py).
  *
  * Each kernel checks its arguments (a ValueError that names the argument, as ops/library.py's checks word it),
  * converts the tensors the C code reads to contiguous float32/float64, builds the merged branches' layout (cached
@@ -11,12 +12,14 @@
  * RuntimeError that names it. No C++ exception crosses the C entry points of this file.
  */
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
+#include <c10/core/GradMode.h>
 #include <torch/library.h>
 
 #include <array>
@@ -321,17 +324,27 @@ Tensor like(const Tensor &t, const Tensor &x) {  // t in x's dtype, laid out as 
 // ---------------------------------------------------------------------------------------------------------------
 // The kernels.
 
-ForwardResult pytorch_forward(const Args &a) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("cbam_dsa::_pytorch_block_forward", "")
-                       .typed<ForwardResult(const Tensor &, const Tensor &, const Tensor &, const Tensor &,
-                                            const Tensor &, const Maybe &, const Tensor &, const Tensor &,
-                                            const Maybe &, const Maybe &, const Maybe &, const Maybe &, const Maybe &,
-                                            TensorList, TensorList, at::IntArrayRef, c10::string_view,
-                                            c10::string_view, c10::string_view)>();
+using ForwardSignature = ForwardResult(const Tensor &, const Tensor &, const Tensor &, const Tensor &,
+                                       const Tensor &, const Maybe &, const Tensor &, const Tensor &, const Maybe &,
+                                       const Maybe &, const Maybe &, const Maybe &, const Maybe &, TensorList,
+                                       TensorList, at::IntArrayRef, c10::string_view, c10::string_view,
+                                       c10::string_view);
+
+using ForwardOp = c10::TypedOperatorHandle<ForwardSignature>;
+
+ForwardOp forward_op(const char *name) {  // an operator of block_forward's schema
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<ForwardSignature>();
+}
+
+ForwardResult call(const ForwardOp &op, const Args &a) {
   return op.call(a.x, a.fc1_weight, a.fc1_bias, a.fc2_weight, a.fc2_bias, a.fusion_logits, a.ca_temperature,
                  a.sa_temperature, a.alpha, a.router_fc1_weight, a.router_fc1_bias, a.router_fc2_weight,
                  a.router_fc2_bias, a.branch_weights, a.branch_biases, a.dilations, a.act, a.ca_gate, a.sa_gate);
+}
+
+ForwardResult pytorch_forward(const Args &a) {
+  static const ForwardOp op = forward_op("cbam_dsa::_pytorch_block_forward");
+  return call(op, a);
 }
 
 ForwardResult block_forward(const Tensor &x, const Tensor &fc1_weight, const Tensor &fc1_bias,
@@ -373,6 +386,35 @@ ForwardResult block_forward(const Tensor &x, const Tensor &fc1_weight, const Ten
   if (x.scalar_type() != call.type)
     for (Tensor &m : maps) m = m.to(x.scalar_type());
   return {like(f[9], x), maps[0], maps[1], maps[2], maps[3], std::move(saved)};
+}
+
+// The forward's autograd kernel on the CPU, in place of ops/autograd.py's Python one: where no gradient is wanted
+// (grad mode off, as in a compiled graph's forward and in inference, or no argument requiring one), the CPU kernel
+// below the autograd keys at once; else the autograd node of ops/autograd.py, through the operator
+// cbam_dsa::_differentiable_block_forward (CompositeImplicitAutograd, in Python).
+ForwardResult autograd_forward(const Tensor &x, const Tensor &fc1_weight, const Tensor &fc1_bias,
+                               const Tensor &fc2_weight, const Tensor &fc2_bias, const Maybe &fusion_logits,
+                               const Tensor &ca_temperature, const Tensor &sa_temperature, const Maybe &alpha,
+                               const Maybe &router_fc1_weight, const Maybe &router_fc1_bias,
+                               const Maybe &router_fc2_weight, const Maybe &router_fc2_bias,
+                               TensorList branch_weights, TensorList branch_biases, at::IntArrayRef dilations,
+                               c10::string_view act, c10::string_view ca_gate, c10::string_view sa_gate) {
+  const Args a{x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fusion_logits, ca_temperature, sa_temperature, alpha,
+               router_fc1_weight, router_fc1_bias, router_fc2_weight, router_fc2_bias, branch_weights, branch_biases,
+               dilations, act, ca_gate, sa_gate};
+  bool wanted = false;
+  if (c10::GradMode::is_enabled()) {
+    for (const Tensor *t : a.singles()) wanted = wanted || (t && t->requires_grad());
+    for (const Tensor &t : branch_weights) wanted = wanted || t.requires_grad();
+    for (const Tensor &t : branch_biases) wanted = wanted || t.requires_grad();
+  }
+  if (wanted) {
+    static const ForwardOp differentiable = forward_op("cbam_dsa::_differentiable_block_forward");
+    return call(differentiable, a);
+  }
+  static const ForwardOp op = forward_op("cbam_dsa::block_forward");
+  at::AutoDispatchBelowAutograd below;
+  return call(op, a);
 }
 
 using BackwardSignature = std::vector<Tensor>(
@@ -472,15 +514,16 @@ std::string last_error;
 
 extern "C" {
 
-/* Register both kernels for the CPU dispatch key (once; later calls do nothing). Returns 0, or 1 with the reason in
-   cbam_dsa_error(). */
+/* Register the kernels: both operators' for the CPU dispatch key, the forward's for AutogradCPU (once; later calls do
+   nothing). Returns 0, or 1 with the reason in cbam_dsa_error(). */
 int cbam_dsa_register(void) {
   try {
     if (!registration) {
-      auto made = std::make_unique<torch::Library>(torch::Library::IMPL, "cbam_dsa", c10::DispatchKey::CPU,
-                                                   __FILE__, __LINE__);
-      made->impl("block_forward", TORCH_FN(block_forward));
-      made->impl("block_backward", TORCH_FN(block_backward));
+      auto made = std::make_unique<torch::Library>(torch::Library::IMPL, "cbam_dsa", std::nullopt, __FILE__,
+                                                   __LINE__);
+      made->impl("block_forward", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(block_forward)));
+      made->impl("block_forward", torch::dispatch(c10::DispatchKey::AutogradCPU, TORCH_FN(autograd_forward)));
+      made->impl("block_backward", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(block_backward)));
       registration = std::move(made);
     }
     return 0;
