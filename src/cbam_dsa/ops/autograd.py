@@ -25,10 +25,11 @@ N = len(TENSOR_ARGS)
 
 
 def _below_autograd(which: int, op: Any, x: Tensor, args: Sequence[Any]) -> Any:
-    """``op(*args)`` below the autograd keys. For a device whose Python kernels are ``direct`` (:func:`implement`),
-    plain tensors and no dispatch mode or functorch transform, the kernel is called directly (the backward without
-    re-checking what its forward checked), without a second pass through the dispatcher (about 25 µs a call here).
-    Everything else (C++ kernels, torch.compile's fake tensors, opcheck's modes, subclasses) goes through it."""
+    """``op(*args)`` below the autograd keys. For a device whose Python kernels are ``direct``
+    (:func:`.library.implement`), plain tensors and no dispatch mode or functorch transform, the kernel is called
+    directly (the backward without re-checking what its forward checked), without a second pass through the
+    dispatcher (about 25 µs a call here). Everything else (C++ kernels, torch.compile's fake tensors, opcheck's modes,
+    subclasses) goes through it."""
     kernels = library.direct_kernels(x.device.type)
     if (
         kernels is not None
