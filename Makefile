@@ -6,9 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
+# --no-cache-dir: the wheels (several GB with torch's CUDA libraries) are not also kept in pip's cache, which halves
+# the disk the first install needs.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-cache-dir -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
