@@ -45,6 +45,9 @@ def test_quick_run_writes_json_table_chart_and_markdown(quick_run, capsys):
                 assert summary["ratio"] > 0
             assert result["saved_ratio"] == pytest.approx(result["saved_bytes"] / entry["input_bytes"])
             assert result["peak_bytes"] is None or result["peak_bytes"] >= 0
+            if sys.platform.startswith("linux"):  # minor page faults per timed call, both figures
+                assert set(result["page_faults"]) == {"forward", "forward_backward"}
+                assert all(count >= 0 for count in result["page_faults"].values())
             if name == "timm_cbam":
                 assert result["forward"]["ratio"] == result["forward_backward"]["ratio"] == 1.0
         # the fast path keeps far less for backward than timm (which keeps about the input's size again)
@@ -69,6 +72,7 @@ def test_quick_run_writes_json_table_chart_and_markdown(quick_run, capsys):
         assert max(v["page_faults"] for v in network.values()) > 0
 
     table = (out / "results-cpu-float32.txt").read_text()
+    assert "fwd+bwd page faults" in table
     for label in bench.LABELS.values():
         assert label in table or label.endswith("+ compile")
     assert "resnet50" in table and "Per-call overhead at (2, 32, 7, 7)" in table

@@ -6,7 +6,9 @@ network step. That it measures the right things, not its numbers.
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
+import sys
 
 import pytest
 import torch
@@ -60,6 +62,30 @@ def test_summarize_takes_min_median_and_the_median_of_round_ratios():
 def test_paired_comparison_is_round_by_round():
     paired = bench.paired_comparison([1.0, 3.0, 2.0], [2.0, 2.0, 4.0])  # ratios 0.5, 1.5, 0.5; diffs -1, 1, -2 s
     assert paired == {"median_ratio": -0.5, "median_diff_ms": -1000.0, "faster_rounds": 2, "rounds": 3}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="minor page faults from getrusage (Linux)")
+def test_counting_faults_counts_the_pages_each_call_touches_first():
+    pages = 256
+    counts: list[int] = []
+
+    def touch_fresh_pages() -> str:
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as memory:  # mapped, not yet touched
+            for page in range(pages):
+                memory[page * mmap.PAGESIZE] = 1
+        return "done"
+
+    counted = bench.counting_faults(touch_fresh_pages, counts)
+    assert [counted(), counted()] == ["done", "done"]  # the function's result passes through
+    assert len(counts) == 2 and all(pages <= count < pages + 64 for count in counts)
+    bench.counting_faults(lambda: None, counts)()
+    assert counts[2] < pages // 4  # a call that maps nothing faults (almost) never
+
+
+def test_timed_faults_is_the_median_of_the_timed_calls_only():
+    assert bench.timed_faults([900, 800, 3, 1, 2], rounds=3) == 2  # two warm-up calls first
+    assert bench.timed_faults([5, 7], rounds=2) == 6
+    assert bench.timed_faults([], rounds=3) is None  # nothing counted (Windows)
 
 
 def test_interleaved_rounds_draw_a_seeded_order_per_round():

@@ -24,10 +24,10 @@ from .measure import (
     measure_shape,
     run_benchmark,
 )
-from .memory import peak_step_memory, saved_tensor_bytes
+from .memory import counting_faults, peak_step_memory, saved_tensor_bytes
 from .network import NETWORK_LABELS, measure_network
 from .render import TARGETS, render_markdown, render_overhead, render_table, render_targets, write_chart, write_outputs
-from .timing import interleaved_times, paired_comparison, round_ratio, summarize
+from .timing import interleaved_times, paired_comparison, round_ratio, summarize, timed_faults
 
 __all__ = [
     "BASELINE",
@@ -41,6 +41,7 @@ __all__ = [
     "Settings",
     "build_contenders",
     "capture_operator_args",
+    "counting_faults",
     "environment",
     "interleaved_times",
     "measure_network",
@@ -56,6 +57,7 @@ __all__ = [
     "run_benchmark",
     "saved_tensor_bytes",
     "summarize",
+    "timed_faults",
     "write_chart",
     "write_outputs",
 ]

@@ -28,9 +28,9 @@ from .. import ops
 from ..block import CBAMResidualDynamicSA
 from ..ops.cpu import native
 from .contenders import BASELINE, LABELS, build_contenders
-from .memory import peak_step_memory, saved_tensor_bytes
+from .memory import counting_faults, peak_step_memory, saved_tensor_bytes
 from .network import measure_network
-from .timing import interleaved_times, round_ratio, summarize
+from .timing import interleaved_times, round_ratio, summarize, timed_faults
 
 __all__ = [
     "PAIRS",
@@ -159,9 +159,16 @@ def measure_shape(settings: Settings, shape: tuple[int, int, int, int], dtype: t
                 raise
             errors[name] = _first_line(error)
             del contenders[name]
-    fns = {n: c.wrap(forward(c.module)) for n, c in contenders.items()}
+    faults: dict[str, dict[str, list[int]]] = {"forward": {}, "forward_backward": {}}
+    fns = {
+        n: counting_faults(c.wrap(forward(c.module)), faults["forward"].setdefault(n, []))
+        for n, c in contenders.items()
+    }
     forward_times = interleaved_times(fns, settings.rounds, settings.warmup, device, settings.seed)
-    fns = {n: c.wrap(train(c.module)) for n, c in contenders.items()}
+    fns = {
+        n: counting_faults(c.wrap(train(c.module)), faults["forward_backward"].setdefault(n, []))
+        for n, c in contenders.items()
+    }
     train_times = interleaved_times(fns, settings.rounds, settings.warmup, device, settings.seed)
     forward_summary = summarize(forward_times, BASELINE)
     train_summary = summarize(train_times, BASELINE)
@@ -177,6 +184,7 @@ def measure_shape(settings: Settings, shape: tuple[int, int, int, int], dtype: t
             "label": LABELS[name],
             "forward": forward_summary[name],
             "forward_backward": train_summary[name],
+            "page_faults": {figure: timed_faults(counts[name], settings.rounds) for figure, counts in faults.items()},
             "saved_bytes": saved,
             "saved_ratio": None if saved is None else saved / input_bytes,
             "peak_bytes": peak,

@@ -17,7 +17,7 @@ try:
 except ImportError:  # Windows: no page-fault counts
     resource = None  # type: ignore[assignment]
 
-__all__ = ["minor_faults", "peak_step_memory", "saved_tensor_bytes"]
+__all__ = ["counting_faults", "minor_faults", "peak_step_memory", "saved_tensor_bytes"]
 
 
 def saved_tensor_bytes(module: nn.Module, x: Tensor) -> int:
@@ -86,3 +86,22 @@ def peak_step_memory(step: Callable[[], Any], device: str) -> tuple[int | None, 
 def minor_faults() -> int | None:
     """The process's minor page faults so far (``None`` where ``resource`` is missing: Windows)."""
     return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def counting_faults(fn: Callable[[], Any], counts: list[int]) -> Callable[[], Any]:
+    """``fn``, appending the minor page faults of each of its calls to ``counts`` (``fn`` itself where they cannot be
+    counted: Windows).
+
+    A minor fault is a page the process touches for the first time since the system mapped it: glibc's allocator
+    returns freed memory to the system when the top of its heap holds enough of it, and the next call that needs the
+    memory faults on every page of it again (``benchmarks/README.md``)."""
+    if resource is None:
+        return fn
+
+    def run() -> Any:
+        before = minor_faults()
+        result = fn()
+        counts.append(minor_faults() - before)
+        return result
+
+    return run

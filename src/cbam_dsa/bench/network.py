@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ..block import CBAMResidualDynamicSA
-from .memory import minor_faults
-from .timing import interleaved_times, paired_comparison, round_ratio
+from .memory import counting_faults
+from .timing import interleaved_times, paired_comparison, round_ratio, timed_faults
 
 __all__ = ["NETWORK_LABELS", "measure_network"]
 
@@ -74,20 +74,17 @@ def measure_network(
     targets = torch.randint(0, 10, (settings.network_batch,), device=device)
     faults: dict[str, list[int]] = {name: [] for name in variants}
 
-    def step(name: str, model: nn.Module) -> Callable[[], None]:
+    def step(model: nn.Module) -> Callable[[], None]:
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
         def run() -> None:
-            before = minor_faults()
             optimizer.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(images), targets).backward()
             optimizer.step()
-            if before is not None:
-                faults[name].append(minor_faults() - before)
 
         return run
 
-    fns = {name: step(name, model) for name, model in variants.items()}
+    fns = {name: counting_faults(step(model), faults[name]) for name, model in variants.items()}
     errors: dict[str, str] = {}
     for name in [n for n in fns if n.endswith("_compiled")]:
         log(f"  compiling {name} ...")
@@ -101,13 +98,12 @@ def measure_network(
     for name, values in times.items():
         plain = "plain_compiled" if name.endswith("_compiled") else "plain"
         ratio = round_ratio(times, name, plain)
-        timed = faults[name][-len(values) :]  # the timed steps
         results[name] = {
             "label": NETWORK_LABELS[name],
             "step": {"min_ms": min(values) * 1e3, "median_ms": statistics.median(values) * 1e3},
             "overhead": None if name == plain or ratio is None else ratio - 1.0,
             "parameters": sum(p.numel() for p in variants[name].parameters()),
-            "page_faults": statistics.median(timed) if timed else None,
+            "page_faults": timed_faults(faults[name], len(values)),
         }
     network = {
         "model": "timm resnet50, num_classes=10",

@@ -56,6 +56,7 @@ SHAPE_HEADER = [
     "vs CBAM",
     "saved MiB (x input)",
     "peak MiB",
+    "fwd+bwd page faults",
 ]
 NETWORK_HEADER = ["network", "step ms (min / median)", "overhead vs plain", "parameters", "page faults / step"]
 
@@ -75,18 +76,22 @@ def _rows(entry: dict[str, Any]) -> list[list[str]]:
                 _ratio(result["forward_backward"]["ratio"]),
                 saved,
                 _mib(result["peak_bytes"]),
+                _count(result.get("page_faults", {}).get("forward_backward")),  # absent in results written before
             ]
         )
     return rows
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
 
 
 def _network_rows(network: dict[str, Any]) -> list[list[str]]:
     rows = []
     for result in network["variants"].values():
         overhead = "-" if result["overhead"] is None else f"{100 * result['overhead']:+.1f}%"
-        faults = result.get("page_faults")  # absent in results written before it was measured
-        parameters, faults = f"{result['parameters'] / 1e6:.2f} M", "-" if faults is None else f"{faults:,.0f}"
-        rows.append([result["label"], _ms(result["step"]), overhead, parameters, faults])
+        faults = _count(result.get("page_faults"))  # absent in results written before it was measured
+        rows.append([result["label"], _ms(result["step"]), overhead, f"{result['parameters'] / 1e6:.2f} M", faults])
     return rows
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["interleaved_times", "paired_comparison", "round_ratio", "summarize"]
+__all__ = ["interleaved_times", "paired_comparison", "round_ratio", "summarize", "timed_faults"]
 
 
 def _synchronize(device: str) -> None:
@@ -81,3 +81,10 @@ def paired_comparison(ours: Sequence[float], other: Sequence[float]) -> dict[str
         "faster_rounds": sum(a < b for a, b in pairs),
         "rounds": len(pairs),
     }
+
+
+def timed_faults(counts: Sequence[int], rounds: int) -> float | None:
+    """The median of the last ``rounds`` counts (the timed calls, after the warm-up ones) of
+    :func:`.memory.counting_faults`; ``None`` where nothing was counted."""
+    timed = counts[-rounds:] if rounds else []
+    return statistics.median(timed) if timed else None
