@@ -132,10 +132,11 @@ def test_with_results_needs_markdown(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        ([], {"compile": True, "network_compile": False, "overhead": True}),
+        ([], {"compile": True, "network_compile": False, "overhead": True, "keep_heap": True}),
+        (["--system-heap"], {"keep_heap": False}),
         (["--network-compile"], {"compile": True, "network_compile": True}),
         (["--network-compile", "--no-compile"], {"compile": False, "network_compile": False}),
-        (["--quick"], {"compile": False, "network_compile": False, "rounds": 2}),
+        (["--quick"], {"compile": False, "network_compile": False, "rounds": 2, "keep_heap": False}),
         (["--no-overhead", "--no-network"], {"overhead": False, "network": False}),
     ],
 )

@@ -24,13 +24,14 @@ from .measure import (
     measure_shape,
     run_benchmark,
 )
-from .memory import counting_faults, peak_step_memory, saved_tensor_bytes
+from .memory import KEPT_HEAP, counting_faults, keep_freed_memory, peak_step_memory, saved_tensor_bytes
 from .network import NETWORK_LABELS, measure_network
 from .render import TARGETS, render_markdown, render_overhead, render_table, render_targets, write_chart, write_outputs
 from .timing import interleaved_times, paired_comparison, round_ratio, summarize, timed_faults
 
 __all__ = [
     "BASELINE",
+    "KEPT_HEAP",
     "LABELS",
     "NETWORK_LABELS",
     "NO_COMPILER",
@@ -44,6 +45,7 @@ __all__ = [
     "counting_faults",
     "environment",
     "interleaved_times",
+    "keep_freed_memory",
     "measure_network",
     "measure_overhead",
     "measure_shape",

@@ -28,7 +28,7 @@ from .. import ops
 from ..block import CBAMResidualDynamicSA
 from ..ops.cpu import native
 from .contenders import BASELINE, LABELS, build_contenders
-from .memory import counting_faults, peak_step_memory, saved_tensor_bytes
+from .memory import counting_faults, keep_freed_memory, peak_step_memory, saved_tensor_bytes
 from .network import measure_network
 from .timing import interleaved_times, round_ratio, summarize, timed_faults
 
@@ -74,6 +74,9 @@ class Settings:
         dtype: ``"float32"`` or ``"bfloat16"`` (modules and inputs).
         threads: ``torch.set_num_threads`` for the run (CPU).
         seed: seed of weights, inputs and the order of the contenders in each round.
+        keep_heap: have the C allocator keep freed memory (:func:`.memory.keep_freed_memory`, glibc) before
+            measuring, for the rest of the process, so that a layer's step alone in a loop does not fault on memory
+            returned to the system as a network's step does not; off for ``quick`` (the test suite's process).
     """
 
     shapes: Sequence[tuple[int, int, int, int]] = SHAPES
@@ -92,6 +95,7 @@ class Settings:
     dtype: str = "float32"
     threads: int = 2
     seed: int = 0
+    keep_heap: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -108,6 +112,7 @@ class Settings:
             "network_size": 64,
             "overhead_shape": (2, 32, 7, 7),
             "overhead_calls": 2,
+            "keep_heap": False,
         }
         values.update(overrides)
         return cls(**values)
@@ -339,6 +344,7 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
         results["settings"]["overhead_shape"] = list(settings.overhead_shape)
         results["settings"].update(settings.extra)
         results["machine"] = machine_info(settings)
+        results["machine"]["heap"] = (keep_freed_memory() if settings.keep_heap else None) or "system default"
         results["baseline"] = BASELINE
         results["shapes"] = []
         for shape in settings.shapes:

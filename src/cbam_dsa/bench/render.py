@@ -240,6 +240,9 @@ def _markdown_section(results: dict[str, Any]) -> str:
             if machine["fused_kernels"]
             else " The C kernels did not build: the operator ran its PyTorch implementation."
         )
+    heap = machine.get("heap")  # absent in results written before it was recorded
+    if heap and heap != "system default":
+        parts[-1] += f" The C allocator kept freed memory for reuse (`{heap}`)."
     if targets:
         parts += ["", targets]
     overhead = render_overhead(results.get("overhead"))

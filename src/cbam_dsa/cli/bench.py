@@ -41,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the weights, the inputs and the rounds' orders (default: 0)"
     )
+    parser.add_argument(
+        "--system-heap",
+        action="store_true",
+        help="leave the C allocator at its defaults (glibc then returns freed memory to the system, and a layer's "
+        "step alone in a loop may fault on every page of it again, depending on what ran before; see "
+        "benchmarks/README.md)",
+    )
     parser.add_argument("--out", default="bench-output", metavar="DIR", help="output folder (default: bench-output)")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the results as Markdown (docs/BENCHMARKS.md)")
     parser.add_argument(
@@ -109,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "threads": threads,
         "seed": args.seed,
+        "keep_heap": not args.system_heap and not args.quick,
         "extra": {"command": "cbam-dsa bench " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else ""},
     }
     if args.rounds is not None:
