@@ -95,6 +95,17 @@ def test_markdown_holds_one_section_per_run(quick_run):
     assert "## CPU float32" in markdown and "## CUDA float32 (Some GPU)" in markdown
 
 
+def test_markdown_says_whether_the_allocator_kept_freed_memory(quick_run):
+    _, out = quick_run
+    results = json.loads((out / "results-cpu-float32.json").read_text())
+    assert results["machine"]["heap"] == "system default"  # a quick run leaves the allocator alone
+    assert "kept freed memory" not in bench.render_markdown([results])
+    results["machine"]["heap"] = "glibc mallopt M_MMAP_THRESHOLD=33554432, M_TRIM_THRESHOLD=1073741824"
+    assert "The C allocator kept freed memory for reuse (`glibc mallopt M_MMAP" in bench.render_markdown([results])
+    del results["machine"]["heap"]  # results written before it was recorded
+    assert "kept freed memory" not in bench.render_markdown([results])
+
+
 def test_render_rewrites_markdown_from_result_files_without_measuring(quick_run, tmp_path, capsys):
     _, out = quick_run
     markdown = tmp_path / "B.md"
