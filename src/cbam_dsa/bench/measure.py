@@ -164,17 +164,13 @@ def measure_shape(settings: Settings, shape: tuple[int, int, int, int], dtype: t
                 raise
             errors[name] = _first_line(error)
             del contenders[name]
-    faults: dict[str, dict[str, list[int]]] = {"forward": {}, "forward_backward": {}}
-    fns = {
-        n: counting_faults(c.wrap(forward(c.module)), faults["forward"].setdefault(n, []))
-        for n, c in contenders.items()
-    }
-    forward_times = interleaved_times(fns, settings.rounds, settings.warmup, device, settings.seed)
-    fns = {
-        n: counting_faults(c.wrap(train(c.module)), faults["forward_backward"].setdefault(n, []))
-        for n, c in contenders.items()
-    }
-    train_times = interleaved_times(fns, settings.rounds, settings.warmup, device, settings.seed)
+    faults: dict[str, dict[str, list[int]]] = {}
+    times: dict[str, dict[str, list[float]]] = {}
+    for figure, step in (("forward", forward), ("forward_backward", train)):
+        faults[figure] = {n: [] for n in contenders}
+        fns = {n: counting_faults(c.wrap(step(c.module)), faults[figure][n]) for n, c in contenders.items()}
+        times[figure] = interleaved_times(fns, settings.rounds, settings.warmup, device, settings.seed)
+    forward_times, train_times = times["forward"], times["forward_backward"]
     forward_summary = summarize(forward_times, BASELINE)
     train_summary = summarize(train_times, BASELINE)
     input_bytes = x.numel() * x.element_size()

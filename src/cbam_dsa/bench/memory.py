@@ -135,7 +135,7 @@ def keep_freed_memory() -> str | None:
     then stays where it is (128 KiB in a new process), so that every larger tensor is mapped afresh and faults, each
     time.
     """
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if platform.libc_ver()[0] != "glibc":  # ("", "") off Linux
         return None
     try:
         mallopt = ctypes.CDLL(None).mallopt
