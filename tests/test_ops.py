@@ -137,8 +137,12 @@ def test_non_finite_values_spread_as_in_the_reference(backend, drawn, shape, val
 
 
 # Maps wider than the C kernels' vector blocks (8 columns) and taller than their row tiles (4 rows), on both sides of
-# a block's edge, with and without a non-finite value: the property-based tests above stop at 9 x 9.
-@pytest.mark.parametrize("shape", [(2, 3, 5, 17), (1, 4, 13, 8), (2, 2, 6, 23), (1, 3, 30, 31)])
+# a block's edge, maps of 128 pixels and more (reduced plane by plane, not eight planes at a time), and short maps
+# with more channels than the kernels' channel blocks (32) and not a multiple of eight, with and without a non-finite
+# value: the property-based tests above stop at 9 x 9 and 9 channels.
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 5, 17), (1, 4, 13, 8), (2, 2, 6, 23), (1, 3, 30, 31), (3, 45, 7, 7), (1, 70, 3, 5)]
+)
 @pytest.mark.parametrize("special", [None, float("nan"), float("inf")])
 @pytest.mark.parametrize("maps", [False, True])
 def test_wide_maps_equal_the_reference(backend, shape, special, maps):

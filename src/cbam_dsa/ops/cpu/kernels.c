@@ -28,6 +28,7 @@
  *   blend_grad: t = g * x;  gsa[b, p] = sum_c t * ca;  gca[b, c] = sum_p t * sa;  gsum[b, c] = sum_p t;
  *              count[b, p] = #c with x * ca == smax (and pool_hw again where the forward did not keep it)
  *   pool_c_grad: gca[b, c] = sum_p (cmean[p] + tie * cmax[p] / count) * x
+ *              (both on short planes eight at a time, as pool_hw: blend_grad_short, pool_c_grad_short)
  *   grad_x:    gx = g * ((x * 0 + ca * sa) * alpha + (1 - alpha))            (blend, if g is given)
  *                 + (cmean[p] + tie_c * cmax[p] / count[p]) * ca             (pool over C, if cmean is given)
  *                 + hmean[b, c] + tie_hw * hmax[b, c] / count_hw             (pool over H, W, if hmean is given)
@@ -272,6 +273,61 @@ static void FN(blend)(const SCALAR *x, const SCALAR *ca, const SCALAR *sa, SCALA
     s_sa += t * m[i];                       \
     s_plain += t;                           \
     tie[i] += xv[i] * w == best[i] ? 1 : 0
+/* blend_grad's loop for up to eight planes of one sample's short map (fewer than SHORT_PLANE values), the planes
+   first to first + rows - 1: their vector sums and maxima reduced together (sums8, maxes8), as pool_hw_short's. Adds
+   each plane's terms to part and tie, and writes gca, gsum, hmean and hmax (the last three where given). */
+static void FN(blend_grad_short)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *m,
+                                 const SCALAR *best, SCALAR *part, SCALAR *tie, SCALAR *gca, SCALAR *gsum,
+                                 SCALAR *hmean, SCALAR *hmax, int64_t first, int64_t rows, int64_t count) {
+    const int64_t full = count / LANES * LANES;
+    const FN(mask) one = (FN(mask))BROADCAST((SCALAR)1);
+    VEC by_sa[8], plain[8], sum_x[8], high[8], total_sa, total_plain, total_x, top;
+    SCALAR rest_sa[8], rest_plain[8], rest_x[8], rest_high[8];
+    for (int64_t k = 0; k < 8; ++k) {
+        VEC v_sa = {0}, v_plain = {0}, v_x = {0}, h = {0};
+        SCALAR s_sa = 0, s_plain = 0, s_x = 0, s_high = 0;
+        if (k < rows) { /* the rows past the last plane stay zero (never stored) */
+            const SCALAR *gv = g + (first + k) * count, *xv = x + (first + k) * count;
+            const SCALAR w = ca[first + k];
+            const VEC wv = BROADCAST(w);
+            h = BROADCAST(xv[0]), s_high = xv[0];
+            for (int64_t i = 0; i < full; i += LANES) {
+                const VEC xi = VLOAD(xv + i), t = VLOAD(gv + i) * xi;
+                *(VEC *)(part + i) += t * wv;
+                v_sa += t * VLOAD(m + i);
+                v_plain += t;
+                *(VEC *)(tie + i) += (VEC)(one & (xi * wv == VLOAD(best + i)));
+                v_x += xi;
+                h = VMAX(h, xi);
+            }
+            for (int64_t i = full; i < count; ++i) {
+                BLEND_GRAD_TERMS;
+                s_x += xv[i];
+                s_high = FN(max_fast)(s_high, xv[i]);
+            }
+        }
+        by_sa[k] = v_sa, plain[k] = v_plain, sum_x[k] = v_x, high[k] = h;
+        rest_sa[k] = s_sa, rest_plain[k] = s_plain, rest_x[k] = s_x, rest_high[k] = s_high;
+    }
+    FN(sums8)(by_sa, &total_sa);
+    FN(sums8)(plain, &total_plain);
+    FN(sums8)(sum_x, &total_x);
+    FN(maxes8)(high, &top);
+    for (int64_t k = 0; k < rows; ++k) {
+        const int64_t plane = first + k;
+        gca[plane] = total_sa[k] + rest_sa[k];
+        if (gsum) gsum[plane] = total_plain[k] + rest_plain[k];
+        if (hmean) { /* as pool_hw: a NaN sum sends the maximum to the exact loop */
+            const double sum = (double)(total_x[k] + rest_x[k]);
+            SCALAR h = FN(max_fast)(top[k], rest_high[k]);
+            if (sum != sum)
+                for (int64_t i = 0; i < count; ++i) h = FN(max_nan)(h, x[plane * count + i]);
+            hmean[plane] = (SCALAR)(sum / (double)count);
+            hmax[plane] = h;
+        }
+    }
+}
+
 static int FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *sa, const SCALAR *top,
                     SCALAR *gsa, SCALAR *gca, SCALAR *gsum, SCALAR *ties, SCALAR *hmean, SCALAR *hmax,
                     int64_t batch, int64_t channels, int64_t count, int threads) {
@@ -294,6 +350,13 @@ static int FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, co
             for (int64_t c0 = 0; c0 < channels; c0 += BLOCK) {
                 const int64_t end = c0 + BLOCK < channels ? c0 + BLOCK : channels;
                 for (int64_t i = 0; i < count; ++i) part[i] = 0;
+                if (count < SHORT_PLANE) {
+                    for (int64_t c = c0; c < end; c += 8)
+                        FN(blend_grad_short)(g, x, ca, m, best, part, tie, gca, gsum, hmean, hmax, b * channels + c,
+                                             end - c < 8 ? end - c : 8, count);
+                    for (int64_t i = 0; i < count; ++i) acc[i] += part[i];
+                    continue;
+                }
                 for (int64_t c = c0; c < end; ++c) {
                     const int64_t plane = b * channels + c;
                     const SCALAR *gv = g + plane * count, *xv = x + plane * count;
@@ -339,6 +402,35 @@ static int FN(blend_grad)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, co
     return failed ? STATUS_NO_MEMORY : STATUS_OK;
 }
 
+/* pool_c_grad's sums for up to eight planes of a short map (the planes first to first + rows - 1 of one sample),
+   their vector sums reduced together (sums8), as pool_hw_short's. */
+static void FN(pool_c_grad_short)(const SCALAR *x, const SCALAR *ca, const SCALAR *top, const SCALAR *mean,
+                                  const SCALAR *k, SCALAR *gca, int64_t first, int64_t rows, int64_t count) {
+    const int64_t full = count / LANES * LANES;
+    const FN(mask) one = (FN(mask))BROADCAST((SCALAR)1);
+    VEC sums[8], total;
+    SCALAR rest[8];
+    for (int64_t r = 0; r < 8; ++r) {
+        VEC part = {0};
+        SCALAR tail = 0;
+        if (r < rows) { /* the rows past the last plane stay zero (never stored) */
+            const SCALAR *xv = x + (first + r) * count;
+            const SCALAR w = ca[first + r];
+            const VEC wv = BROADCAST(w);
+            for (int64_t i = 0; i < full; i += LANES) {
+                const VEC xi = VLOAD(xv + i);
+                const VEC tie = (VEC)(one & (xi * wv == VLOAD(top + i)));
+                part += (VLOAD(mean + i) + tie * VLOAD(k + i)) * xi;
+            }
+            for (int64_t i = full; i < count; ++i)
+                tail += (mean[i] + (SCALAR)(xv[i] * w == top[i]) * k[i]) * xv[i];
+        }
+        sums[r] = part, rest[r] = tail;
+    }
+    FN(sums8)(sums, &total);
+    for (int64_t r = 0; r < rows; ++r) gca[first + r] = total[r] + rest[r];
+}
+
 /* Backward of pool_c, the reductions. With y = x * ca, count[p] = #c with y == smax[p] (counted here, or given as
    counted, (B, P)) and coef[b, p] = gmax[b, p] / count[p] (written out); gca[b, c] = sum_p (cmean[b, p] + (y == smax)
    * coef) * x. */
@@ -370,6 +462,12 @@ static int FN(pool_c_grad)(const SCALAR *x, const SCALAR *ca, const SCALAR *smax
                 }
             }
             for (int64_t i = 0; i < count; ++i) k[i] = gmax[b * count + i] / ties[i];
+            if (count < SHORT_PLANE) {
+                for (int64_t c = 0; c < channels; c += 8)
+                    FN(pool_c_grad_short)(x, ca, top, mean, k, gca, b * channels + c,
+                                          channels - c < 8 ? channels - c : 8, count);
+                continue;
+            }
             for (int64_t c = 0; c < channels; ++c) {
                 const SCALAR *xv = x + (b * channels + c) * count;
                 const SCALAR w = ca[b * channels + c];
