@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from cbam_dsa import CBAMResidualDynamicSA, ops
-from cbam_dsa.ops import library
+from cbam_dsa.ops import library, pytorch
 from cbam_dsa.ops.cpu import native
 
 BACKENDS = ("native", "pytorch")
@@ -318,6 +318,34 @@ def test_the_backward_takes_any_subset_of_gradients(backend):
     found, expected = (ops.BACKWARD(*g, *args[:15], saved, *args[15:], needs) for g in (given, zeros))
     for a, b in zip(found, expected, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (3, 5, 8, 8)])
+def test_both_backends_keep_one_saved_list(monkeypatch, shape):
+    """The C kernels and the PyTorch implementation save the same list, so the backward of either takes the forward of
+    either (``CBAM_DSA_NATIVE`` is read at each call). Its last tensor holds the maxima over H, W below
+    ``KEEP_POOLS_FROM_PIXELS`` pixels per map (the backward recomputes the means), and both pooled descriptors from
+    there on."""
+    if native.library() is None:
+        pytest.skip("the C kernels cannot be built here")
+    block = make_block(shape[1], torch.float64)
+    x = torch.randn(shape, dtype=torch.float64)
+    means, maxima = x.mean(dim=(2, 3)), x.amax(dim=(2, 3))
+    expected_pools = maxima if shape[2] * shape[3] < pytorch.KEEP_POOLS_FROM_PIXELS else torch.cat([means, maxima])
+    found = {}
+    for forward in BACKENDS:
+        monkeypatch.setenv("CBAM_DSA_NATIVE", "1" if forward == "native" else "0")
+        torch.manual_seed(1)  # the same output gradient each time
+        grads, args, saved, needs = _backward_args(block, x)
+        torch.testing.assert_close(saved[6], expected_pools)
+        given = (grads[0], None, None, None, None)  # the output's gradient only: the C backward takes it
+        for backward in BACKENDS:
+            monkeypatch.setenv("CBAM_DSA_NATIVE", "1" if backward == "native" else "0")
+            found[forward, backward] = ops.BACKWARD(*given, *args[:15], saved, *args[15:], needs)
+    expected = found["pytorch", "pytorch"]
+    for pair, grads in found.items():
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=lambda m, pair=pair: f"{pair}: {m}")
 
 
 def _channels_last(t: Tensor) -> Tensor:

@@ -51,7 +51,7 @@ using at::TensorList;
 using Maybe = std::optional<Tensor>;
 using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>>;
 
-constexpr int64_t KEEP_POOLS_FROM_PIXELS = 64;  // ops/pytorch.py: the pooled descriptors are saved from here on
+constexpr int64_t KEEP_POOLS_FROM_PIXELS = 64;  // ops/pytorch.py: both pooled descriptors saved from here on, else max
 constexpr int N = 13;                           // the operators' single tensor arguments (library.TENSOR_ARGS)
 // The positions among them of the C code's inputs, in its order (the temperatures reach it as numbers); the branch
 // kernels and biases follow.
@@ -185,7 +185,7 @@ std::array<std::vector<int64_t>, 7> saved_shapes(const Args &a) {
   const int64_t rh = a.router_fc1_weight ? a.router_fc1_weight->size(0) : 1;
   const int64_t k = a.branch_weights.size();
   std::vector<int64_t> pools = h * w >= KEEP_POOLS_FROM_PIXELS ? std::vector<int64_t>{2 * b, c}
-                                                               : std::vector<int64_t>{0};
+                                                               : std::vector<int64_t>{b, c};
   return {std::vector<int64_t>{b, c}, {b, 2, h, w}, {b, 1, h, w}, {b, k}, {b, rh}, {2 * b, a.fc1_weight.size(0)},
           pools};
 }
@@ -381,7 +381,7 @@ ForwardResult block_forward(const Tensor &x, const Tensor &fc1_weight, const Ten
   status(0, code);
   if (!router_fc1_weight) f[5].fill_(1);  // no router: its hidden layer is unwritten; ones, as the PyTorch version
   std::vector<Tensor> saved = {f[2], f[4], f[7], f[6], f[5], f[1],
-                               h * w >= KEEP_POOLS_FROM_PIXELS ? f[0] : f[0].new_empty({0})};
+                               h * w >= KEEP_POOLS_FROM_PIXELS ? f[0] : f[0].narrow(0, b, b).clone()};
   Tensor maps[4] = {f[3], f[8], f[10], f[11]};
   if (x.scalar_type() != call.type)
     for (Tensor &m : maps) m = m.to(x.scalar_type());
@@ -457,7 +457,7 @@ std::vector<Tensor> block_backward(const Maybe &grad_out, const Maybe &grad_ca, 
   std::vector<Tensor> kept;
   std::vector<const void *> kept_pointers;
   for (int i = 0; i < 7; ++i) {
-    const bool none = i == 6 && saved[6].numel() == 0;  // pools not kept: the C code recomputes them
+    const bool none = i == 6 && x.size(2) * x.size(3) < KEEP_POOLS_FROM_PIXELS;  // maxima only: C recomputes both
     kept.push_back(none ? Tensor() : ready(saved[i], call.type));
     kept_pointers.push_back(none ? nullptr : kept.back().data_ptr());
   }
