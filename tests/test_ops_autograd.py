@@ -9,7 +9,7 @@ import contextlib
 import pytest
 import torch
 
-from cbam_dsa import CBAMResidualDynamicSA
+from cbam_dsa import CBAMResidualDynamicSA, ops
 from cbam_dsa.ops import autograd
 from cbam_dsa.ops.cpu import native
 
@@ -47,8 +47,9 @@ def test_the_loaded_library_registers_the_cpu_autograd_kernel(monkeypatch):
     if native.library() is None:
         pytest.skip("the C kernels cannot be built here")
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    assert has("cbam_dsa::block_forward", "AutogradCPU")
-    assert has("cbam_dsa::block_forward", "Autograd")
+    name = ops.FORWARD.name()  # cbam_dsa::block_forward.<overload>
+    assert has(name, "AutogradCPU") and has(name, "CPU") and has(ops.BACKWARD.name(), "CPU")
+    assert has(name, "Autograd")
     assert has("cbam_dsa::_differentiable_block_forward", "CompositeImplicitAutograd")
 
 

@@ -67,12 +67,13 @@ _ARGS = f"{_TENSORS}, Tensor[] branch_weights, Tensor[] branch_biases"
 _SPEC = "int[] dilations, str act, str ca_gate, str sa_gate"
 _GRADS = "Tensor? grad_out, Tensor? grad_ca, Tensor? grad_sa, Tensor? grad_fusion_w, Tensor? grad_router_w"
 
-OVERLOAD = ""
-"""The operators' overload name (``""``: the default overload), to be raised (``"v2"``, ...) whenever what an operator
-returns changes shape. torch.compile's on-disk caches (AOTAutograd's, inductor's) key a graph on its operators'
-names, not on what their fake kernels return: a graph cached by a version whose forward returned other tensors would
-be reused and fail on its first call (``AssertionError: wrong number of dimensions``), as it did when ``saved`` was
-briefly one packed tensor."""
+OVERLOAD = "v2"
+"""The operators' overload name, to be raised (``"v3"``, ...) whenever what an operator returns changes shape.
+torch.compile's on-disk caches (AOTAutograd's, inductor's) key a graph on its operators' names, not on what their
+fake kernels return: a graph cached by a version whose forward returned other tensors would be reused and fail on its
+first call (``AssertionError: wrong number of dimensions``), as it did when ``saved`` was briefly one packed tensor,
+and again when short maps' saved pools went from no elements to the maxima (then ``v2``: the default overload before).
+The CPU's C++ kernels register under the same name (:func:`.cpu.build.load` passes it)."""
 _FORWARD_NAME = f"block_forward.{OVERLOAD}" if OVERLOAD else "block_forward"
 _BACKWARD_NAME = f"block_backward.{OVERLOAD}" if OVERLOAD else "block_backward"
 

@@ -50,6 +50,7 @@ import time
 import warnings
 from pathlib import Path
 
+from ..library import OVERLOAD
 from .cache import (
     LOCK_TIMEOUT,
     RECORD_FORMAT,
@@ -236,9 +237,9 @@ def _open(library: Path) -> ctypes.CDLL:
     except (OSError, AttributeError) as error:
         raise BuildError(f"the library {library} does not load ({error})", remember=True) from None
     if not _registered:  # once per process: a library loaded later (another cache's copy) is not registered
-        handle.cbam_dsa_register.restype = ctypes.c_int
+        handle.cbam_dsa_register.restype, handle.cbam_dsa_register.argtypes = ctypes.c_int, [ctypes.c_char_p]
         handle.cbam_dsa_error.restype = ctypes.c_char_p
-        if handle.cbam_dsa_register() != 0:
+        if handle.cbam_dsa_register(OVERLOAD.encode()) != 0:
             error = handle.cbam_dsa_error().decode(errors="replace")
             raise BuildError(f"the library {library} loads, but its kernels do not register ({error})", remember=True)
         _registered.append(handle)

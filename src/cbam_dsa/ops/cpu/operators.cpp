@@ -332,8 +332,10 @@ using ForwardSignature = ForwardResult(const Tensor &, const Tensor &, const Ten
 
 using ForwardOp = c10::TypedOperatorHandle<ForwardSignature>;
 
-ForwardOp forward_op(const char *name) {  // an operator of block_forward's schema
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<ForwardSignature>();
+std::string overload;  // the public operators' overload name (ops/library.py: OVERLOAD), from cbam_dsa_register
+
+ForwardOp forward_op(const char *name, const char *overload = "") {  // an operator of block_forward's schema
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).typed<ForwardSignature>();
 }
 
 ForwardResult call(const ForwardOp &op, const Args &a) {
@@ -412,7 +414,7 @@ ForwardResult autograd_forward(const Tensor &x, const Tensor &fc1_weight, const 
     static const ForwardOp differentiable = forward_op("cbam_dsa::_differentiable_block_forward");
     return call(differentiable, a);
   }
-  static const ForwardOp op = forward_op("cbam_dsa::block_forward");
+  static const ForwardOp op = forward_op("cbam_dsa::block_forward", overload.c_str());
   at::AutoDispatchBelowAutograd below;
   return call(op, a);
 }
@@ -514,16 +516,20 @@ std::string last_error;
 
 extern "C" {
 
-/* Register the kernels: both operators' for the CPU dispatch key, the forward's for AutogradCPU (once; later calls do
-   nothing). Returns 0, or 1 with the reason in cbam_dsa_error(). */
-int cbam_dsa_register(void) {
+/* Register the kernels: both operators' for the CPU dispatch key, the forward's for AutogradCPU, under the overload
+   name `overload_name` ("" for the default one; ops/library.py: OVERLOAD), once (later calls do nothing). Returns 0,
+   or 1 with the reason in cbam_dsa_error(). */
+int cbam_dsa_register(const char *overload_name) {
   try {
     if (!registration) {
+      overload = overload_name ? overload_name : "";
+      const std::string suffix = overload.empty() ? "" : "." + overload;
       auto made = std::make_unique<torch::Library>(torch::Library::IMPL, "cbam_dsa", std::nullopt, __FILE__,
                                                    __LINE__);
-      made->impl("block_forward", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(block_forward)));
-      made->impl("block_forward", torch::dispatch(c10::DispatchKey::AutogradCPU, TORCH_FN(autograd_forward)));
-      made->impl("block_backward", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(block_backward)));
+      const std::string forward = "block_forward" + suffix, backward = "block_backward" + suffix;
+      made->impl(forward.c_str(), torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(block_forward)));
+      made->impl(forward.c_str(), torch::dispatch(c10::DispatchKey::AutogradCPU, TORCH_FN(autograd_forward)));
+      made->impl(backward.c_str(), torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(block_backward)));
       registration = std::move(made);
     }
     return 0;
