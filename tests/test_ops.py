@@ -348,6 +348,36 @@ def test_both_backends_keep_one_saved_list(monkeypatch, shape):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=lambda m, pair=pair: f"{pair}: {m}")
 
 
+# What block_forward returns under each overload name, at two sizes of a (2, 6, H, W) input with the default branches:
+# the output, the four maps and the saved list (its pools: the maxima below 64 pixels per map, both descriptors from
+# there). torch.compile's on-disk caches key a graph on the operators' names, so returning other shapes needs a new
+# name (library.OVERLOAD): this table then gets a new entry, and the test fails until it has one.
+RETURNS = {
+    "v2": {
+        (7, 9): [(2, 6, 7, 9), (2, 6, 1, 1), (2, 1, 7, 9), (2,), (2, 3),
+                 (2, 6), (2, 2, 7, 9), (2, 1, 7, 9), (2, 3), (2, 8), (4, 4), (2, 6)],
+        (8, 8): [(2, 6, 8, 8), (2, 6, 1, 1), (2, 1, 8, 8), (2,), (2, 3),
+                 (2, 6), (2, 2, 8, 8), (2, 1, 8, 8), (2, 3), (2, 8), (4, 4), (4, 6)],
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fake", [False, True])
+def test_what_the_forward_returns_belongs_to_its_overload_name(backend, fake):
+    expected = RETURNS.get(library.OVERLOAD)
+    assert expected is not None, f"no entry in RETURNS for the overload {library.OVERLOAD!r}"
+    block = make_block(6, torch.float32)
+    for (h, w), shapes in expected.items():
+        args = [t.detach() if isinstance(t, Tensor) else t for t in _op_args(block, torch.randn(2, 6, h, w))]
+        args[13], args[14] = [t.detach() for t in args[13]], [t.detach() for t in args[14]]
+        if fake:
+            with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
+                found = ops.FORWARD(*args)
+        else:
+            found = ops.FORWARD(*args)
+        assert [tuple(t.shape) for t in (*found[:5], *found[5])] == shapes
+
+
 def _channels_last(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 

@@ -73,7 +73,8 @@ torch.compile's on-disk caches (AOTAutograd's, inductor's) key a graph on its op
 fake kernels return: a graph cached by a version whose forward returned other tensors would be reused and fail on its
 first call (``AssertionError: wrong number of dimensions``), as it did when ``saved`` was briefly one packed tensor,
 and again when short maps' saved pools went from no elements to the maxima (then ``v2``: the default overload before).
-The CPU's C++ kernels register under the same name (:func:`.cpu.build.load` passes it)."""
+The CPU's C++ kernels register under the same name (``cpu/build.py`` passes it to the library). The tests hold what
+``block_forward`` returns under each name (``RETURNS`` in ``tests/test_ops.py``), and fail on another layout."""
 _FORWARD_NAME = f"block_forward.{OVERLOAD}" if OVERLOAD else "block_forward"
 _BACKWARD_NAME = f"block_backward.{OVERLOAD}" if OVERLOAD else "block_backward"
 

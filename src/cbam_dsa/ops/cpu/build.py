@@ -224,8 +224,8 @@ def _key(command: list[str], version: str) -> str:
 
 def _open(library: Path) -> ctypes.CDLL:
     """Load ``library``, check that it has the entry points, and register its operator kernels with PyTorch's
-    dispatcher (``cbam_dsa_register``: they take the place of the Python ones for the CPU) where no library has
-    yet in this process.
+    dispatcher (``cbam_dsa_register``, under the operators' overload name: they take the place of the Python ones for
+    the CPU) where no library has yet in this process.
 
     Raises:
         BuildError: it does not load, lacks an entry point, or its kernels do not register.
