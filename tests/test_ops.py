@@ -168,6 +168,13 @@ def _op_args(block: CBAMResidualDynamicSA, x: Tensor) -> tuple:
     )  # fmt: skip
 
 
+def _detached_op_args(block: CBAMResidualDynamicSA, x: Tensor) -> list:
+    """:func:`_op_args`, every tensor detached (the branch lists' too): the operators called directly."""
+    args = [t.detach() if isinstance(t, Tensor) else t for t in _op_args(block, x)]
+    args[13], args[14] = [t.detach() for t in args[13]], [t.detach() for t in args[14]]
+    return args
+
+
 OPCHECK_CONFIGS = {
     "default": {},
     "sum_hard_one_branch": {"ca_fusion": "sum", "ca_gate": "hardsigmoid", "sa_kernels": (3,), "sa_use_dilated": False},
@@ -188,8 +195,7 @@ def test_opcheck_forward(backend, config, shape):
 @pytest.mark.parametrize("config", list(OPCHECK_CONFIGS))
 def test_opcheck_backward(backend, config, maps):
     block = make_block(5, torch.float32, **OPCHECK_CONFIGS[config])
-    args = [t.detach() if isinstance(t, Tensor) else t for t in _op_args(block, torch.randn(2, 5, 8, 9))]
-    args[13], args[14] = [t.detach() for t in args[13]], [t.detach() for t in args[14]]
+    args = _detached_op_args(block, torch.randn(2, 5, 8, 9))
     out, ca, sa, fusion_w, router_w, saved = ops.FORWARD(*args)
     grads = [torch.randn_like(out)] + [torch.randn_like(t) if maps else None for t in (ca, sa, fusion_w, router_w)]
     flat = library.gradient_inputs(args)
@@ -261,8 +267,7 @@ def test_every_entry_checks_the_arguments(backend, requires_grad):
 def _backward_args(block: CBAMResidualDynamicSA, x: Tensor) -> tuple[list, list, list, list]:
     """``block_backward``'s arguments for ``block(x)``, detached: the five gradients, the forward's arguments, the
     forward's ``saved`` list and ``needs``."""
-    args = [t.detach() if isinstance(t, Tensor) else t for t in _op_args(block, x)]
-    args[13], args[14] = [t.detach() for t in args[13]], [t.detach() for t in args[14]]
+    args = _detached_op_args(block, x)
     out, ca, sa, fusion_w, router_w, saved = ops.FORWARD(*args)
     grads = [torch.randn_like(t) for t in (out, ca, sa, fusion_w, router_w)]
     return grads, args, list(saved), [t is not None for t in library.gradient_inputs(args)]
@@ -368,8 +373,7 @@ def test_what_the_forward_returns_belongs_to_its_overload_name(backend, fake):
     assert expected is not None, f"no entry in RETURNS for the overload {library.OVERLOAD!r}"
     block = make_block(6, torch.float32)
     for (h, w), shapes in expected.items():
-        args = [t.detach() if isinstance(t, Tensor) else t for t in _op_args(block, torch.randn(2, 6, h, w))]
-        args[13], args[14] = [t.detach() for t in args[13]], [t.detach() for t in args[14]]
+        args = _detached_op_args(block, torch.randn(2, 6, h, w))
         if fake:
             with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
                 found = ops.FORWARD(*args)
