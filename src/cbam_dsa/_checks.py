@@ -112,13 +112,13 @@ def check_input(x: object, channels: int | None = None, name: str = "x") -> None
     dtype its node records (``meta["val"]`` or ``meta["tensor_meta"]``, after shape propagation) where there are
     some, and pass otherwise, so tracing never breaks on them.
     """
-    if isinstance(x, torch.fx.Proxy):
+    if isinstance(x, torch.Tensor):  # first: under torch.compile, a test of a global (torch.fx.Proxy) is a guard
+        shape, dtype = tuple(x.shape), x.dtype
+    elif isinstance(x, torch.fx.Proxy):
         meta = x.node.meta.get("val", x.node.meta.get("tensor_meta"))
         if meta is None or not hasattr(meta, "shape") or not hasattr(meta, "dtype"):
             return
         shape, dtype = tuple(meta.shape), meta.dtype
-    elif isinstance(x, torch.Tensor):
-        shape, dtype = tuple(x.shape), x.dtype
     else:
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), but got {type(x).__name__}")
     if len(shape) != 4:

@@ -212,11 +212,15 @@ class CBAMResidualDynamicSA(nn.Module):
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         check_input(x, self.channels)
         part, spatial = self.ca, self.sa
-        if not (self.fast_path and ops.runs_on(x, next(self.parameters()))):  # (not a Proxy under FX)
+        mlp = part.mlp_params()
+        # a parameter, for its device: under FX a real one (``mlp`` holds Proxies there); under torch.compile one that
+        # needs no walk of the submodules, which would add a guard per submodule to every call of the graph
+        probe = mlp[0] if torch.compiler.is_compiling() else next(self.parameters())
+        if not (self.fast_path and ops.runs_on(x, probe)):
             return self._reference_forward(x)
         weights, biases, dilations = spatial.branch_params()
         outs = ops.fused_block(
-            x, part.mlp_params(), part.fusion_logits, part.effective_temperature(), spatial.effective_temperature(),
+            x, mlp, part.fusion_logits, part.effective_temperature(), spatial.effective_temperature(),
             self.alpha, spatial.router_params(), weights, biases,
             ops.BlockSpec(tuple(dilations), part.act, part.gate, spatial.gate),
         )  # fmt: skip

@@ -68,17 +68,22 @@ def runs_on(x: Tensor | torch.fx.Proxy, parameter: Tensor) -> bool:
     and for devices or dtypes without an implementation. FX tracing (a :class:`torch.fx.Proxy` input) records the
     operator.
     """
+    if torch.compiler.is_compiling():  # torch.compile or torch.export (TorchScript and FX never set it)
+        # the checks that cannot hold while compiling are left out: each global a check reads becomes a guard,
+        # evaluated at every call of the compiled graph
+        return not torch.compiler.is_exporting() and _supported(x)
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return False
-    if torch.compiler.is_exporting():
         return False
     if isinstance(x, torch.fx.Proxy):
         return parameter.device.type in library.devices() and parameter.dtype in _DTYPES
-    if not torch.compiler.is_compiling():
-        if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
-            return False
-        if torch._C._functorch.is_functorch_wrapped_tensor(x):
-            return False
+    if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    return _supported(x)
+
+
+def _supported(x: Tensor) -> bool:
     return x.device.type in library.devices() and x.dtype in _DTYPES and x.numel() > 0
 
 

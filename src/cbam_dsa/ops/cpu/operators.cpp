@@ -289,7 +289,7 @@ void prepare(Call &call, const Args &a) {
   const int64_t dims[15] = {  // kernels.c: B, C, H, W, Rh, K, T, gates hard, has router, alpha, Rm, silu, split, fusion
       b, c, h, w, router ? a.router_fc1_weight->size(0) : 1, (int64_t)branches, call.plan->taps,
       a.ca_gate == "hardsigmoid", a.sa_gate == "hardsigmoid", router, a.alpha.has_value(), hidden, a.act == "silu",
-      b >= call.threads && h * w >= 2 * hidden,  // one sample per thread (native.py: one_sample_per_thread)
+      b >= call.threads && h * w >= 2 * hidden,  // one sample per thread (kernels.c's forward_core, dims[13])
       a.fusion_logits.has_value()};
   std::memcpy(call.dims, dims, sizeof dims);
   call.temperatures[0] = a.ca_temperature.item<double>();
