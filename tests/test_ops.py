@@ -154,6 +154,19 @@ def test_wide_maps_equal_the_reference(backend, shape, special, maps):
     assert_same(run(block, x, w, maps), reference(block, x, w, maps), rtol=1e-9, atol=1e-11)
 
 
+# The channel MLP's matrix products on both sides of the C kernels' tiles (4 rows by 32 columns; 4 by 4 sums over 64
+# channels and more), full and partial: channel counts and hidden widths past those of the tests above, a batch of
+# one and of several tiles, a channel count that is not a multiple of eight.
+@pytest.mark.parametrize(
+    ("shape", "reduction"), [((4, 70, 2, 3), 16), ((5, 70, 3, 2), 2), ((9, 128, 1, 2), 4), ((1, 64, 2, 2), 1)]
+)
+def test_wide_mlps_equal_the_reference(backend, shape, reduction):
+    b, c = shape[:2]
+    block = make_block(c, seed=b, reduction=reduction)
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(c))
+    assert_same(run(block, x, b, False), reference(block, x, b, False), rtol=1e-9, atol=1e-11)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The operators' contract: opcheck, argument checks, other dtypes and layouts, threads, double backward.
 
