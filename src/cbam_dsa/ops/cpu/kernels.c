@@ -890,10 +890,11 @@ static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *
     SCALAR *gs = NEW(SCALAR, B * 2 * P), *per_sample = NEW(SCALAR, B);
     SCALAR *ties = NEW(SCALAR, B * P);
     SCALAR *gr = NEW(SCALAR, 2 * K); /* the router's softmax backward, per sample: gr (K), then dl (K) */
+    double *gmix = NEW(double, K * T); /* the mixing matrix's gradient, summed in double */
     SCALAR *spad = NULL, *gpad = NULL; /* s and the logit's gradient, padded for the branches' backward */
     int status = STATUS_OK;
     if (!gsa || !gmax || !gca || !gpool || (need_alpha && !gsum) || !tapw || !gtaps || !gs || !per_sample || !ties ||
-        !gr) {
+        !gr || !gmix) {
         status = STATUS_NO_MEMORY;
         goto done;
     }
@@ -904,6 +905,7 @@ static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *
     if ((status = FN(blend_grad)(g, x, ca, sa, smax, gsa, gca, gsum, ties, hmean, hmax, B, C, P, threads))) goto done;
     if (need_alpha) {
         double total = 0;
+#pragma omp simd reduction(+ : total)
         for (int64_t i = 0; i < B * C; ++i) total += (double)ca[i] * gca[i] - gsum[i];
         g_scal[0] = total;
     }
@@ -932,12 +934,15 @@ static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *
         double by_bias = 0;
         for (int64_t b = 0; b < B; ++b) by_bias += (double)router[b * K + k] * per_sample[b];
         g_bias[k] = (SCALAR)by_bias;
-        for (int64_t t = 0; t < T; ++t) {
-            double total = 0;
-            for (int64_t b = 0; b < B; ++b) total += (double)router[b * K + k] * gtaps[b * T + t];
-            g_mixing[k * T + t] = (SCALAR)total;
-        }
     }
+    /* each entry of the mixing matrix's gradient summed over the samples in order, all entries in one pass */
+    for (int64_t i = 0; i < K * T; ++i) gmix[i] = 0;
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = 0; k < K; ++k) {
+            const double r = router[b * K + k];
+            for (int64_t t = 0; t < T; ++t) gmix[k * T + t] += r * gtaps[b * T + t];
+        }
+    for (int64_t i = 0; i < K * T; ++i) g_mixing[i] = (SCALAR)gmix[i];
     if (dims[9]) {
         for (int64_t i = 0; i < Rh * 2; ++i) g_r1w[i] = 0;
         for (int64_t j = 0; j < Rh; ++j) g_r1b[j] = 0;
@@ -986,7 +991,7 @@ static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *
     g_scal[1] = -FN(gate_back)(gca, z, ca, dz, B * C, scal[0], dims[7], threads) / (scal[0] * scal[0]);
 done:
     free(gsa), free(gmax), free(gca), free(gpool), free(gsum), free(tapw), free(gtaps), free(gs), free(per_sample);
-    free(ties), free(gr), free(spad), free(gpad);
+    free(ties), free(gr), free(gmix), free(spad), free(gpad);
     return status;
 }
 
@@ -1249,11 +1254,9 @@ static int FN(mlp_backward)(const SCALAR *dz, const SCALAR *pools, const SCALAR 
     for (int64_t i = 0; i < 2 * B * Rm; ++i) hidden[i] = FN(act)(pre[i], silu);
     for (int64_t i = 0; i < B * Rm; ++i) mixed[i] = fusion[0] * hidden[i] + fusion[1] * hidden[B * Rm + i];
     if (g_w2) FN(gemm_tn)(dz, mixed, g_w2, C, Rm, B, threads);
-    for (int64_t c = 0; c < C; ++c) {
-        SCALAR v = 0;
-        for (int64_t b = 0; b < B; ++b) v += dz[b * C + c];
-        column[c] = v;
-    }
+    for (int64_t c = 0; c < C; ++c) column[c] = 0;
+    for (int64_t b = 0; b < B; ++b) /* each column summed over the rows in order, all columns in one pass */
+        for (int64_t c = 0; c < C; ++c) column[c] += dz[b * C + c];
     if (g_b2)
         for (int64_t c = 0; c < C; ++c) g_b2[c] = column[c] * (fusion[0] + fusion[1]);
     if (!g_mixed_known) FN(gemm_nn)(dz, w2, g_mixed, B, Rm, C, threads);
