@@ -1009,14 +1009,22 @@ done:
 #define GEMM_ROWS 4
 #define GEMM_VECS 4
 #define ROWS_WIDTH (GEMM_VECS * LANES)
+
+/* Task `task` of an M x N output cut into tiles of height x width, ntiles across: its first row and column and its
+   size (smaller at the last rows and columns). */
+static inline void tile_of(int64_t task, int64_t ntiles, int64_t M, int64_t N, int64_t height, int64_t width,
+                           int64_t *m0, int64_t *n0, int64_t *rows, int64_t *cols) {
+    *m0 = task / ntiles * height, *n0 = task % ntiles * width;
+    *rows = M - *m0 < height ? M - *m0 : height, *cols = N - *n0 < width ? N - *n0 : width;
+}
+
 static void FN(gemm_rows)(const SCALAR *a, int64_t sm, int64_t sk, const SCALAR *b, SCALAR *out, int64_t M,
                           int64_t N, int64_t K, int threads) {
     const int64_t ntiles = (N + ROWS_WIDTH - 1) / ROWS_WIDTH, mtiles = (M + GEMM_ROWS - 1) / GEMM_ROWS;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t task = 0; task < mtiles * ntiles; ++task) {
-        const int64_t m0 = task / ntiles * GEMM_ROWS, n0 = task % ntiles * ROWS_WIDTH;
-        const int64_t rows = M - m0 < GEMM_ROWS ? M - m0 : GEMM_ROWS;
-        const int64_t cols = N - n0 < ROWS_WIDTH ? N - n0 : ROWS_WIDTH;
+        int64_t m0, n0, rows, cols;
+        tile_of(task, ntiles, M, N, GEMM_ROWS, ROWS_WIDTH, &m0, &n0, &rows, &cols);
         if (rows == GEMM_ROWS && cols == ROWS_WIDTH) {
             VEC acc[GEMM_ROWS][GEMM_VECS];
             for (int r = 0; r < GEMM_ROWS; ++r)
@@ -1067,9 +1075,8 @@ static void FN(gemm_nt_tiles)(const SCALAR *a, const SCALAR *b, SCALAR *out, int
     const int64_t kv = K / LANES * LANES;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t task = 0; task < mtiles * ntiles; ++task) {
-        const int64_t m0 = task / ntiles * GEMM_ROWS, n0 = task % ntiles * GEMM_ROWS;
-        const int64_t rows = M - m0 < GEMM_ROWS ? M - m0 : GEMM_ROWS;
-        const int64_t cols = N - n0 < GEMM_ROWS ? N - n0 : GEMM_ROWS;
+        int64_t m0, n0, rows, cols;
+        tile_of(task, ntiles, M, N, GEMM_ROWS, GEMM_ROWS, &m0, &n0, &rows, &cols);
         if (rows == GEMM_ROWS && cols == GEMM_ROWS) {
             VEC acc[GEMM_ROWS][GEMM_ROWS];
             for (int r = 0; r < GEMM_ROWS; ++r)
