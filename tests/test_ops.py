@@ -366,6 +366,32 @@ def test_both_backends_keep_one_saved_list(monkeypatch, shape):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=lambda m, pair=pair: f"{pair}: {m}")
 
 
+@pytest.mark.parametrize("shape", [(3, 6, 5, 7), (2, 6, 8, 9)])
+@pytest.mark.parametrize("special", [None, "ties", "nan", "inf"])
+def test_the_pytorch_backward_reads_its_own_forwards_maxima(monkeypatch, shape, special):
+    """The PyTorch backward takes the maxima over C of x * ca from the descriptors its own forward saved rather than
+    recomputing them, with the same gradients, bit for bit, as recomputing them, which it does for any other saved
+    list (a copy here; the C kernels' in use)."""
+    monkeypatch.setenv("CBAM_DSA_NATIVE", "0")
+    block = make_block(shape[1], torch.float32)
+    x = torch.randn(shape)
+    if special == "ties":  # whole channels of zeros and repeated values, as after a ReLU
+        x = x.clamp_min(0).round()
+    elif special is not None:
+        x[1, 2, 3, 4] = float(special)
+    grads, args, saved, needs = _backward_args(block, x)
+    given = (grads[0], grads[1], None, None, None)
+    recomputed = []
+    channel_max = pytorch.channel_max
+    monkeypatch.setattr(pytorch, "channel_max", lambda y: recomputed.append(y.shape) or channel_max(y))
+    own = ops.BACKWARD(*given, *args[:15], saved, *args[15:], needs)
+    assert not recomputed
+    copy = ops.BACKWARD(*given, *args[:15], [saved[0], saved[1].clone(), *saved[2:]], *args[15:], needs)
+    assert recomputed == [shape]
+    for a, b in zip(own, copy, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 # What block_forward returns under each overload name, at two sizes of a (2, 6, H, W) input with the default branches:
 # the output, the four maps and the saved list (its pools: the maxima below 64 pixels per map, both descriptors from
 # there). torch.compile's on-disk caches key a graph on the operators' names, so returning other shapes needs a new
