@@ -313,6 +313,8 @@ def gradients_like(grads: Sequence[Tensor | None], inputs: Sequence[Tensor | Non
             out.append(torch.zeros_like(t))
         elif grad.dtype == t.dtype and grad.shape == t.shape and grad.stride() == t.stride():
             out.append(grad)
-        else:
-            out.append(torch.empty_like(t).copy_(grad.reshape(t.shape)))
+        else:  # empty_like lays out a strided view contiguously, which grad may already be
+            like = torch.empty_like(t)
+            same = grad.dtype == t.dtype and grad.shape == t.shape and grad.stride() == like.stride()
+            out.append(grad if same else like.copy_(grad.reshape(t.shape)))
     return out

@@ -263,8 +263,9 @@ struct Call {
   int threads;
 };
 
-Tensor ready(const Tensor &t, at::ScalarType type) {
-  return t.scalar_type() == type && t.is_contiguous() ? t : t.to(type).contiguous();
+Tensor ready(const Tensor &t, at::ScalarType type) {  // one pass where both the dtype and the layout change
+  if (t.scalar_type() == type) return t.contiguous();  // (to() would return a permuted t itself)
+  return t.to(t.options().dtype(type), false, false, at::MemoryFormat::Contiguous);
 }
 
 void prepare(Call &call, const Args &a) {
@@ -318,7 +319,8 @@ bool disabled() {  // CBAM_DSA_NATIVE=0, read at each call as build.enabled() re
 
 Tensor like(const Tensor &t, const Tensor &x) {  // t in x's dtype, laid out as torch.empty_like(x)
   if (t.scalar_type() == x.scalar_type() && t.strides() == x.strides()) return t;
-  return at::empty_like(x).copy_(t);
+  Tensor out = at::empty_like(x);  // contiguous for a strided view of x: then t itself may already be laid out so
+  return t.scalar_type() == x.scalar_type() && t.strides() == out.strides() ? t : out.copy_(t);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
