@@ -55,6 +55,16 @@ def test_quick_run_writes_json_table_chart_and_markdown(quick_run, capsys):
         assert saved["ours_operator"] < saved["timm_cbam"] and saved["ours_operator"] < saved["ours_reference"]
         assert saved["ours_no_compiler"] < saved["ours_reference"]  # the PyTorch implementation of the operator
         assert entry["pairs"] == {}  # no compiled contenders in a quick run
+    inputs = results["inputs"]
+    assert [(e["shape"], e["kind"]) for e in inputs] == [
+        (list(shape), kind) for shape in bench.QUICK_SHAPES for kind in bench.INPUT_KINDS
+    ]
+    for entry in inputs:
+        assert entry["dtype"] == (entry["kind"] if entry["kind"].endswith("float16") else "float32")
+        assert set(entry["contenders"]) == {"timm_cbam", "ours_operator", "ours_no_compiler"}
+        for result in entry["contenders"].values():
+            assert 0 < result["forward_backward"]["min_ms"] <= result["forward_backward"]["median_ms"]
+        assert entry["operator_vs_pytorch"] > 0
     overhead = results["overhead"]
     assert overhead["shape"] == list(results["settings"]["overhead_shape"])
     assert set(overhead["median_us"]) == {"block", "operator", "implementation"}
@@ -76,6 +86,7 @@ def test_quick_run_writes_json_table_chart_and_markdown(quick_run, capsys):
     for label in bench.LABELS.values():
         assert label in table or label.endswith("+ compile")
     assert "resnet50" in table and "Per-call overhead at (2, 32, 7, 7)" in table
+    assert "other inputs, forward + backward" in table and "channels_last" in table
     png = (out / "results-cpu-float32.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
     markdown = (out / "BENCHMARKS.md").read_text()
@@ -83,6 +94,7 @@ def test_quick_run_writes_json_table_chart_and_markdown(quick_run, capsys):
     assert "cbam-dsa bench --quick" in markdown
     assert "### Targets (this run)" in markdown and "issue" not in markdown.lower()
     assert "Per-call overhead at (2, 32, 7, 7)" in markdown
+    assert "### Other inputs, forward + backward" in markdown and "| 2x16x14x14 | bfloat16 |" in markdown
 
 
 def test_markdown_holds_one_section_per_run(quick_run):
@@ -149,6 +161,7 @@ def test_with_results_needs_markdown(tmp_path, capsys):
         (["--network-compile", "--no-compile"], {"compile": False, "network_compile": False}),
         (["--quick"], {"compile": False, "network_compile": False, "rounds": 2, "keep_heap": False}),
         (["--no-overhead", "--no-network"], {"overhead": False, "network": False}),
+        (["--no-inputs"], {"inputs": False, "overhead": True}),
     ],
 )
 def test_options_reach_the_settings(argv, expected, monkeypatch):

@@ -275,3 +275,17 @@ def test_network_compares_compiled_variants_with_the_compiled_plain_network(monk
     assert variants["ours_compiled"]["overhead"] is not None
     assert result["ours_vs_se_compiled"]["rounds"] == 3
     assert "compiled plain network" in bench.render_markdown([fake_results(network=result)])
+
+
+@pytest.mark.parametrize("kind", ["channels_last", "strided", "float16", "bfloat16"])
+def test_other_inputs_are_of_their_kind(kind):
+    x = bench.make_input(kind, (2, 3, 4, 5))
+    assert x.shape == (2, 3, 4, 5) and (x >= 0).all()
+    assert x.is_contiguous() == (kind in ("float16", "bfloat16"))
+    assert x.is_contiguous(memory_format=torch.channels_last) == (kind == "channels_last")
+    assert x.dtype == (getattr(torch, kind) if kind.endswith("float16") else torch.float32)
+
+
+def test_an_unknown_input_kind_is_refused():
+    with pytest.raises(ValueError, match=r"kind must be one of 'channels_last', .* but got 'sparse'"):
+        bench.make_input("sparse", (2, 3, 4, 5))

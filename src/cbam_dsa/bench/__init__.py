@@ -7,6 +7,7 @@ Measuring is kept apart from rendering:
 * :mod:`.timing`: interleaved rounds and the per-round ratios taken over them;
 * :mod:`.memory`: bytes saved for backward, peak memory, page faults;
 * :mod:`.measure`: the figures per input shape, the operator's per-call overhead, and a whole run;
+* :mod:`.inputs`: the block on other inputs (channels_last, a strided view, float16, bfloat16);
 * :mod:`.network`: a training step of timm's resnet50 with each attention layer, eager and compiled;
 * :mod:`.render`: text tables, Markdown (``docs/BENCHMARKS.md``), the project's targets, JSON and a chart.
 
@@ -15,6 +16,7 @@ benchmark runs.
 """
 
 from .contenders import BASELINE, LABELS, NO_COMPILER, Contender, build_contenders, environment
+from .inputs import INPUT_KINDS, make_input, measure_inputs
 from .measure import (
     QUICK_SHAPES,
     SHAPES,
@@ -31,6 +33,7 @@ from .timing import interleaved_times, paired_comparison, round_ratio, summarize
 
 __all__ = [
     "BASELINE",
+    "INPUT_KINDS",
     "KEPT_HEAP",
     "LABELS",
     "NETWORK_LABELS",
@@ -46,6 +49,8 @@ __all__ = [
     "environment",
     "interleaved_times",
     "keep_freed_memory",
+    "make_input",
+    "measure_inputs",
     "measure_network",
     "measure_overhead",
     "measure_shape",

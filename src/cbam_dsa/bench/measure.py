@@ -5,7 +5,8 @@ For each input shape and contender (:mod:`.contenders`; method: ``benchmarks/REA
 * forward time under ``torch.no_grad()`` and forward + backward time, in interleaved rounds (:mod:`.timing`);
 * bytes autograd saves for backward beyond the input, and the peak memory of one step (:mod:`.memory`).
 
-Then the operator's per-call overhead (:func:`measure_overhead`) and the resnet50 training step (:mod:`.network`).
+Then the block on other inputs (:mod:`.inputs`), the operator's per-call overhead (:func:`measure_overhead`) and the
+resnet50 training step (:mod:`.network`).
 timm and torchvision are imported only when the benchmark runs.
 """
 
@@ -28,6 +29,7 @@ from .. import ops
 from ..block import CBAMResidualDynamicSA
 from ..ops.cpu import native
 from .contenders import BASELINE, LABELS, build_contenders
+from .inputs import measure_inputs
 from .memory import counting_faults, keep_freed_memory, peak_step_memory, saved_tensor_bytes
 from .network import measure_network
 from .timing import interleaved_times, round_ratio, summarize, timed_faults
@@ -67,6 +69,8 @@ class Settings:
             the four networks takes about ten minutes on two cores).
         network_rounds: rounds of the network timing.
         network_batch, network_size: the network's input, ``(batch, 3, size, size)``.
+        inputs: also time the block on other inputs (channels_last, strided, float16, bfloat16; CPU float32 runs).
+        inputs_rounds: rounds of those timings.
         overhead: also measure the operator's per-call overhead (CPU).
         overhead_shape: the input of that measurement.
         overhead_calls: calls per timed sample of it.
@@ -88,6 +92,8 @@ class Settings:
     network_rounds: int = 21
     network_batch: int = 8
     network_size: int = 160
+    inputs: bool = True
+    inputs_rounds: int = 7
     overhead: bool = True
     overhead_shape: tuple[int, int, int, int] = (32, 512, 7, 7)
     overhead_calls: int = 20
@@ -110,6 +116,7 @@ class Settings:
             "network_rounds": 1,
             "network_batch": 2,
             "network_size": 64,
+            "inputs_rounds": 1,
             "overhead_shape": (2, 32, 7, 7),
             "overhead_calls": 2,
             "keep_heap": False,
@@ -346,6 +353,9 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
         for shape in settings.shapes:
             log(f"shape {tuple(shape)} ...")
             results["shapes"].append(measure_shape(settings, tuple(shape), dtype))
+        if settings.inputs and settings.device == "cpu" and settings.dtype == "float32":
+            log("other inputs (channels_last, strided, float16, bfloat16) ...")
+            results["inputs"] = measure_inputs(settings.shapes, settings.inputs_rounds, settings.warmup, settings.seed)
         if settings.overhead:
             log(f"operator overhead at {tuple(settings.overhead_shape)} ...")
             results["overhead"] = measure_overhead(settings, dtype)

@@ -95,6 +95,38 @@ def _network_rows(network: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+INPUTS_HEADER = [
+    "input",
+    "kind",
+    "CBAM fwd+bwd ms (min / median)",
+    "operator vs CBAM",
+    "without C compiler vs CBAM",
+    "operator / without C compiler",
+]
+INPUTS_NOTE = (
+    "The C kernels take contiguous float32: on these inputs the operator converts the input and the output's gradient"
+    " for them and the results back. *Operator / without C compiler* is the median over rounds of its time over the"
+    " PyTorch implementation's on the input as it is (`CBAM_DSA_NATIVE=0`): below 1, converting is the faster."
+)
+
+
+def _inputs_rows(inputs: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for entry in inputs:
+        contenders = entry["contenders"]
+        rows.append(
+            [
+                "x".join(map(str, entry["shape"])),
+                entry["kind"],
+                _ms(contenders["timm_cbam"]["forward_backward"]),
+                _ratio(contenders["ours_operator"]["forward_backward"]["ratio"]),
+                _ratio(contenders["ours_no_compiler"]["forward_backward"]["ratio"]),
+                _ratio(entry["operator_vs_pytorch"]),
+            ]
+        )
+    return rows
+
+
 def _text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in [header, *rows]]
@@ -139,6 +171,9 @@ def render_table(results: dict[str, Any]) -> str:
         parts.append(f"\nshape {tuple(entry['shape'])}, input {_mib(entry['input_bytes'])} MiB")
         parts.append(_text_table(SHAPE_HEADER, _rows(entry)))
         parts += [f"  {name}: skipped ({error})" for name, error in entry["errors"].items()]
+    if results.get("inputs"):
+        parts.append("\nother inputs, forward + backward")
+        parts.append(_text_table(INPUTS_HEADER, _inputs_rows(results["inputs"])))
     overhead = render_overhead(results.get("overhead"))
     if overhead:
         parts.append("\n" + overhead.replace("`", ""))
@@ -260,6 +295,9 @@ def _markdown_section(results: dict[str, Any]) -> str:
         parts += [f"\n`{name}`: skipped ({error})" for name, error in entry["errors"].items()]
     if results["shapes"]:
         parts += ["", f"Peak memory: {results['shapes'][0]['peak_memory_method']}."]
+    if results.get("inputs"):
+        parts += ["", "### Other inputs, forward + backward", "", INPUTS_NOTE, ""]
+        parts.append(_markdown_table(INPUTS_HEADER, _inputs_rows(results["inputs"])))
     if "network" in results:
         network = results["network"]
         parts += ["", f"### {network['model']}, one training step on {tuple(network['input'])}", ""]

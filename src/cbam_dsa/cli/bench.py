@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also time the compiled resnet50 steps (plain, SE, CBAM, ours; compiling them takes about 10 minutes)",
     )
     parser.add_argument("--no-overhead", action="store_true", help="skip the operator's per-call overhead")
+    parser.add_argument(
+        "--no-inputs", action="store_true", help="skip the other inputs (channels_last, strided, float16, bfloat16)"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="modules and inputs (default: float32)"
@@ -112,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         "network": not args.no_network,
         "network_compile": args.network_compile and not args.no_compile,
         "overhead": not args.no_overhead,
+        "inputs": not args.no_inputs,
         "device": args.device,
         "dtype": args.dtype,
         "threads": threads,
