@@ -442,13 +442,14 @@ LAYOUTS = {
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (4e-2, 4e-2), torch.float16: (1e-2, 1e-2)}
 
 
+@pytest.mark.parametrize("maps", [False, True])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
-def test_other_dtypes_and_layouts_equal_the_reference(backend, dtype, layout):
+def test_other_dtypes_and_layouts_equal_the_reference(backend, dtype, layout, maps):
     block = make_block(8, dtype, learnable_alpha=True, alpha_init=0.6)
     x = LAYOUTS[layout](torch.randn(3, 8, 10, 9).to(dtype))
-    got = run(block, x, 0, maps=False)
-    expected = reference(block, x, 0, maps=False)
+    got = run(block, x, 0, maps=maps)
+    expected = reference(block, x, 0, maps=maps)
     layout = torch.empty_like(x).stride()  # x's own, but contiguous for a view that is not dense
     assert got[0].stride() == layout and got[5].stride() == layout  # out and its gradient are laid out as x
     rtol, atol = TOLERANCES[dtype]
