@@ -213,9 +213,11 @@ class CBAMResidualDynamicSA(nn.Module):
         check_input(x, self.channels)
         part, spatial = self.ca, self.sa
         mlp = part.mlp_params()
-        # a parameter, for its device: under FX a real one (``mlp`` holds Proxies there); under torch.compile one that
-        # needs no walk of the submodules, which would add a guard per submodule to every call of the graph
-        probe = mlp[0] if torch.compiler.is_compiling() else next(self.parameters())
+        # a parameter, for its device and dtype, which ops.runs_on reads for an FX Proxy only: a real one there (``mlp``
+        # holds Proxies under FX), elsewhere the first MLP weight, with no walk of the submodules (each a guard under
+        # torch.compile, checked at every call of the graph)
+        proxy = not torch.compiler.is_compiling() and isinstance(x, torch.fx.Proxy)
+        probe = next(self.parameters()) if proxy else mlp[0]
         if not (self.fast_path and ops.runs_on(x, probe)):
             return self._reference_forward(x)
         weights, biases, dilations = spatial.branch_params()
