@@ -13,7 +13,16 @@ from torch import nn
 
 from ..block import CBAMResidualDynamicSA
 
-__all__ = ["BASELINE", "LABELS", "NO_COMPILER", "Contender", "build_contenders", "environment", "in_environment"]
+__all__ = [
+    "BASELINE",
+    "LABELS",
+    "NO_COMPILER",
+    "Contender",
+    "build_contenders",
+    "environment",
+    "in_environment",
+    "training_step",
+]
 
 BASELINE = "timm_cbam"
 """The contender every ratio is taken against."""
@@ -70,6 +79,19 @@ def in_environment(step: Callable[[], Any], env: Mapping[str, str]) -> Callable[
     def run() -> Any:
         with environment(env):
             return step()
+
+    return run
+
+
+def training_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward of ``module`` on ``x`` (a leaf that requires grad) with ``grad_out``, the gradients of
+    ``x`` and of the parameters cleared first, so that no step adds to the one before."""
+
+    def run() -> None:
+        x.grad = None
+        for parameter in module.parameters():
+            parameter.grad = None
+        module(x).backward(grad_out)
 
     return run
 

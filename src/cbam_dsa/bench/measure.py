@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..block import CBAMResidualDynamicSA
 from ..ops.cpu import native
-from .contenders import BASELINE, LABELS, build_contenders
+from .contenders import BASELINE, LABELS, build_contenders, training_step
 from .inputs import measure_inputs
 from .memory import counting_faults, keep_freed_memory, peak_step_memory, saved_tensor_bytes
 from .network import measure_network
@@ -125,12 +125,6 @@ class Settings:
         return cls(**values)
 
 
-def _zero_grads(module: nn.Module, x: Tensor) -> None:
-    x.grad = None
-    for parameter in module.parameters():
-        parameter.grad = None
-
-
 def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {error}".splitlines()[0][:300]
 
@@ -154,11 +148,7 @@ def measure_shape(settings: Settings, shape: tuple[int, int, int, int], dtype: t
         return run
 
     def train(module: nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            _zero_grads(module, x_grad)
-            module(x_grad).backward(grad_out)
-
-        return run
+        return training_step(module, x_grad, grad_out)
 
     errors: dict[str, str] = {}
     for name in list(contenders):
