@@ -38,10 +38,18 @@ def make_block(channels: int, dtype: torch.dtype = torch.float64, seed: int = 0,
     return block
 
 
+def _copy_with_strides(x: Tensor) -> Tensor:
+    """A copy of ``x`` with its strides, in a storage of NaN: the gaps of a view that is not dense stay NaN, so a
+    kernel that reads them shows it."""
+    size = x.storage_offset() + sum((n - 1) * s for n, s in zip(x.shape, x.stride(), strict=True)) + 1
+    storage = torch.full((size,), float("nan"), dtype=x.dtype)
+    return storage.as_strided(x.shape, x.stride(), x.storage_offset()).copy_(x.detach())
+
+
 def run(block: CBAMResidualDynamicSA, x: Tensor, seed: int, maps: bool) -> list:
     """The block's outputs and the gradients of ``x`` and every parameter under a random loss (on the output, and
     with ``maps`` on the four maps too)."""
-    x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype).copy_(x.detach()).requires_grad_(True)  # x's strides
+    x = _copy_with_strides(x).requires_grad_(True)
     block.return_maps = True
     outs = block(x)
     generator = torch.Generator().manual_seed(seed)
