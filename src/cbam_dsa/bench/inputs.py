@@ -5,22 +5,23 @@ in interleaved rounds, forward + backward:
 
 * ``ours_operator``: the block as users get it. The C kernels take contiguous float32 (or float64), so the operator
   converts the input (and the output's gradient) for them and converts the results back;
-* ``ours_no_compiler``: the PyTorch implementation (``CBAM_DSA_NATIVE=0``), which runs on the input as it is.
+* ``ours_no_compiler``: the PyTorch implementation (``CBAM_DSA_NATIVE=0``), which converts them the same way for its
+  full-size passes (where that measured faster than running on the input as it is: ``ops/pytorch.py``).
 
-``operator_vs_pytorch`` (the median over rounds of the first's time over the second's) is the measurement behind the
-operator's choice to convert: below 1, converting for the C kernels is the faster of the two.
+``operator_vs_pytorch`` is the median over rounds of the first's time over the second's: below 1, the C kernels after
+the conversion are the faster of the two.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..block import CBAMResidualDynamicSA
-from .contenders import BASELINE, LABELS, NO_COMPILER, Contender
+from .contenders import BASELINE, LABELS, NO_COMPILER, Contender, training_step
 from .timing import interleaved_times, round_ratio, summarize
 
 __all__ = ["INPUT_KINDS", "make_input", "measure_inputs"]
@@ -48,16 +49,6 @@ def make_input(kind: str, shape: Sequence[int], generator: torch.Generator | Non
     return x.to(getattr(torch, kind))
 
 
-def _train(module: nn.Module, x: Tensor, grad_out: Tensor) -> Callable[[], None]:
-    def run() -> None:
-        x.grad = None
-        for parameter in module.parameters():
-            parameter.grad = None
-        module(x).backward(grad_out)
-
-    return run
-
-
 def measure_inputs(
     shapes: Sequence[tuple[int, int, int, int]], rounds: int, warmup: int, seed: int
 ) -> list[dict[str, Any]]:
@@ -78,7 +69,7 @@ def measure_inputs(
             }
             x.requires_grad_()  # a leaf of its own layout (the strided one a view of its base)
             grad_out = torch.randn(shape, dtype=dtype)
-            fns = {name: c.wrap(_train(c.module, x, grad_out)) for name, c in contenders.items()}
+            fns = {name: c.wrap(training_step(c.module, x, grad_out)) for name, c in contenders.items()}
             times = interleaved_times(fns, rounds, warmup, "cpu", seed)
             summary = summarize(times, BASELINE)
             found.append(

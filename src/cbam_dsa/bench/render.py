@@ -105,8 +105,9 @@ INPUTS_HEADER = [
 ]
 INPUTS_NOTE = (
     "The C kernels take contiguous float32: on these inputs the operator converts the input and the output's gradient"
-    " for them and the results back. *Operator / without C compiler* is the median over rounds of its time over the"
-    " PyTorch implementation's on the input as it is (`CBAM_DSA_NATIVE=0`): below 1, converting is the faster."
+    " for them and the results back; its PyTorch implementation (`CBAM_DSA_NATIVE=0`) converts them the same way for"
+    " its full-size passes. *Operator / without C compiler* is the median over rounds of the operator's time over the"
+    " PyTorch implementation's: below 1, the C kernels are the faster."
 )
 
 
