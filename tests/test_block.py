@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cbam_dsa import CBAMResidualDynamicSA
+from cbam_dsa import CBAMResidualDynamicSA, DynamicSpatialAttention
 from cbam_dsa import functional as FA
 
 CONFIGS = [
@@ -323,3 +323,20 @@ def test_gradcheck_float64_reference_path_full_jacobian(config):
     block.fast_path = False  # the plain path, checked with the full Jacobian (cheap here)
     x = torch.randn(2, 4, 4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(block, (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "dilations"),
+    [
+        ({}, (1, 1, 2)),
+        ({"use_dilated": False}, (1, 1)),
+        ({"kernels": (5,), "dilated_kernel": 3, "dilated_d": 4}, (1, 4)),
+    ],
+)
+def test_spatial_dilations_are_an_immutable_tuple_per_branch(kwargs, dilations):
+    # a tuple, not a list: torch.compile's dict-tag guards (torch._dynamo.config.use_recursive_dict_tags_for_guards)
+    # can then skip the whole module while its __dict__ is unchanged, as they do for the channel part
+    sa = DynamicSpatialAttention(**kwargs)
+    assert sa.dilations == dilations and type(sa.dilations) is tuple
+    assert sa.branch_params()[2] is sa.dilations
+    assert [b.dilation for b in sa.branches] == [(d, d) for d in dilations]

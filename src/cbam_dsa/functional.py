@@ -21,6 +21,8 @@ in the input's dtype.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -220,7 +222,7 @@ def spatial_attention_map(
     s: Tensor,
     branch_weights: list[Tensor],
     branch_biases: list[Tensor],
-    dilations: list[int],
+    dilations: Sequence[int],
     router_params: tuple[Tensor, Tensor, Tensor, Tensor] | None,
     gate: str,
     temperature: Tensor | float,
@@ -231,7 +233,7 @@ def spatial_attention_map(
         s (Tensor): ``[mean_c, max_c]`` descriptors.
         branch_weights (list[Tensor]): one ``(1, 2, k, k)`` kernel per branch.
         branch_biases (list[Tensor]): one ``(1,)`` bias per branch.
-        dilations (list[int]): one dilation per branch.
+        dilations (Sequence[int]): one dilation per branch.
         router_params (tuple, optional): ``(fc1_weight, fc1_bias, fc2_weight, fc2_bias)`` of the router;
             ``None`` when there is a single branch (its weight is then 1).
         gate (str): ``"sigmoid"`` or ``"hardsigmoid"``.
@@ -262,7 +264,7 @@ def dynamic_spatial_attention(
     y: Tensor,
     branch_weights: list[Tensor],
     branch_biases: list[Tensor],
-    dilations: list[int],
+    dilations: Sequence[int],
     router_params: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     gate: str = "sigmoid",
     temperature: Tensor | float = 1.0,
@@ -304,7 +306,7 @@ def cbam_residual_dynamic_sa(
     fusion_logits: Tensor | None,
     branch_weights: list[Tensor],
     branch_biases: list[Tensor],
-    dilations: list[int],
+    dilations: Sequence[int],
     router_params: tuple[Tensor, Tensor, Tensor, Tensor] | None,
     alpha: Tensor | float | None = 1.0,
     ca_act: str = "relu",

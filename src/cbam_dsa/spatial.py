@@ -103,7 +103,7 @@ class DynamicSpatialAttention(nn.Module):
         self.dilated_kernel = dilated_kernel
         self.dilated_d = dilated_d
         specs = [(k, 1) for k in kernels] + ([(dilated_kernel, dilated_d)] if use_dilated else [])
-        self.dilations = [d for _, d in specs]
+        self.dilations = tuple(d for _, d in specs)  # immutable: torch.compile's dict-tag guards can skip the module
         self.branches = nn.ModuleList(
             nn.Conv2d(2, 1, k, padding=FA.branch_padding(k, d), dilation=d, bias=True, **dd) for k, d in specs
         )
@@ -131,7 +131,7 @@ class DynamicSpatialAttention(nn.Module):
         fc1, _, fc2 = router  # (unpacking is 2.5x faster than indexing a Sequential, per call of the block)
         return fc1.weight, fc1.bias, fc2.weight, fc2.bias
 
-    def branch_params(self) -> tuple[list[Tensor], list[Tensor], list[int]]:
+    def branch_params(self) -> tuple[list[Tensor], list[Tensor], tuple[int, ...]]:
         """``(weights, biases, dilations)`` of the K branch convolutions."""
         return [b.weight for b in self.branches], [b.bias for b in self.branches], self.dilations
 
