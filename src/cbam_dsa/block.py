@@ -224,7 +224,7 @@ class CBAMResidualDynamicSA(nn.Module):
         outs = ops.fused_block(
             x, mlp, part.fusion_logits, part.effective_temperature(), spatial.effective_temperature(),
             self.alpha, spatial.router_params(), weights, biases,
-            ops.BlockSpec(tuple(dilations), part.act, part.gate, spatial.gate),
+            ops.BlockSpec(dilations, part.act, part.gate, spatial.gate),
         )  # fmt: skip
         return outs if self._return_maps else outs[0]
 
