@@ -98,9 +98,9 @@ def three_tensors():  # 16 MiB each, freed oldest first: the last free joins all
 
 
 step = bench.counting_faults(three_tensors, counts)
-for _ in range(12):
+for _ in range(16):
     step()
-print(json.dumps({"kept": kept, "faults": counts[4:]}))
+print(json.dumps({"kept": kept, "faults": counts[8:]}))
 """
 
 
@@ -108,7 +108,9 @@ print(json.dumps({"kept": kept, "faults": counts[4:]}))
 def test_keep_freed_memory_lets_glibc_reuse_freed_tensors_without_faults():
     """In a new process, three 16 MiB tensors allocated and freed in a loop, after keep_freed_memory: no fault once
     the heap has grown. With glibc's defaults some processes fault on all their pages in every iteration (2 of 10
-    tried); with the trim threshold set alone, every process would (the mmap threshold stays at 128 KiB)."""
+    tried); with the trim threshold set alone, every process would (the mmap threshold stays at 128 KiB). Growing
+    takes a few iterations, more on a busy machine (faults in the fifth and sixth in 4 of 30 processes beside a
+    2-thread matrix product), so the last 8 of 16 are counted."""
     run = subprocess.run([sys.executable, "-c", HEAP_LOOP, "keep"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     found = json.loads(run.stdout.splitlines()[-1])

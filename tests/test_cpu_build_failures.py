@@ -132,7 +132,7 @@ ENTRY_POINT_STATUS = """
     lib = build.library()
     results = []
     for suffix in build.SCALARS:
-        for dims in ([-1] + [1] * 14, [1] * 5 + [1 << 20, 1 << 30] + [1] * 8):
+        for dims in ([-1] + [1] * 14, [1] * 13 + [2, 1], [1] * 5 + [1 << 20, 1 << 30] + [1] * 8):
             d = (ctypes.c_int64 * 15)(*dims)
             scal = (ctypes.c_double * 2)(1.0, 1.0)
             f = getattr(lib, "block_forward_" + suffix)
@@ -149,8 +149,9 @@ ENTRY_POINT_STATUS = """
 def test_the_entry_points_return_a_status_for_bad_dimensions_and_failed_allocations(fresh, fakecc):
     result = run_python(ENTRY_POINT_STATUS)
     assert result.returncode == 0, f"the process died (status {result.returncode}): {result.stderr[-2000:]}"
-    bad, no_memory = 2, 1  # a negative batch: a bad argument; 2^50 mixing entries: the allocation fails
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == [bad, bad, no_memory, no_memory] * 2
+    # a negative batch or chunks of 2 samples in a batch of 1: a bad argument; 2^50 mixing entries: no memory
+    bad, no_memory = 2, 1
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [bad, bad, bad, bad, no_memory, no_memory] * 2
 
 
 @pytest.mark.parametrize(

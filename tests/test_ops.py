@@ -464,14 +464,22 @@ def test_other_dtypes_and_layouts_equal_the_reference(backend, dtype, layout, ma
     assert_same(got, expected, rtol=rtol, atol=atol)
 
 
+SPLITS = {  # operators.cpp's chunk_samples, with 2 threads: chunks of (batch + 1) // 2 samples, or of 1 for batch 2
+    "chunks": ({"reduction": 4}, (11, 13)),  # a chunk's maps (143+ pixels) outweigh the MLP (3 hidden)
+    "stages": ({"reduction": 1}, (2, 2)),  # they do not (4 to 20 pixels, 12 hidden): each stage on all threads
+}
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_every_thread_split_equals_the_reference(backend, threads, batch):
+@pytest.mark.parametrize("batch", [1, 2, 3, 5])
+def test_every_thread_split_equals_the_reference(backend, threads, batch, split):
+    config, size = SPLITS[split]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        block = make_block(12, reduction=4)
-        x = torch.randn(batch, 12, 11, 13, dtype=torch.float64)
+        block = make_block(12, **config)
+        x = torch.randn(batch, 12, *size, dtype=torch.float64)
         assert_same(run(block, x, 1, maps=False), reference(block, x, 1, maps=False), rtol=1e-9, atol=1e-11)
     finally:
         torch.set_num_threads(previous)

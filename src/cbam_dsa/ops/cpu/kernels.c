@@ -7,10 +7,11 @@
  *
  * The exported entry points of the fused block are block_forward and block_backward (at the end): the whole block,
  * channel MLP included (small matrix products), from its own tensors, in one call each way. They run either each
- * stage over the whole batch on all threads, or each sample from start to end on one thread (its slice of x is then
- * read from memory once and from the cache after that). They return a status: STATUS_OK (0), STATUS_NO_MEMORY (an
- * allocation failed, also inside a parallel region) or STATUS_BAD_ARGUMENT (a dimension not positive, or sizes that
- * overflow); the caller raises for a nonzero one. No array on the stack is sized by the input.
+ * stage over the whole batch on all threads, or the batch in chunks of a few samples, each chunk from start to end
+ * on one thread (its slice of x is then read from memory once and from the cache after that). They return a
+ * status: STATUS_OK (0), STATUS_NO_MEMORY (an allocation failed, also inside a parallel region) or
+ * STATUS_BAD_ARGUMENT (a dimension not positive, a chunk longer than the batch, or sizes that overflow); the caller
+ * raises for a nonzero one. No array on the stack is sized by the input.
  *
  * Non-finite values spread as through the reference (PyTorch autograd over functional.py): ReLU keeps NaN and its
  * backward passes the gradient where the output is NaN (threshold_backward), maxima are NaN where any value is,
@@ -1297,9 +1298,10 @@ static int FN(mlp_backward)(const SCALAR *dz, const SCALAR *pools, const SCALAR 
    spatial_forward. mlp = (w1, b1, w2, b2, fusion); spatial = (r1w, r1b, r2w, r2b, mixing, bias); outputs pools, pre,
    z, then
    spatial_forward's (ca, s, rhid, router, logit, sa, out). dims as spatial_forward's, then mdims, then the mode:
-   dims[13] = 1 runs one sample per thread from start to end (the sample's slice of x is read from memory once and
-   then from the cache), 0 runs each stage over the whole batch on all threads (for batches smaller than the thread
-   count). The results are the same either way up to rounding. */
+   dims[13] = S > 0 runs the batch in chunks of S samples (the last one may be shorter), each chunk from start to end
+   on one thread (the chunk's slice of x is read from memory once and then from the cache; the MLP runs on the
+   chunk's rows), 0 runs each stage over the whole batch on all threads (operators.cpp's chunk_samples chooses). The
+   results are the same either way up to rounding. */
 static int FN(forward_core)(const SCALAR *x, const SCALAR *const *mlp, const SCALAR *const *spatial,
                              const int64_t *taps, SCALAR *const *outs, const int64_t *dims, const double *scal,
                              int threads) {
@@ -1314,21 +1316,23 @@ static int FN(forward_core)(const SCALAR *x, const SCALAR *const *mlp, const SCA
         return FN(spatial_forward)(x, z, spatial[0], spatial[1], spatial[2], spatial[3], spatial[4], spatial[5], taps,
                                    outs[3], outs[4], outs[5], outs[6], outs[7], outs[8], outs[9], dims, scal, threads);
     }
-    /* status is shared: any sample's failure is reported (the other samples still run) */
+    /* status is shared: any chunk's failure is reported (the other chunks still run) */
+    const int64_t S = dims[13], chunks = (B + S - 1) / S;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < chunks; ++j) {
+        const int64_t b = j * S, n = B - b < S ? B - b : S;
         int64_t one[14];
         for (int i = 0; i < 14; ++i) one[i] = dims[i];
-        one[0] = 1;
+        one[0] = n;
         const SCALAR *xb = x + b * C * P;
-        SCALAR *rows = NEW(SCALAR, 2 * C + 2 * Rm);
+        SCALAR *rows = NEW(SCALAR, n * (2 * C + 2 * Rm));
         int own = rows ? STATUS_OK : STATUS_NO_MEMORY;
         if (!own) {
-            SCALAR *pre2 = rows + 2 * C;
-            FN(pool_hw)(xb, rows, rows + C, C, P, 1);
-            own = FN(mlp_forward)(rows, mlp[0], mlp[1], mlp[2], mlp[3], mlp[4], pre2, z + b * C, 1, C, Rm, silu, 1);
-            for (int64_t c = 0; c < C; ++c) pools[b * C + c] = rows[c], pools[(B + b) * C + c] = rows[C + c];
-            for (int64_t j = 0; j < Rm; ++j) pre[b * Rm + j] = pre2[j], pre[(B + b) * Rm + j] = pre2[Rm + j];
+            SCALAR *pre2 = rows + 2 * n * C;
+            FN(pool_hw)(xb, rows, rows + n * C, n * C, P, 1);
+            own = FN(mlp_forward)(rows, mlp[0], mlp[1], mlp[2], mlp[3], mlp[4], pre2, z + b * C, n, C, Rm, silu, 1);
+            for (int64_t c = 0; c < n * C; ++c) pools[b * C + c] = rows[c], pools[(B + b) * C + c] = rows[n * C + c];
+            for (int64_t i = 0; i < n * Rm; ++i) pre[b * Rm + i] = pre2[i], pre[(B + b) * Rm + i] = pre2[n * Rm + i];
         }
         if (!own)
             own = FN(spatial_forward)(xb, z + b * C, spatial[0], spatial[1], spatial[2], spatial[3], spatial[4],
@@ -1347,7 +1351,7 @@ static int FN(forward_core)(const SCALAR *x, const SCALAR *const *mlp, const SCA
 /* The whole block's backward after derive_light, from g, the output's gradient. saved = (z, s, logit, router, rhid,
    pre, pools; pools NULL: recomputed in the spatial backward's first pass over x); mlp = (w1, w2, b2, fusion); spatial = (r1w, r2w, mixing, bias). grads = (mixing, bias, r1w,
    r1b, r2w, r2b, w1, b1, w2, b2, fusion, x): the gradients, each skipped where its pointer is NULL (x: NULL skips
-   the pass over x); g_scal = (alpha, T_ca, T_sa). dims as block_forward's (dims[13]: one sample per thread). */
+   the pass over x); g_scal = (alpha, T_ca, T_sa). dims as block_forward's (dims[13]: samples per chunk). */
 static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *const *saved,
                               const SCALAR *const *mlp, const SCALAR *const *spatial, const int64_t *taps,
                               SCALAR *const *grads, double *g_scal, int need_alpha, const int64_t *dims,
@@ -1382,13 +1386,14 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
         }
         free(g_pools);
     } else {
-        /* One sample per thread: the spatial part, the MLP's adjoints for the sample's rows (the weights' gradients
-           come after, over the whole batch) and x's gradient. The parameters' gradients of each sample are summed
-           after the loop, in sample order. */
+        /* Chunks of S samples, one thread each: the spatial part, the MLP's adjoints for the chunk's rows (the
+           weights' gradients come after, over the whole batch) and x's gradient. The parameters' gradients of each
+           chunk are summed after the loop, in chunk order. */
         const int64_t per = K * T + K + 3 * Rh + K * Rh + K;
-        SCALAR *parts = (uint64_t)B * (uint64_t)per < SIZE_MAX / sizeof(SCALAR)
-                            ? calloc((size_t)(B * per) + 1, sizeof(SCALAR)) : NULL;
-        double *scal_parts = NEW(double, B * 3);
+        const int64_t S = dims[13], chunks = (B + S - 1) / S;
+        SCALAR *parts = (uint64_t)chunks * (uint64_t)per < SIZE_MAX / sizeof(SCALAR)
+                            ? calloc((size_t)(chunks * per) + 1, sizeof(SCALAR)) : NULL;
+        double *scal_parts = NEW(double, chunks * 3);
         /* dz @ w2, row by row where x's gradient needs it; then the weights' gradients reuse it */
         SCALAR *g_mixed = grads[11] ? NEW(SCALAR, B * Rm) : NULL;
         if (own) pools = own;
@@ -1397,15 +1402,16 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
             free(ca), free(dz), free(sa), free(cmean), free(coef), free(smax), free(own);
             return STATUS_NO_MEMORY;
         }
-        /* status is shared: any sample's failure is reported (the other samples still run) */
+        /* status is shared: any chunk's failure is reported (the other chunks still run) */
 #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t b = 0; b < B; ++b) {
+        for (int64_t j = 0; j < chunks; ++j) {
+            const int64_t b = j * S, n = B - b < S ? B - b : S;
             int64_t one[14];
             for (int i = 0; i < 14; ++i) one[i] = dims[i];
-            one[0] = 1;
+            one[0] = n;
             const SCALAR *gb = g + b * C * P, *xb = x + b * C * P;
-            SCALAR *part = parts + b * per;
-            double *sp = scal_parts + b * 3;
+            SCALAR *part = parts + j * per;
+            double *sp = scal_parts + j * 3;
             sp[0] = sp[1] = sp[2] = 0;
             int mine = FN(spatial_backward)(gb, xb, saved[0] + b * C, saved[1] + b * 2 * P, saved[2] + b * P,
                                  saved[3] + b * K, saved[4] + b * Rh, spatial[0], spatial[1], spatial[2], spatial[3],
@@ -1414,27 +1420,27 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
                                  part + K * T + K + 3 * Rh, part + K * T + K + 3 * Rh + K * Rh,
                                  own ? own + b * C : NULL, own ? own + BC + b * C : NULL, sp, need_alpha, one, scal, 1);
             if (mine) {
-                /* nothing more for this sample */
+                /* nothing more for this chunk */
             } else if (grads[11]) {
-                SCALAR *rows = NEW(SCALAR, 4 * C + 2 * Rm);
+                SCALAR *rows = NEW(SCALAR, n * (4 * C + 2 * Rm));
                 if (!rows) {
 #pragma omp atomic write
                     status = STATUS_NO_MEMORY;
                     continue;
                 }
-                SCALAR *g_rows = rows + 2 * C, *pre2 = rows + 4 * C;
-                for (int64_t c = 0; c < C; ++c) rows[c] = pools[b * C + c], rows[C + c] = pools[BC + b * C + c];
-                for (int64_t j = 0; j < Rm; ++j) {
-                    pre2[j] = saved[5][b * Rm + j];
-                    pre2[Rm + j] = saved[5][(B + b) * Rm + j];
+                SCALAR *g_rows = rows + 2 * n * C, *pre2 = rows + 4 * n * C;
+                for (int64_t c = 0; c < n * C; ++c) rows[c] = pools[b * C + c], rows[n * C + c] = pools[BC + b * C + c];
+                for (int64_t i = 0; i < n * Rm; ++i) {
+                    pre2[i] = saved[5][b * Rm + i];
+                    pre2[n * Rm + i] = saved[5][(B + b) * Rm + i];
                 }
                 mine = FN(mlp_backward)(dz + b * C, rows, pre2, mlp[0], mlp[1], mlp[2], mlp[3], NULL, NULL, NULL, NULL,
-                                        NULL, g_rows, g_mixed + b * Rm, 0, 1, C, Rm, silu, 1);
-                for (int64_t c = 0; c < C; ++c) g_rows[c] /= (SCALAR)P;
+                                        NULL, g_rows, g_mixed + b * Rm, 0, n, C, Rm, silu, 1);
+                for (int64_t c = 0; c < n * C; ++c) g_rows[c] /= (SCALAR)P;
                 if (!mine)
                     mine = FN(grad_x)(gb, xb, ca + b * C, sa + b * P, scal[2], (int)dims[10], cmean + b * P,
-                                      coef + b * P, smax + b * P, g_rows, g_rows + C, rows + C, NULL,
-                                      grads[11] + b * C * P, 1, C, P, 1);
+                                      coef + b * P, smax + b * P, g_rows, g_rows + n * C, rows + n * C, NULL,
+                                      grads[11] + b * C * P, n, C, P, 1);
                 free(rows);
             }
             if (mine) {
@@ -1446,12 +1452,12 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
         for (int64_t j = 0, at = 0; j < (dims[9] ? 6 : 2); at += sizes[j], ++j)
             for (int64_t i = 0; i < sizes[j]; ++i) {
                 SCALAR total = 0;
-                for (int64_t b = 0; b < B; ++b) total += parts[b * per + at + i];
+                for (int64_t j = 0; j < chunks; ++j) total += parts[j * per + at + i];
                 grads[j][i] = total;
             }
         for (int i = 0; i < 3; ++i) {
             double total = 0;
-            for (int64_t b = 0; b < B; ++b) total += scal_parts[b * 3 + i];
+            for (int64_t j = 0; j < chunks; ++j) total += scal_parts[j * 3 + i];
             g_scal[i] = total;
         }
         free(parts), free(scal_parts);
@@ -1512,6 +1518,7 @@ static int FN(dims_ok)(const int64_t *dims) {
     }
     if (dims[5] > limit / dims[6] || dims[0] > limit / (dims[5] * dims[6])) return 0;
     if (dims[0] > limit / (2 * dims[11] + 4 * dims[1] + 2 * dims[4])) return 0;
+    if (dims[13] < 0 || dims[13] > dims[0]) return 0; /* samples per chunk: 0 (stage-wise) to the batch */
     return 1;
 }
 

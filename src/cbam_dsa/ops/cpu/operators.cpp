@@ -20,8 +20,10 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/ScalarType.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdlib>
@@ -263,6 +265,25 @@ struct Call {
   int threads;
 };
 
+// How the C code splits the batch among its threads (kernels.c's forward_core, dims[13]): the number of samples in
+// each chunk that one thread runs from start to end, all stages, or 0 to run each stage over the whole batch on all
+// threads. A chunk's slice of x (at most kChunkBytes, at least one sample) is read from memory once and then from
+// the cache. Chunks are used where the batch has a chunk for every thread and a chunk's maps outweigh the MLP's
+// weights (each chunk runs the MLP on its own rows); their count is a multiple of the thread count, so that every
+// thread gets as many samples, give or take one.
+constexpr int64_t kChunkBytes = 1 << 20;
+
+int64_t chunk_samples(int64_t batch, int64_t sample_bytes, int64_t pixels, int64_t hidden, int64_t threads) {
+  if (threads < 1) threads = 1;
+  if (batch < threads) return 0;
+  int64_t samples = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, sample_bytes));
+  samples = std::min(samples, (batch + threads - 1) / threads);
+  int64_t chunks = (batch + samples - 1) / samples;
+  chunks = (chunks + threads - 1) / threads * threads;
+  samples = (batch + chunks - 1) / chunks;
+  return samples * pixels >= 2 * hidden ? samples : 0;
+}
+
 Tensor ready(const Tensor &t, at::ScalarType type) {  // one pass where both the dtype and the layout change
   if (t.scalar_type() == type) return t.contiguous();  // (to() would return a permuted t itself)
   return t.to(t.options().dtype(type), false, false, at::MemoryFormat::Contiguous);
@@ -287,10 +308,10 @@ void prepare(Call &call, const Args &a) {
   call.threads = at::get_num_threads();
   const int64_t b = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hidden = a.fc1_weight.size(0);
   const bool router = a.router_fc1_weight.has_value();
-  const int64_t dims[15] = {  // kernels.c: B, C, H, W, Rh, K, T, gates hard, has router, alpha, Rm, silu, split, fusion
+  const int64_t dims[15] = {  // kernels.c: B, C, H, W, Rh, K, T, gates hard, has router, alpha, Rm, silu, chunk, fusion
       b, c, h, w, router ? a.router_fc1_weight->size(0) : 1, (int64_t)branches, call.plan->taps,
       a.ca_gate == "hardsigmoid", a.sa_gate == "hardsigmoid", router, a.alpha.has_value(), hidden, a.act == "silu",
-      b >= call.threads && h * w >= 2 * hidden,  // one sample per thread (kernels.c's forward_core, dims[13])
+      chunk_samples(b, c * h * w * (int64_t)c10::elementSize(call.type), h * w, hidden, call.threads),
       a.fusion_logits.has_value()};
   std::memcpy(call.dims, dims, sizeof dims);
   call.temperatures[0] = a.ca_temperature.item<double>();
