@@ -106,3 +106,26 @@ def test_a_compiled_resnet_runs_the_operator_in_every_block(build):
     model(x).sum().backward()
     for a, b in zip(got, [p.grad for p in model.parameters()], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_inductor_hands_the_operator_channels_last_tensors_as_they_are():
+    """The operators take any layout (``flexible_layout``): where inductor lays a convolution's output out
+    channels_last (its layout optimization, though eager mode's is contiguous), the compiled graph passes that output
+    to the operator itself, not a contiguous copy of it."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), CBAMResidualDynamicSA(16)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    # compiled afresh: the on-disk caches key a graph on the operators' names, not on their tags
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+        out, codes = run_and_get_code(torch.compile(model, fullgraph=True), x)
+        torch.testing.assert_close(out, model(x))
+    code = "\n".join(codes)
+    convolutions = re.findall(r"(\w+) = extern_kernels\.convolution\(", code)
+    operator = re.findall(r"torch\.ops\.cbam_dsa\.block_forward\.\w+\((\w+),", code)
+    assert len(convolutions) == 1 and operator == convolutions, code

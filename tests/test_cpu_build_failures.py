@@ -132,8 +132,8 @@ ENTRY_POINT_STATUS = """
     lib = build.library()
     results = []
     for suffix in build.SCALARS:
-        for dims in ([-1] + [1] * 14, [1] * 13 + [2, 1], [1] * 5 + [1 << 20, 1 << 30] + [1] * 8):
-            d = (ctypes.c_int64 * 15)(*dims)
+        for dims in ([-1] + [1] * 15, [1] * 13 + [2, 1, 0], [1] * 5 + [1 << 20, 1 << 30] + [1] * 8 + [0]):
+            d = (ctypes.c_int64 * 16)(*dims)
             scal = (ctypes.c_double * 2)(1.0, 1.0)
             f = getattr(lib, "block_forward_" + suffix)
             f.argtypes, f.restype = [ctypes.c_void_p] * 5 + [ctypes.c_int], ctypes.c_int

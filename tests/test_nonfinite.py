@@ -120,7 +120,9 @@ def assert_same_non_finite(fast: dict, expected: dict, dtype: torch.dtype, case:
         torch.testing.assert_close(got[finite], want[finite], **TOLERANCES[dtype], msg=f"{case}: {name}")
 
 
-def check(config: str, size, place: str, value: float, dtype: torch.dtype, fused_calls, alpha_init=0.5) -> None:
+def check(
+    config: str, size, place: str, value: float, dtype: torch.dtype, fused_calls, alpha_init=0.5, layout="contiguous"
+) -> None:
     options = {"alpha_init": alpha_init, **CONFIGS[config]}
     block = randomize(CBAMResidualDynamicSA(size[1], dtype=dtype, **options))
     x = torch.randn(size, dtype=dtype)
@@ -128,29 +130,33 @@ def check(config: str, size, place: str, value: float, dtype: torch.dtype, fused
         x[0, 1, 0, 0], x[0, 1, 0, 1] = INF, -INF
     else:
         PLACES[place](x, value)
+    x = x.contiguous(memory_format=LAYOUTS[layout])
     before = dict(fused_calls) if fused_calls is not None else None
     fast = outputs_and_gradients(block, x, lambda b, x: b(x))
     if before is not None:
         assert fused_calls["block_forward"] == before["block_forward"] + 1, "the fused kernels must run"
         assert fused_calls["block_backward"] == before["block_backward"] + 1, "the fused backward must run"
     expected = expected_outputs_and_gradients(block, x)
-    case = f"{config} {tuple(size)} {place}={value} {dtype}"
+    case = f"{config} {tuple(size)} {layout} {place}={value} {dtype}"
     assert_same_non_finite(fast, expected, dtype, case)
 
 
 VALUES = {"nan": NAN, "+inf": INF, "-inf": -INF}
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}  # the C kernels read both
 
 
 def check_all(config: str, cases, fused_calls, alpha_init: float = 0.5) -> None:
-    """:func:`check` over ``cases`` (place, value) x :data:`SIZES` x both dtypes; every mismatch reported."""
+    """:func:`check` over ``cases`` (place, value) x :data:`SIZES` x both dtypes x :data:`LAYOUTS`; every mismatch
+    reported."""
     failures = []
     for place, value in cases:
         for size in SIZES:
             for dtype in (torch.float32, torch.float64):
-                try:
-                    check(config, size, place, value, dtype, fused_calls, alpha_init)
-                except AssertionError as error:
-                    failures.append(str(error).splitlines()[0])
+                for layout in LAYOUTS:
+                    try:
+                        check(config, size, place, value, dtype, fused_calls, alpha_init, layout)
+                    except AssertionError as error:
+                        failures.append(str(error).splitlines()[0])
     assert not failures, f"{len(failures)} cases differ from the reference:\n" + "\n".join(failures)
 
 

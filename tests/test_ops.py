@@ -204,19 +204,24 @@ OPCHECK_CONFIGS = {
 }
 
 
+OPCHECK_LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+@pytest.mark.parametrize("layout", list(OPCHECK_LAYOUTS))
 @pytest.mark.parametrize("shape", [(2, 6, 5, 7), (3, 4, 9, 9)])
 @pytest.mark.parametrize("config", list(OPCHECK_CONFIGS))
-def test_opcheck_forward(backend, config, shape):
+def test_opcheck_forward(backend, config, shape, layout):
     block = make_block(shape[1], torch.float32, **OPCHECK_CONFIGS[config])
-    x = torch.randn(shape, requires_grad=True)
+    x = torch.randn(shape).contiguous(memory_format=OPCHECK_LAYOUTS[layout]).requires_grad_()
     torch.library.opcheck(ops.FORWARD, _op_args(block, x))
 
 
+@pytest.mark.parametrize("layout", list(OPCHECK_LAYOUTS))
 @pytest.mark.parametrize("maps", [False, True])
 @pytest.mark.parametrize("config", list(OPCHECK_CONFIGS))
-def test_opcheck_backward(backend, config, maps):
+def test_opcheck_backward(backend, config, maps, layout):
     block = make_block(5, torch.float32, **OPCHECK_CONFIGS[config])
-    args = _detached_op_args(block, torch.randn(2, 5, 8, 9))
+    args = _detached_op_args(block, torch.randn(2, 5, 8, 9).contiguous(memory_format=OPCHECK_LAYOUTS[layout]))
     out, ca, sa, fusion_w, router_w, saved = ops.FORWARD(*args)
     grads = [torch.randn_like(out)] + [torch.randn_like(t) if maps else None for t in (ca, sa, fusion_w, router_w)]
     flat = library.gradient_inputs(args)
@@ -470,16 +475,17 @@ SPLITS = {  # operators.cpp's chunk_samples, with 2 threads: chunks of (batch + 
 }
 
 
+@pytest.mark.parametrize("layout", list(OPCHECK_LAYOUTS))
 @pytest.mark.parametrize("split", list(SPLITS))
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 2, 3, 5])
-def test_every_thread_split_equals_the_reference(backend, threads, batch, split):
+def test_every_thread_split_equals_the_reference(backend, threads, batch, split, layout):
     config, size = SPLITS[split]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         block = make_block(12, **config)
-        x = torch.randn(batch, 12, *size, dtype=torch.float64)
+        x = torch.randn(batch, 12, *size, dtype=torch.float64).contiguous(memory_format=OPCHECK_LAYOUTS[layout])
         assert_same(run(block, x, 1, maps=False), reference(block, x, 1, maps=False), rtol=1e-9, atol=1e-11)
     finally:
         torch.set_num_threads(previous)

@@ -82,9 +82,14 @@ _BACKWARD_NAME = f"block_backward.{OVERLOAD}" if OVERLOAD else "block_backward"
 FORWARD_SCHEMA = f"({_ARGS}, {_SPEC}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])"
 BACKWARD_SCHEMA = f"({_GRADS}, {_ARGS}, Tensor[] saved, {_SPEC}, bool[] needs) -> Tensor[]"
 
+# flexible_layout: torch.compile hands the operators their tensors as the graph lays them out (channels_last after
+# inductor's convolutions, say) rather than converting them to the layout seen while tracing: every implementation
+# takes any layout (the C kernels read contiguous and channels_last as they are), and the fake kernels' strides
+# follow x's, as the real ones do
+_TAGS = (torch.Tag.flexible_layout,)
 _library = torch.library.Library("cbam_dsa", "DEF")
-_library.define(_FORWARD_NAME + FORWARD_SCHEMA)
-_library.define(_BACKWARD_NAME + BACKWARD_SCHEMA)
+_library.define(_FORWARD_NAME + FORWARD_SCHEMA, tags=_TAGS)
+_library.define(_BACKWARD_NAME + BACKWARD_SCHEMA, tags=_TAGS)
 FORWARD = getattr(torch.ops.cbam_dsa.block_forward, OVERLOAD or "default")
 BACKWARD = getattr(torch.ops.cbam_dsa.block_backward, OVERLOAD or "default")
 _N = len(TENSOR_ARGS)

@@ -1,7 +1,8 @@
 /* Fused CPU kernels for the heavy passes of CBAMResidualDynamicSA (build.py compiles, verifies and loads them).
  *
  * Compiled once per scalar type: -DSCALAR=float -DSUFFIX=f32 and -DSCALAR=double -DSUFFIX=f64. Tensors are
- * contiguous NCHW, seen as (B, C, P) with P = H * W. Long sums accumulate in SCALAR over short blocks, then in
+ * contiguous NCHW, seen as (B, C, P) with P = H * W; x, the output, its gradient and x's gradient may instead be
+ * channels_last (B, P, C), which the passes over them read as they are (the _nhwc functions, dims[15]). Long sums accumulate in SCALAR over short blocks, then in
  * double; maxima propagate NaN as torch.amax does. Every loop has a fixed order (static OpenMP schedule, one writer
  * per output), so results are bitwise reproducible for a given thread count.
  *
@@ -568,6 +569,264 @@ static int FN(grad_x)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const 
     return failed ? STATUS_NO_MEMORY : STATUS_OK;
 }
 
+/* ---------------------------------------------------------------------------------------------------------------
+   The same passes over channels_last tensors (dims[15] = 1): x, g, out and x's gradient laid out as (B, P, C), a
+   pixel's C values contiguous; every small tensor (ca, sa, s, the descriptors) as in NCHW. Sums over C run along a
+   pixel's row (SCALAR over BLOCK channels, then double); sums over P take a row of C at a time, in tasks of one
+   sample's NHWC_TILE pixels each, kept per task in SCALAR and then added in double in the tiles' order, so results
+   do not depend on the thread count. Maxima over P are exact (max_nan) as they go. */
+#define NHWC_TILE 64
+
+/* The tiles' partial sums (and maxima) over P, reduced per (b, c) in tile order: out[b, c] = sum of the tiles'
+   parts (scaled by scale), top[b, c] = max_nan of their maxima (where given). */
+static void FN(tiles_reduce)(const SCALAR *parts, const SCALAR *tops, SCALAR *out, SCALAR *top, int64_t batch,
+                             int64_t tiles, int64_t channels, double scale) {
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t c = 0; c < channels; ++c) {
+            double total = 0;
+            SCALAR high = tops ? tops[b * tiles * channels + c] : 0;
+            for (int64_t j = 0; j < tiles; ++j) {
+                const int64_t at = (b * tiles + j) * channels + c;
+                total += parts[at];
+                if (tops) high = FN(max_nan)(high, tops[at]);
+            }
+            out[b * channels + c] = (SCALAR)(total * scale);
+            if (top) top[b * channels + c] = high;
+        }
+}
+
+/* The task's sample and pixels: [start, end) of sample b. */
+#define NHWC_TASK(task, tiles, count)                                                   \
+    const int64_t b = (task) / (tiles), start = ((task) % (tiles)) * NHWC_TILE;         \
+    const int64_t end = start + NHWC_TILE < (count) ? start + NHWC_TILE : (count)
+
+/* pool_hw over (B, P, C): mean[b, c] = mean_p x, max[b, c] = max_p x. */
+static int FN(pool_hw_nhwc)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t batch, int64_t channels,
+                            int64_t count, int threads) {
+    const int64_t tiles = (count + NHWC_TILE - 1) / NHWC_TILE, C = channels;
+    SCALAR *sums = NEW(SCALAR, batch * tiles * C), *tops = NEW(SCALAR, batch * tiles * C);
+    if (!sums || !tops) {
+        free(sums), free(tops);
+        return STATUS_NO_MEMORY;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t task = 0; task < batch * tiles; ++task) {
+        NHWC_TASK(task, tiles, count);
+        SCALAR *s = sums + task * C, *t = tops + task * C;
+        const SCALAR *first = x + (b * count + start) * C;
+        for (int64_t c = 0; c < C; ++c) s[c] = 0, t[c] = first[c];
+        for (int64_t p = start; p < end; ++p) {
+            const SCALAR *row = x + (b * count + p) * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+                s[c] += row[c];
+                t[c] = FN(max_nan)(t[c], row[c]);
+            }
+        }
+    }
+    FN(tiles_reduce)(sums, tops, mean, max, batch, tiles, C, 1.0 / (double)count);
+    free(sums), free(tops);
+    return STATUS_OK;
+}
+
+/* pool_c over (B, P, C): s[b, 0, p] = mean_c x * ca, s[b, 1, p] = max_c x * ca. */
+static void FN(pool_c_nhwc)(const SCALAR *x, const SCALAR *ca, SCALAR *s, int64_t batch, int64_t channels,
+                            int64_t count, int threads) {
+    const int64_t tiles = (count + NHWC_TILE - 1) / NHWC_TILE, C = channels;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t task = 0; task < batch * tiles; ++task) {
+        NHWC_TASK(task, tiles, count);
+        const SCALAR *w = ca + b * C;
+        SCALAR *mean_out = s + b * 2 * count, *max_out = mean_out + count;
+        for (int64_t p = start; p < end; ++p) {
+            const SCALAR *row = x + (b * count + p) * C;
+            double sum = 0;
+            SCALAR top = row[0] * w[0];
+            for (int64_t c0 = 0; c0 < C; c0 += BLOCK) {
+                const int64_t stop = c0 + BLOCK < C ? c0 + BLOCK : C;
+                SCALAR part = 0;
+#pragma omp simd reduction(+ : part) reduction(max : top)
+                for (int64_t c = c0; c < stop; ++c) {
+                    const SCALAR v = row[c] * w[c];
+                    part += v;
+                    top = FN(max_fast)(top, v);
+                }
+                sum += part;
+            }
+            if (sum != sum) /* as pool_c: a NaN sum sends the maximum to the exact loop */
+                for (int64_t c = 0; c < C; ++c) top = FN(max_nan)(top, row[c] * w[c]);
+            mean_out[p] = (SCALAR)(sum / (double)C);
+            max_out[p] = top;
+        }
+    }
+}
+
+/* blend over (B, P, C). */
+static void FN(blend_nhwc)(const SCALAR *x, const SCALAR *ca, const SCALAR *sa, SCALAR *out, int64_t batch,
+                           int64_t channels, int64_t count, double alpha, int use_alpha, int threads) {
+    const int64_t tiles = (count + NHWC_TILE - 1) / NHWC_TILE, C = channels;
+    const SCALAR a = (SCALAR)alpha;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t task = 0; task < batch * tiles; ++task) {
+        NHWC_TASK(task, tiles, count);
+        const SCALAR *w = ca + b * C;
+        for (int64_t p = start; p < end; ++p) {
+            const SCALAR *v = x + (b * count + p) * C, m = sa[b * count + p];
+            SCALAR *o = out + (b * count + p) * C;
+            if (use_alpha) {
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) o[c] = v[c] + a * ((v[c] * w[c]) * m - v[c]);
+            } else {
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) o[c] = (v[c] * w[c]) * m;
+            }
+        }
+    }
+}
+
+/* blend_grad over (B, P, C): the same outputs as blend_grad's. */
+static int FN(blend_grad_nhwc)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *sa,
+                               const SCALAR *top, SCALAR *gsa, SCALAR *gca, SCALAR *gsum, SCALAR *ties,
+                               SCALAR *hmean, SCALAR *hmax, int64_t batch, int64_t channels, int64_t count,
+                               int threads) {
+    const int64_t tiles = (count + NHWC_TILE - 1) / NHWC_TILE, C = channels, n = batch * tiles * C;
+    /* per task: sum_p t * sa, sum_p t, sum_p x, max_p x */
+    SCALAR *by_sa = NEW(SCALAR, n), *plain = NEW(SCALAR, n), *sum_x = NEW(SCALAR, n), *high = NEW(SCALAR, n);
+    if (!by_sa || !plain || !sum_x || !high) {
+        free(by_sa), free(plain), free(sum_x), free(high);
+        return STATUS_NO_MEMORY;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t task = 0; task < batch * tiles; ++task) {
+        NHWC_TASK(task, tiles, count);
+        const SCALAR *w = ca + b * C;
+        SCALAR *ps = by_sa + task * C, *pp = plain + task * C, *px = sum_x + task * C, *ph = high + task * C;
+        const SCALAR *first = x + (b * count + start) * C;
+        for (int64_t c = 0; c < C; ++c) ps[c] = 0, pp[c] = 0, px[c] = 0, ph[c] = first[c];
+        for (int64_t p = start; p < end; ++p) {
+            const SCALAR *gv = g + (b * count + p) * C, *xv = x + (b * count + p) * C;
+            const SCALAR m = sa[b * count + p], best = top[b * count + p];
+            double acc = 0;
+            SCALAR tie = 0;
+            for (int64_t c0 = 0; c0 < C; c0 += BLOCK) {
+                const int64_t stop = c0 + BLOCK < C ? c0 + BLOCK : C;
+                SCALAR part = 0;
+#pragma omp simd reduction(+ : part, tie)
+                for (int64_t c = c0; c < stop; ++c) {
+                    const SCALAR t = gv[c] * xv[c];
+                    part += t * w[c];
+                    ps[c] += t * m;
+                    pp[c] += t;
+                    tie += xv[c] * w[c] == best ? 1 : 0;
+                }
+                acc += part;
+            }
+            gsa[b * count + p] = (SCALAR)acc;
+            ties[b * count + p] = tie;
+            if (hmean) {
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) {
+                    px[c] += xv[c];
+                    ph[c] = FN(max_nan)(ph[c], xv[c]);
+                }
+            }
+        }
+    }
+    FN(tiles_reduce)(by_sa, NULL, gca, NULL, batch, tiles, C, 1.0);
+    if (gsum) FN(tiles_reduce)(plain, NULL, gsum, NULL, batch, tiles, C, 1.0);
+    if (hmean) FN(tiles_reduce)(sum_x, high, hmean, hmax, batch, tiles, C, 1.0 / (double)count);
+    free(by_sa), free(plain), free(sum_x), free(high);
+    return STATUS_OK;
+}
+
+/* pool_c_grad over (B, P, C): the same outputs as pool_c_grad's. */
+static int FN(pool_c_grad_nhwc)(const SCALAR *x, const SCALAR *ca, const SCALAR *smax, const SCALAR *cmean,
+                                const SCALAR *gmax, const SCALAR *counted, SCALAR *coef, SCALAR *gca, int64_t batch,
+                                int64_t channels, int64_t count, int threads) {
+    const int64_t tiles = (count + NHWC_TILE - 1) / NHWC_TILE, C = channels;
+    SCALAR *parts = NEW(SCALAR, batch * tiles * C);
+    if (!parts) return STATUS_NO_MEMORY;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t task = 0; task < batch * tiles; ++task) {
+        NHWC_TASK(task, tiles, count);
+        const SCALAR *w = ca + b * C;
+        SCALAR *part = parts + task * C;
+        for (int64_t c = 0; c < C; ++c) part[c] = 0;
+        for (int64_t p = start; p < end; ++p) {
+            const SCALAR *xv = x + (b * count + p) * C;
+            const SCALAR top = smax[b * count + p], mean = cmean[b * count + p];
+            SCALAR tie = 0;
+            if (counted) {
+                tie = counted[b * count + p];
+            } else {
+#pragma omp simd reduction(+ : tie)
+                for (int64_t c = 0; c < C; ++c) tie += xv[c] * w[c] == top ? 1 : 0;
+            }
+            const SCALAR k = gmax[b * count + p] / tie;
+            coef[b * count + p] = k;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) part[c] += (mean + (SCALAR)(xv[c] * w[c] == top) * k) * xv[c];
+        }
+    }
+    FN(tiles_reduce)(parts, NULL, gca, NULL, batch, tiles, C, 1.0);
+    free(parts);
+    return STATUS_OK;
+}
+
+/* grad_x over (B, P, C), every term (g, cmean and hmean given, no base): as grad_x's usual case. */
+static int FN(grad_x_nhwc)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const SCALAR *sa, double alpha,
+                           int use_alpha, const SCALAR *cmean, const SCALAR *coef, const SCALAR *smax,
+                           const SCALAR *hmean, const SCALAR *hmax, const SCALAR *hmax_at, const SCALAR *base,
+                           SCALAR *out, int64_t batch, int64_t channels, int64_t count, int threads) {
+    if (!g || !cmean || !hmean || base) return STATUS_BAD_ARGUMENT; /* the C code calls it with every term */
+    const int64_t tiles = (count + NHWC_TILE - 1) / NHWC_TILE, C = channels;
+    const SCALAR keep = (SCALAR)(1.0 - alpha), a = (SCALAR)alpha;
+    SCALAR *counts = NEW(SCALAR, batch * tiles * C), *share = NEW(SCALAR, 2 * batch * C);
+    if (!counts || !share) {
+        free(counts), free(share);
+        return STATUS_NO_MEMORY;
+    }
+    /* first the ties of each plane's maximum: #p with x == hmax_at[b, c] */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t task = 0; task < batch * tiles; ++task) {
+        NHWC_TASK(task, tiles, count);
+        const SCALAR *at = hmax_at + b * C;
+        SCALAR *n = counts + task * C;
+        for (int64_t c = 0; c < C; ++c) n[c] = 0;
+        for (int64_t p = start; p < end; ++p) {
+            const SCALAR *xv = x + (b * count + p) * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) n[c] += (SCALAR)(xv[c] == at[c]);
+        }
+    }
+    SCALAR *elsewhere = share + batch * C;
+    FN(tiles_reduce)(counts, NULL, share, NULL, batch, tiles, C, 1.0);
+    for (int64_t i = 0; i < batch * C; ++i) {
+        share[i] = hmax[i] / share[i];
+        elsewhere[i] = 0 * share[i]; /* NaN when there is no tie (share = x / 0), as in grad_x */
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t task = 0; task < batch * tiles; ++task) {
+        NHWC_TASK(task, tiles, count);
+        const SCALAR *w = ca + b * C, *at = hmax_at + b * C, *hm = hmean + b * C;
+        const SCALAR *sh = share + b * C, *ew = elsewhere + b * C;
+        for (int64_t p = start; p < end; ++p) {
+            const int64_t i = b * count + p;
+            const SCALAR *gv = g + i * C, *xv = x + i * C;
+            const SCALAR m = sa[i], mean = cmean[i], k = coef[i], top = smax[i];
+            SCALAR *o = out + i * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+                SCALAR v = use_alpha ? (gv[c] * w[c]) * (a * m) + gv[c] * keep : (gv[c] * w[c]) * m;
+                v += (mean + (SCALAR)(xv[c] * w[c] == top) * k) * w[c];
+                o[c] = v + (hm[c] + (xv[c] == at[c] ? sh[c] : ew[c]));
+            }
+        }
+    }
+    free(counts), free(share);
+    return STATUS_OK;
+}
+
 /* The merged branches as correlations over zero-padded maps. Every tap (c_t, dy_t, dx_t), of every branch at any
    dilation, is one offset into maps padded with zeros by R (the taps' largest |dy| or |dx|) on every side, in rows of
    Wp = W + 2R, with LANES values of slack after the last map: so no tap of any pixel needs a bounds check, and the
@@ -825,7 +1084,10 @@ static int FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *r
     const int64_t B = dims[0], C = dims[1], H = dims[2], W = dims[3], P = H * W, Rh = dims[4], K = dims[5];
     const int64_t T = dims[6];
     FN(gate_all)(z, ca, B * C, scal[0], dims[7], threads);
-    FN(pool_c)(x, ca, s, B, C, P, threads);
+    if (dims[15])
+        FN(pool_c_nhwc)(x, ca, s, B, C, P, threads);
+    else
+        FN(pool_c)(x, ca, s, B, C, P, threads);
     SCALAR *tapw = NEW(SCALAR, B * T);
     if (!tapw) return STATUS_NO_MEMORY;
     for (int64_t b = 0; b < B; ++b) {
@@ -864,7 +1126,10 @@ static int FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *r
         for (int64_t p = 0; p < P; ++p) logit[b * P + p] += shift;
     }
     FN(gate_all)(logit, sa, B * P, scal[1], dims[8], threads);
-    FN(blend)(x, ca, sa, out, B, C, P, scal[2], (int)dims[10], threads);
+    if (dims[15])
+        FN(blend_nhwc)(x, ca, sa, out, B, C, P, scal[2], (int)dims[10], threads);
+    else
+        FN(blend)(x, ca, sa, out, B, C, P, scal[2], (int)dims[10], threads);
     return STATUS_OK;
 }
 
@@ -903,7 +1168,9 @@ static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *
     FN(gate_all)(logit, sa, B * P, scal[1], dims[8], threads);
     for (int64_t b = 0; b < B; ++b)
         for (int64_t p = 0; p < P; ++p) smax[b * P + p] = s[(b * 2 + 1) * P + p];
-    if ((status = FN(blend_grad)(g, x, ca, sa, smax, gsa, gca, gsum, ties, hmean, hmax, B, C, P, threads))) goto done;
+    status = dims[15] ? FN(blend_grad_nhwc)(g, x, ca, sa, smax, gsa, gca, gsum, ties, hmean, hmax, B, C, P, threads)
+                      : FN(blend_grad)(g, x, ca, sa, smax, gsa, gca, gsum, ties, hmean, hmax, B, C, P, threads);
+    if (status) goto done;
     if (need_alpha) {
         double total = 0;
 #pragma omp simd reduction(+ : total)
@@ -987,7 +1254,9 @@ static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *
             cmean[b * P + p] = gs[b * 2 * P + p] / (SCALAR)C;
             gmax[b * P + p] = gs[(b * 2 + 1) * P + p];
         }
-    if ((status = FN(pool_c_grad)(x, ca, smax, cmean, gmax, ties, coef, gpool, B, C, P, threads))) goto done;
+    status = dims[15] ? FN(pool_c_grad_nhwc)(x, ca, smax, cmean, gmax, ties, coef, gpool, B, C, P, threads)
+                      : FN(pool_c_grad)(x, ca, smax, cmean, gmax, ties, coef, gpool, B, C, P, threads);
+    if (status) goto done;
     for (int64_t i = 0; i < B * C; ++i) gca[i] += gpool[i];
     g_scal[1] = -FN(gate_back)(gca, z, ca, dz, B * C, scal[0], dims[7], threads) / (scal[0] * scal[0]);
 done:
@@ -1310,7 +1579,11 @@ static int FN(forward_core)(const SCALAR *x, const SCALAR *const *mlp, const SCA
     SCALAR *pools = outs[0], *pre = outs[1], *z = outs[2];
     int status = STATUS_OK;
     if (!dims[13]) {
-        FN(pool_hw)(x, pools, pools + B * C, B * C, P, threads);
+        if (dims[15])
+            status = FN(pool_hw_nhwc)(x, pools, pools + B * C, B, C, P, threads);
+        else
+            FN(pool_hw)(x, pools, pools + B * C, B * C, P, threads);
+        if (status) return status;
         if ((status = FN(mlp_forward)(pools, mlp[0], mlp[1], mlp[2], mlp[3], mlp[4], pre, z, B, C, Rm, silu, threads)))
             return status;
         return FN(spatial_forward)(x, z, spatial[0], spatial[1], spatial[2], spatial[3], spatial[4], spatial[5], taps,
@@ -1321,16 +1594,20 @@ static int FN(forward_core)(const SCALAR *x, const SCALAR *const *mlp, const SCA
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t j = 0; j < chunks; ++j) {
         const int64_t b = j * S, n = B - b < S ? B - b : S;
-        int64_t one[14];
-        for (int i = 0; i < 14; ++i) one[i] = dims[i];
+        int64_t one[16];
+        for (int i = 0; i < 16; ++i) one[i] = dims[i];
         one[0] = n;
         const SCALAR *xb = x + b * C * P;
         SCALAR *rows = NEW(SCALAR, n * (2 * C + 2 * Rm));
         int own = rows ? STATUS_OK : STATUS_NO_MEMORY;
         if (!own) {
             SCALAR *pre2 = rows + 2 * n * C;
-            FN(pool_hw)(xb, rows, rows + n * C, n * C, P, 1);
-            own = FN(mlp_forward)(rows, mlp[0], mlp[1], mlp[2], mlp[3], mlp[4], pre2, z + b * C, n, C, Rm, silu, 1);
+            if (dims[15])
+                own = FN(pool_hw_nhwc)(xb, rows, rows + n * C, n, C, P, 1);
+            else
+                FN(pool_hw)(xb, rows, rows + n * C, n * C, P, 1);
+            if (!own)
+                own = FN(mlp_forward)(rows, mlp[0], mlp[1], mlp[2], mlp[3], mlp[4], pre2, z + b * C, n, C, Rm, silu, 1);
             for (int64_t c = 0; c < n * C; ++c) pools[b * C + c] = rows[c], pools[(B + b) * C + c] = rows[n * C + c];
             for (int64_t i = 0; i < n * Rm; ++i) pre[b * Rm + i] = pre2[i], pre[(B + b) * Rm + i] = pre2[n * Rm + i];
         }
@@ -1381,7 +1658,7 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
                                       grads[8], grads[9], grads[10], g_pools, NULL, 0, B, C, Rm, silu, threads);
         if (!status && grads[11]) {
             for (int64_t i = 0; i < BC; ++i) g_pools[i] /= (SCALAR)P;
-            status = FN(grad_x)(g, x, ca, sa, scal[2], (int)dims[10], cmean, coef, smax, g_pools, g_pools + BC,
+            status = (dims[15] ? FN(grad_x_nhwc) : FN(grad_x))(g, x, ca, sa, scal[2], (int)dims[10], cmean, coef, smax, g_pools, g_pools + BC,
                                 pools + BC, NULL, grads[11], B, C, P, threads);
         }
         free(g_pools);
@@ -1406,8 +1683,8 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t j = 0; j < chunks; ++j) {
             const int64_t b = j * S, n = B - b < S ? B - b : S;
-            int64_t one[14];
-            for (int i = 0; i < 14; ++i) one[i] = dims[i];
+            int64_t one[16];
+            for (int i = 0; i < 16; ++i) one[i] = dims[i];
             one[0] = n;
             const SCALAR *gb = g + b * C * P, *xb = x + b * C * P;
             SCALAR *part = parts + j * per;
@@ -1438,7 +1715,7 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
                                         NULL, g_rows, g_mixed + b * Rm, 0, n, C, Rm, silu, 1);
                 for (int64_t c = 0; c < n * C; ++c) g_rows[c] /= (SCALAR)P;
                 if (!mine)
-                    mine = FN(grad_x)(gb, xb, ca + b * C, sa + b * P, scal[2], (int)dims[10], cmean + b * P,
+                    mine = (dims[15] ? FN(grad_x_nhwc) : FN(grad_x))(gb, xb, ca + b * C, sa + b * P, scal[2], (int)dims[10], cmean + b * P,
                                       coef + b * P, smax + b * P, g_rows, g_rows + n * C, rows + n * C, NULL,
                                       grads[11] + b * C * P, n, C, P, 1);
                 free(rows);
@@ -1478,7 +1755,7 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
    branch kernels, the K branch biases), all in x's type. layout = (sizes: the K kernels' element counts; gather:
    (K, T), for each entry of the mixing matrix the position of its weight in the kernels concatenated, or their total
    count for none; taps: (T, 3)). scal = (T_ca, T_sa): the effective temperatures. dims as forward_core's, then
-   dims[14] = has fusion logits. */
+   dims[14] = has fusion logits, dims[15] = x (with out, g and x's gradient) is channels_last, seen as (B, P, C). */
 
 enum { R_X, R_W1, R_B1, R_W2, R_B2, R_FUSION, R_ALPHA, R_R1W, R_R1B, R_R2W, R_R2B, R_BRANCH };
 
@@ -1519,6 +1796,7 @@ static int FN(dims_ok)(const int64_t *dims) {
     if (dims[5] > limit / dims[6] || dims[0] > limit / (dims[5] * dims[6])) return 0;
     if (dims[0] > limit / (2 * dims[11] + 4 * dims[1] + 2 * dims[4])) return 0;
     if (dims[13] < 0 || dims[13] > dims[0]) return 0; /* samples per chunk: 0 (stage-wise) to the batch */
+    if (dims[15] != 0 && dims[15] != 1) return 0;     /* the layout: NCHW or channels_last */
     return 1;
 }
 

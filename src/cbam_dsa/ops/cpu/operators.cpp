@@ -3,10 +3,12 @@
  * (called once by native.py).
  *
  * Each kernel checks its arguments (a ValueError that names the argument, as ops/library.py's checks word it),
- * converts the tensors the C code reads to contiguous float32/float64, builds the merged branches' layout (cached
- * per branch configuration) and the dimensions, allocates the outputs and calls the C code. Where the C code does
- * not apply (CBAM_DSA_NATIVE=0, an empty input, a backward given a nonzero gradient for one of the maps), it calls
- * the PyTorch implementation instead, registered in Python as cbam_dsa::_pytorch_block_forward / _backward.
+ * converts the tensors the C code reads to float32/float64, contiguous (x and the output's gradient may also stay
+ * channels_last, which the C code reads as it is; the output and x's gradient then come out so), builds the merged
+ * branches' layout (cached per branch configuration) and the dimensions, allocates the outputs and calls the C
+ * code. Where the C code does not apply (CBAM_DSA_NATIVE=0, an empty input, a backward given a nonzero gradient for
+ * one of the maps), it calls the PyTorch implementation instead, registered in Python as
+ * cbam_dsa::_pytorch_block_forward / _backward.
  *
  * The C code's status becomes an exception: out of memory (status 1) a torch.OutOfMemoryError, any other a
  * RuntimeError that names it. No C++ exception crosses the C entry points of this file.
@@ -260,7 +262,8 @@ struct Call {
   std::vector<Tensor> raw;
   std::vector<const void *> pointers;
   const Layout *plan;
-  int64_t dims[15];
+  int64_t dims[16];
+  bool channels_last;  // x (and out, the output's gradient, x's gradient) laid out as (B, H, W, C): dims[15]
   double temperatures[2];
   int threads;
 };
@@ -284,19 +287,31 @@ int64_t chunk_samples(int64_t batch, int64_t sample_bytes, int64_t pixels, int64
   return samples * pixels >= 2 * hidden ? samples : 0;
 }
 
-Tensor ready(const Tensor &t, at::ScalarType type) {  // one pass where both the dtype and the layout change
-  if (t.scalar_type() == type) return t.contiguous();  // (to() would return a permuted t itself)
-  return t.to(t.options().dtype(type), false, false, at::MemoryFormat::Contiguous);
+// t in the compute dtype and the layout the C code reads: one pass where both the dtype and the layout change
+Tensor ready(const Tensor &t, at::ScalarType type, at::MemoryFormat format = at::MemoryFormat::Contiguous) {
+  if (t.scalar_type() == type) return t.contiguous(format);  // (to() would return a permuted t itself)
+  return t.to(t.options().dtype(type), false, false, format);
+}
+
+// Whether the C code reads x as channels_last (kernels.c's dims[15]): where x is laid out so and not also
+// contiguous (a tensor with one channel or one pixel is both); any other layout is made contiguous for it.
+bool reads_channels_last(const Tensor &x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::MemoryFormat format_of(const Call &call) {
+  return call.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 void prepare(Call &call, const Args &a) {
   const Tensor &x = a.x;
   call.type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  call.channels_last = reads_channels_last(x);
   const auto singles = a.singles();
   const size_t branches = a.branch_weights.size();
   call.raw.reserve(11 + 2 * branches);
   auto add = [&](const Tensor *t) {
-    call.raw.push_back(t ? ready(*t, call.type) : Tensor());
+    call.raw.push_back(t ? ready(*t, call.type, t == &x ? format_of(call) : at::MemoryFormat::Contiguous) : Tensor());
     call.pointers.push_back(t ? call.raw.back().data_ptr() : nullptr);
   };
   for (int i : KERNEL_ARGS) add(singles[i]);
@@ -308,11 +323,12 @@ void prepare(Call &call, const Args &a) {
   call.threads = at::get_num_threads();
   const int64_t b = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hidden = a.fc1_weight.size(0);
   const bool router = a.router_fc1_weight.has_value();
-  const int64_t dims[15] = {  // kernels.c: B, C, H, W, Rh, K, T, gates hard, has router, alpha, Rm, silu, chunk, fusion
+  const int64_t dims[16] = {  // kernels.c: B, C, H, W, Rh, K, T, gates hard, has router, alpha, Rm, silu, chunk,
+                               // fusion, channels_last
       b, c, h, w, router ? a.router_fc1_weight->size(0) : 1, (int64_t)branches, call.plan->taps,
       a.ca_gate == "hardsigmoid", a.sa_gate == "hardsigmoid", router, a.alpha.has_value(), hidden, a.act == "silu",
       chunk_samples(b, c * h * w * (int64_t)c10::elementSize(call.type), h * w, hidden, call.threads),
-      a.fusion_logits.has_value()};
+      a.fusion_logits.has_value(), call.channels_last};
   std::memcpy(call.dims, dims, sizeof dims);
   call.temperatures[0] = a.ca_temperature.item<double>();
   call.temperatures[1] = a.sa_temperature.item<double>();
@@ -393,7 +409,7 @@ ForwardResult block_forward(const Tensor &x, const Tensor &fc1_weight, const Ten
                   at::empty({b, c}, o),          at::empty({b, c, 1, 1}, o),
                   at::empty({b, 2, h, w}, o),    at::empty({b, call.dims[4]}, o),
                   at::empty({b, k}, o),          at::empty({b, 1, h, w}, o),
-                  at::empty({b, 1, h, w}, o),    at::empty({b, c, h, w}, o),
+                  at::empty({b, 1, h, w}, o),    at::empty({b, c, h, w}, o.memory_format(format_of(call))),
                   at::empty({2}, o),             at::empty({b, k}, o)};
   void *outs[12];
   for (int i = 0; i < 12; ++i) outs[i] = f[i].data_ptr();
@@ -486,7 +502,7 @@ std::vector<Tensor> block_backward(const Maybe &grad_out, const Maybe &grad_ca, 
     kept.push_back(none ? Tensor() : ready(saved[i], call.type));
     kept_pointers.push_back(none ? nullptr : kept.back().data_ptr());
   }
-  const Tensor grad = ready(*grad_out, call.type);
+  const Tensor grad = ready(*grad_out, call.type, format_of(call));
   std::vector<Tensor> found(n);
   std::vector<void *> found_pointers(n, nullptr);
   for (size_t j = 0; j < n; ++j)
