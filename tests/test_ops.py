@@ -409,14 +409,13 @@ def test_the_pytorch_backward_reads_its_own_forwards_maxima(monkeypatch, shape, 
 # the output, the four maps and the saved list (its pools: the maxima below 64 pixels per map, both descriptors from
 # there). torch.compile's on-disk caches key a graph on the operators' names, so returning other shapes needs a new
 # name (library.OVERLOAD): this table then gets a new entry, and the test fails until it has one.
-RETURNS = {
-    "v2": {
-        (7, 9): [(2, 6, 7, 9), (2, 6, 1, 1), (2, 1, 7, 9), (2,), (2, 3),
-                 (2, 6), (2, 2, 7, 9), (2, 1, 7, 9), (2, 3), (2, 8), (4, 4), (2, 6)],
-        (8, 8): [(2, 6, 8, 8), (2, 6, 1, 1), (2, 1, 8, 8), (2,), (2, 3),
-                 (2, 6), (2, 2, 8, 8), (2, 1, 8, 8), (2, 3), (2, 8), (4, 4), (4, 6)],
-    },
+_V2_RETURNS = {
+    (7, 9): [(2, 6, 7, 9), (2, 6, 1, 1), (2, 1, 7, 9), (2,), (2, 3),
+             (2, 6), (2, 2, 7, 9), (2, 1, 7, 9), (2, 3), (2, 8), (4, 4), (2, 6)],
+    (8, 8): [(2, 6, 8, 8), (2, 6, 1, 1), (2, 1, 8, 8), (2,), (2, 3),
+             (2, 6), (2, 2, 8, 8), (2, 1, 8, 8), (2, 3), (2, 8), (4, 4), (4, 6)],
 }  # fmt: skip
+RETURNS = {"v2": _V2_RETURNS, "v3": _V2_RETURNS}  # v3: the same returns, tagged flexible_layout
 
 
 @pytest.mark.parametrize("fake", [False, True])

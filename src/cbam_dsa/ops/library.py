@@ -67,12 +67,14 @@ _ARGS = f"{_TENSORS}, Tensor[] branch_weights, Tensor[] branch_biases"
 _SPEC = "int[] dilations, str act, str ca_gate, str sa_gate"
 _GRADS = "Tensor? grad_out, Tensor? grad_ca, Tensor? grad_sa, Tensor? grad_fusion_w, Tensor? grad_router_w"
 
-OVERLOAD = "v2"
-"""The operators' overload name, to be raised (``"v3"``, ...) whenever what an operator returns changes shape.
-torch.compile's on-disk caches (AOTAutograd's, inductor's) key a graph on its operators' names, not on what their
-fake kernels return: a graph cached by a version whose forward returned other tensors would be reused and fail on its
-first call (``AssertionError: wrong number of dimensions``), as it did when ``saved`` was briefly one packed tensor,
-and again when short maps' saved pools went from no elements to the maxima (then ``v2``: the default overload before).
+OVERLOAD = "v3"
+"""The operators' overload name, to be raised (``"v4"``, ...) whenever what an operator returns changes shape, or
+how inductor lowers the graph around it (its tags). torch.compile's on-disk caches (AOTAutograd's, inductor's) key a
+graph on its operators' names, not on what their fake kernels return nor on their tags: a graph cached by a version
+whose forward returned other tensors would be reused and fail on its first call (``AssertionError: wrong number of
+dimensions``), as it did when ``saved`` was briefly one packed tensor, and again when short maps' saved pools went
+from no elements to the maxima (then ``v2``: the default overload before). ``v3`` came with ``flexible_layout``: a
+graph cached before converts the operators' channels_last inputs to contiguous, correct but slower.
 The CPU's C++ kernels register under the same name (``cpu/build.py`` passes it to the library). The tests hold what
 ``block_forward`` returns under each name (``RETURNS`` in ``tests/test_ops.py``), and fail on another layout."""
 _FORWARD_NAME = f"block_forward.{OVERLOAD}" if OVERLOAD else "block_forward"
