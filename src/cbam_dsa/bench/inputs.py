@@ -3,8 +3,9 @@
 For each, timm's ``CbamModule`` (in the input's dtype) and the block's two CPU implementations, timed side by side
 in interleaved rounds, forward + backward:
 
-* ``ours_operator``: the block as users get it. The C kernels take contiguous float32 (or float64), so the operator
-  converts the input (and the output's gradient) for them and converts the results back;
+* ``ours_operator``: the block as users get it. The C kernels read float32 (or float64), contiguous or channels_last,
+  as it is; for the other inputs the operator converts the input (and the output's gradient) to contiguous float32
+  for them and converts the results back;
 * ``ours_no_compiler``: the PyTorch implementation (``CBAM_DSA_NATIVE=0``), which converts them the same way for its
   full-size passes (where that measured faster than running on the input as it is: ``ops/pytorch.py``).
 

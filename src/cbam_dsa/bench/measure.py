@@ -66,7 +66,7 @@ class Settings:
         compile: also time the block and timm's modules under ``torch.compile(fullgraph=True)``.
         network: also time the resnet50 training step.
         network_compile: also time the compiled resnet50 training steps (with ``network``; off by default: compiling
-            the four networks takes about ten minutes on two cores).
+            the four networks takes four to ten minutes on two cores).
         network_rounds: rounds of the network timing.
         network_batch, network_size: the network's input, ``(batch, 3, size, size)``.
         inputs: also time the block on other inputs (channels_last, strided, float16, bfloat16; CPU float32 runs).

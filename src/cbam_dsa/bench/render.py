@@ -104,10 +104,11 @@ INPUTS_HEADER = [
     "operator / without C compiler",
 ]
 INPUTS_NOTE = (
-    "The C kernels take contiguous float32: on these inputs the operator converts the input and the output's gradient"
-    " for them and the results back; its PyTorch implementation (`CBAM_DSA_NATIVE=0`) converts them the same way for"
-    " its full-size passes. *Operator / without C compiler* is the median over rounds of the operator's time over the"
-    " PyTorch implementation's: below 1, the C kernels are the faster."
+    "The C kernels read float32 (or float64), contiguous or channels_last, as it is: on the other inputs the operator"
+    " converts the input and the output's gradient to contiguous float32 for them and the results back; its PyTorch"
+    " implementation (`CBAM_DSA_NATIVE=0`) converts every one of these inputs so for its full-size passes. *Operator /"
+    " without C compiler* is the median over rounds of the operator's time over the PyTorch implementation's: below 1,"
+    " the C kernels are the faster."
 )
 
 

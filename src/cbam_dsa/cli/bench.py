@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--network-compile",
         action="store_true",
-        help="also time the compiled resnet50 steps (plain, SE, CBAM, ours; compiling them takes about 10 minutes)",
+        help="also time the compiled resnet50 steps (plain, SE, CBAM, ours; compiling them takes 4 to 10 minutes)",
     )
     parser.add_argument("--no-overhead", action="store_true", help="skip the operator's per-call overhead")
     parser.add_argument(
