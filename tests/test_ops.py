@@ -113,14 +113,16 @@ def block_config(drawn: dict) -> dict:
 
 
 SHAPE = st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(1, 9))
+LAYOUT = st.sampled_from([torch.contiguous_format, torch.channels_last])  # the C kernels read both as they are
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(drawn=CONFIG, shape=SHAPE, maps=st.booleans(), seed=st.integers(0, 2**16))
-def test_operator_equals_the_reference(backend, drawn, shape, maps, seed):
+@given(drawn=CONFIG, shape=SHAPE, maps=st.booleans(), seed=st.integers(0, 2**16), layout=LAYOUT)
+def test_operator_equals_the_reference(backend, drawn, shape, maps, seed, layout):
     b, c, h, w = shape
     block = make_block(c, seed=seed, **block_config(drawn))
     x = torch.randn(b, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    x = x.contiguous(memory_format=layout)
     assert_same(run(block, x, seed, maps), reference(block, x, seed, maps), rtol=1e-9, atol=1e-11)
 
 
@@ -129,8 +131,10 @@ WHERE = st.sampled_from(["pixel", "channel", "sample", "pixel_all_channels"])
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(drawn=CONFIG, shape=SHAPE, value=SPECIAL, where=WHERE, maps=st.booleans(), seed=st.integers(0, 2**16))
-def test_non_finite_values_spread_as_in_the_reference(backend, drawn, shape, value, where, maps, seed):
+@given(
+    drawn=CONFIG, shape=SHAPE, value=SPECIAL, where=WHERE, maps=st.booleans(), seed=st.integers(0, 2**16), layout=LAYOUT
+)
+def test_non_finite_values_spread_as_in_the_reference(backend, drawn, shape, value, where, maps, seed, layout):
     b, c, h, w = shape
     block = make_block(c, seed=seed, **block_config(drawn))
     x = torch.randn(b, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
@@ -141,6 +145,7 @@ def test_non_finite_values_spread_as_in_the_reference(backend, drawn, shape, val
         "pixel_all_channels": (0, slice(None), 0, 0),
     }[where]
     x[index] = value
+    x = x.contiguous(memory_format=layout)
     assert_same(run(block, x, seed, maps), reference(block, x, seed, maps), rtol=1e-9, atol=1e-11)
 
 
