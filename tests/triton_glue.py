@@ -23,13 +23,14 @@ def arguments(block: CBAMResidualDynamicSA, x: torch.Tensor) -> list:
             else a.detach() if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def largest_difference(config: dict) -> float:
+def largest_difference(config: dict, layout: torch.memory_format = torch.contiguous_format) -> float:
     torch.manual_seed(0)
     block = CBAMResidualDynamicSA(6, learnable_alpha=True, alpha_init=0.4, **config)
-    args = arguments(block, torch.randn(2, 6, 5, 4))
+    args = arguments(block, torch.randn(2, 6, 5, 4).contiguous(memory_format=layout))
     worst = 0.0
     ours, theirs = impl.block_forward(*args), ops.FORWARD(*args)
     for a, b in zip(ours[:5], theirs[:5], strict=True):
+        assert a.shape == b.shape and a.stride() == b.stride(), (a.shape, a.stride(), b.stride())
         worst = max(worst, float((a - b).abs().max()))
     grads = [torch.randn_like(t) for t in theirs[:5]]
     needs = [t is not None for t in library.gradient_inputs(args)]
@@ -37,7 +38,7 @@ def largest_difference(config: dict) -> float:
     expected = ops.BACKWARD(*grads, *args[:15], theirs[5], *args[15:], needs)
     assert len(found) == len(expected)
     for a, b in zip(found, expected, strict=True):
-        assert a.shape == b.shape and a.dtype == b.dtype
+        assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
         if a.numel():
             worst = max(worst, float((a - b).abs().max()))
     return worst
@@ -45,6 +46,7 @@ def largest_difference(config: dict) -> float:
 
 print(json.dumps({
     "triton": largest_difference({}),
+    "triton_channels_last": largest_difference({}, torch.channels_last),
     "fallback_five_branches": largest_difference({"sa_kernels": (1, 3, 5, 7)}),
     "fallback_wide_kernel": largest_difference({"sa_kernels": (17,), "sa_use_dilated": False}),
 }))

@@ -309,6 +309,15 @@ def gradient_inputs(args: Sequence[Any]) -> list[Tensor | None]:
     return [*args[:_N], *args[_N], *args[_N + 1]]
 
 
+def laid_out_as(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` (shaped as ``x``, in its dtype) laid out as ``torch.empty_like(x)`` lays ``x`` out (channels_last for a
+    channels_last ``x``), as the fake kernel promises for the output: ``t`` itself where it already is."""
+    if t.stride() == x.stride():
+        return t
+    like = torch.empty_like(x)
+    return t if t.stride() == like.stride() else like.copy_(t)
+
+
 def gradients_like(grads: Sequence[Tensor | None], inputs: Sequence[Tensor | None], needs: Sequence[bool]) -> list:
     """``block_backward``'s output from one gradient (or ``None``) per input: each in its input's dtype, shape and
     strides (as ``torch.empty_like`` lays it out); an empty tensor where the input is ``None`` or not needed."""

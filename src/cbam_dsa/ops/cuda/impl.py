@@ -31,8 +31,9 @@ def saved_like(*args: object) -> list[Tensor]:
 
 def block_forward(*args: object) -> tuple:
     """``cbam_dsa::block_forward`` on CUDA (arguments already checked: :func:`..library.implement`)."""
-    if _triton(args):
-        return block.block_forward(*args)
+    if _triton(args):  # the kernels write a contiguous output: laid out as x, as the fake kernel says
+        out, *rest = block.block_forward(*args)
+        return (library.laid_out_as(out, args[0]), *rest)  # type: ignore[arg-type]
     return pytorch.block_forward(*args)
 
 
