@@ -572,15 +572,18 @@ static int FN(grad_x)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const 
 /* ---------------------------------------------------------------------------------------------------------------
    The same passes over channels_last tensors (dims[15] = 1): x, g, out and x's gradient laid out as (B, P, C), a
    pixel's C values contiguous; every small tensor (ca, sa, s, the descriptors) as in NCHW. Sums over C run along a
-   pixel's row (SCALAR over BLOCK channels, then double); sums over P take a row of C at a time, in tasks of one
-   sample's NHWC_TILE pixels each, kept per task in SCALAR and then added in double in the tiles' order, so results
-   do not depend on the thread count. Maxima over P are exact (max_nan) as they go. */
+   pixel's row (SCALAR over NHWC_BLOCK channels, then double: one horizontal reduction per block); sums over P take a
+   row of C at a time, in tasks of one sample's NHWC_TILE pixels each, kept per task in SCALAR and then added in
+   double in the tiles' order, so results do not depend on the thread count. Maxima over P are exact (max_nan) as
+   they go. */
 #define NHWC_TILE 64
+#define NHWC_BLOCK 256
 
 /* The tiles' partial sums (and maxima) over P, reduced per (b, c) in tile order: out[b, c] = sum of the tiles'
    parts (scaled by scale), top[b, c] = max_nan of their maxima (where given). */
 static void FN(tiles_reduce)(const SCALAR *parts, const SCALAR *tops, SCALAR *out, SCALAR *top, int64_t batch,
-                             int64_t tiles, int64_t channels, double scale) {
+                             int64_t tiles, int64_t channels, double scale, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < batch; ++b)
         for (int64_t c = 0; c < channels; ++c) {
             double total = 0;
@@ -624,7 +627,7 @@ static int FN(pool_hw_nhwc)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t 
             }
         }
     }
-    FN(tiles_reduce)(sums, tops, mean, max, batch, tiles, C, 1.0 / (double)count);
+    FN(tiles_reduce)(sums, tops, mean, max, batch, tiles, C, 1.0 / (double)count, threads);
     free(sums), free(tops);
     return STATUS_OK;
 }
@@ -642,8 +645,8 @@ static void FN(pool_c_nhwc)(const SCALAR *x, const SCALAR *ca, SCALAR *s, int64_
             const SCALAR *row = x + (b * count + p) * C;
             double sum = 0;
             SCALAR top = row[0] * w[0];
-            for (int64_t c0 = 0; c0 < C; c0 += BLOCK) {
-                const int64_t stop = c0 + BLOCK < C ? c0 + BLOCK : C;
+            for (int64_t c0 = 0; c0 < C; c0 += NHWC_BLOCK) {
+                const int64_t stop = c0 + NHWC_BLOCK < C ? c0 + NHWC_BLOCK : C;
                 SCALAR part = 0;
 #pragma omp simd reduction(+ : part) reduction(max : top)
                 for (int64_t c = c0; c < stop; ++c) {
@@ -708,8 +711,8 @@ static int FN(blend_grad_nhwc)(const SCALAR *g, const SCALAR *x, const SCALAR *c
             const SCALAR m = sa[b * count + p], best = top[b * count + p];
             double acc = 0;
             SCALAR tie = 0;
-            for (int64_t c0 = 0; c0 < C; c0 += BLOCK) {
-                const int64_t stop = c0 + BLOCK < C ? c0 + BLOCK : C;
+            for (int64_t c0 = 0; c0 < C; c0 += NHWC_BLOCK) {
+                const int64_t stop = c0 + NHWC_BLOCK < C ? c0 + NHWC_BLOCK : C;
                 SCALAR part = 0;
 #pragma omp simd reduction(+ : part, tie)
                 for (int64_t c = c0; c < stop; ++c) {
@@ -732,9 +735,9 @@ static int FN(blend_grad_nhwc)(const SCALAR *g, const SCALAR *x, const SCALAR *c
             }
         }
     }
-    FN(tiles_reduce)(by_sa, NULL, gca, NULL, batch, tiles, C, 1.0);
-    if (gsum) FN(tiles_reduce)(plain, NULL, gsum, NULL, batch, tiles, C, 1.0);
-    if (hmean) FN(tiles_reduce)(sum_x, high, hmean, hmax, batch, tiles, C, 1.0 / (double)count);
+    FN(tiles_reduce)(by_sa, NULL, gca, NULL, batch, tiles, C, 1.0, threads);
+    if (gsum) FN(tiles_reduce)(plain, NULL, gsum, NULL, batch, tiles, C, 1.0, threads);
+    if (hmean) FN(tiles_reduce)(sum_x, high, hmean, hmax, batch, tiles, C, 1.0 / (double)count, threads);
     free(by_sa), free(plain), free(sum_x), free(high);
     return STATUS_OK;
 }
@@ -768,7 +771,7 @@ static int FN(pool_c_grad_nhwc)(const SCALAR *x, const SCALAR *ca, const SCALAR 
             for (int64_t c = 0; c < C; ++c) part[c] += (mean + (SCALAR)(xv[c] * w[c] == top) * k) * xv[c];
         }
     }
-    FN(tiles_reduce)(parts, NULL, gca, NULL, batch, tiles, C, 1.0);
+    FN(tiles_reduce)(parts, NULL, gca, NULL, batch, tiles, C, 1.0, threads);
     free(parts);
     return STATUS_OK;
 }
@@ -800,7 +803,7 @@ static int FN(grad_x_nhwc)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, c
         }
     }
     SCALAR *elsewhere = share + batch * C;
-    FN(tiles_reduce)(counts, NULL, share, NULL, batch, tiles, C, 1.0);
+    FN(tiles_reduce)(counts, NULL, share, NULL, batch, tiles, C, 1.0, threads);
     for (int64_t i = 0; i < batch * C; ++i) {
         share[i] = hmax[i] / share[i];
         elsewhere[i] = 0 * share[i]; /* NaN when there is no tie (share = x / 0), as in grad_x */
