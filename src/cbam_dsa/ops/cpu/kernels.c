@@ -618,7 +618,16 @@ static int FN(pool_hw_nhwc)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t 
         SCALAR *s = sums + task * C, *t = tops + task * C;
         const SCALAR *first = x + (b * count + start) * C;
         for (int64_t c = 0; c < C; ++c) s[c] = 0, t[c] = first[c];
-        for (int64_t p = start; p < end; ++p) {
+        int64_t p = start;
+        for (; p + 4 <= end; p += 4) { /* four rows at a time: a quarter of the partials' loads and stores */
+            const SCALAR *r0 = x + (b * count + p) * C, *r1 = r0 + C, *r2 = r1 + C, *r3 = r2 + C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+                s[c] += (r0[c] + r1[c]) + (r2[c] + r3[c]);
+                t[c] = FN(max_nan)(FN(max_nan)(t[c], FN(max_nan)(r0[c], r1[c])), FN(max_nan)(r2[c], r3[c]));
+            }
+        }
+        for (; p < end; ++p) {
             const SCALAR *row = x + (b * count + p) * C;
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
@@ -706,7 +715,43 @@ static int FN(blend_grad_nhwc)(const SCALAR *g, const SCALAR *x, const SCALAR *c
         SCALAR *ps = by_sa + task * C, *pp = plain + task * C, *px = sum_x + task * C, *ph = high + task * C;
         const SCALAR *first = x + (b * count + start) * C;
         for (int64_t c = 0; c < C; ++c) ps[c] = 0, pp[c] = 0, px[c] = 0, ph[c] = first[c];
-        for (int64_t p = start; p < end; ++p) {
+        int64_t p = start;
+        for (; p + 4 <= end; p += 4) { /* four pixels at a time: a quarter of the partials' loads and stores */
+            const int64_t i = b * count + p;
+            const SCALAR *g0 = g + i * C, *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;
+            const SCALAR *x0 = x + i * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+            const SCALAR m0 = sa[i], m1 = sa[i + 1], m2 = sa[i + 2], m3 = sa[i + 3];
+            const SCALAR e0 = top[i], e1 = top[i + 1], e2 = top[i + 2], e3 = top[i + 3];
+            double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+            SCALAR n0 = 0, n1 = 0, n2 = 0, n3 = 0;
+            for (int64_t c0 = 0; c0 < C; c0 += NHWC_BLOCK) {
+                const int64_t stop = c0 + NHWC_BLOCK < C ? c0 + NHWC_BLOCK : C;
+                SCALAR q0 = 0, q1 = 0, q2 = 0, q3 = 0;
+#pragma omp simd reduction(+ : q0, q1, q2, q3, n0, n1, n2, n3)
+                for (int64_t c = c0; c < stop; ++c) {
+                    const SCALAR wc = w[c];
+                    const SCALAR t0 = g0[c] * x0[c], t1 = g1[c] * x1[c], t2 = g2[c] * x2[c], t3 = g3[c] * x3[c];
+                    q0 += t0 * wc, q1 += t1 * wc, q2 += t2 * wc, q3 += t3 * wc;
+                    ps[c] += (t0 * m0 + t1 * m1) + (t2 * m2 + t3 * m3);
+                    pp[c] += (t0 + t1) + (t2 + t3);
+                    n0 += x0[c] * wc == e0 ? 1 : 0;
+                    n1 += x1[c] * wc == e1 ? 1 : 0;
+                    n2 += x2[c] * wc == e2 ? 1 : 0;
+                    n3 += x3[c] * wc == e3 ? 1 : 0;
+                }
+                a0 += q0, a1 += q1, a2 += q2, a3 += q3;
+            }
+            gsa[i] = (SCALAR)a0, gsa[i + 1] = (SCALAR)a1, gsa[i + 2] = (SCALAR)a2, gsa[i + 3] = (SCALAR)a3;
+            ties[i] = n0, ties[i + 1] = n1, ties[i + 2] = n2, ties[i + 3] = n3;
+            if (hmean) {
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) {
+                    px[c] += (x0[c] + x1[c]) + (x2[c] + x3[c]);
+                    ph[c] = FN(max_nan)(FN(max_nan)(ph[c], FN(max_nan)(x0[c], x1[c])), FN(max_nan)(x2[c], x3[c]));
+                }
+            }
+        }
+        for (; p < end; ++p) {
             const SCALAR *gv = g + (b * count + p) * C, *xv = x + (b * count + p) * C;
             const SCALAR m = sa[b * count + p], best = top[b * count + p];
             double acc = 0;
@@ -755,7 +800,25 @@ static int FN(pool_c_grad_nhwc)(const SCALAR *x, const SCALAR *ca, const SCALAR 
         const SCALAR *w = ca + b * C;
         SCALAR *part = parts + task * C;
         for (int64_t c = 0; c < C; ++c) part[c] = 0;
-        for (int64_t p = start; p < end; ++p) {
+        int64_t p = start;
+        for (; counted && p + 4 <= end; p += 4) { /* four pixels at a time, where the ties are counted already */
+            const int64_t i = b * count + p;
+            const SCALAR *x0 = x + i * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+            SCALAR k[4], e[4], mn[4];
+            for (int j = 0; j < 4; ++j) {
+                k[j] = coef[i + j] = gmax[i + j] / counted[i + j];
+                e[j] = smax[i + j], mn[j] = cmean[i + j];
+            }
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+                const SCALAR wc = w[c];
+                part[c] += ((mn[0] + (SCALAR)(x0[c] * wc == e[0]) * k[0]) * x0[c] +
+                            (mn[1] + (SCALAR)(x1[c] * wc == e[1]) * k[1]) * x1[c]) +
+                           ((mn[2] + (SCALAR)(x2[c] * wc == e[2]) * k[2]) * x2[c] +
+                            (mn[3] + (SCALAR)(x3[c] * wc == e[3]) * k[3]) * x3[c]);
+            }
+        }
+        for (; p < end; ++p) {
             const SCALAR *xv = x + (b * count + p) * C;
             const SCALAR top = smax[b * count + p], mean = cmean[b * count + p];
             SCALAR tie = 0;
@@ -796,7 +859,15 @@ static int FN(grad_x_nhwc)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, c
         const SCALAR *at = hmax_at + b * C;
         SCALAR *n = counts + task * C;
         for (int64_t c = 0; c < C; ++c) n[c] = 0;
-        for (int64_t p = start; p < end; ++p) {
+        int64_t p = start;
+        for (; p + 4 <= end; p += 4) {
+            const SCALAR *x0 = x + (b * count + p) * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c)
+                n[c] += ((SCALAR)(x0[c] == at[c]) + (SCALAR)(x1[c] == at[c])) +
+                        ((SCALAR)(x2[c] == at[c]) + (SCALAR)(x3[c] == at[c]));
+        }
+        for (; p < end; ++p) {
             const SCALAR *xv = x + (b * count + p) * C;
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) n[c] += (SCALAR)(xv[c] == at[c]);
