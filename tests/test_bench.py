@@ -71,8 +71,10 @@ def test_quick_run_writes_json_table_chart_and_markdown(quick_run, capsys):
     assert all(value > 0 for value in overhead["min_us"].values())
     assert isinstance(overhead["operator_overhead_us"], float) and isinstance(overhead["module_overhead_us"], float)
     network = results["network"]["variants"]
-    assert set(network) == {"plain", "se", "cbam", "ours_operator", "ours_reference"}
+    layouts = {f"{name}_channels_last" for name in ("plain", "se", "cbam", "ours")}
+    assert set(network) == {"plain", "se", "cbam", "ours_operator", "ours_reference", *layouts}
     assert network["plain"]["overhead"] is None and all(v["step"]["min_ms"] > 0 for v in network.values())
+    assert network["plain_channels_last"]["overhead"] is None and network["ours_channels_last"]["overhead"] is not None
     assert network["ours_operator"]["parameters"] == network["ours_reference"]["parameters"]
     assert network["plain"]["parameters"] < network["ours_operator"]["parameters"]
     paired = results["network"]["ours_vs_se"]

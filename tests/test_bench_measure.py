@@ -274,9 +274,12 @@ def test_network_compares_compiled_variants_with_the_compiled_plain_network(monk
     assert list(variants) == [name for name in network.NETWORK_LABELS if name != "cbam_compiled"]
     assert result["errors"] == {"cbam_compiled": "RuntimeError: compile failed"}
     assert variants["plain"]["overhead"] is None and variants["plain_compiled"]["overhead"] is None
-    assert variants["ours_compiled"]["overhead"] is not None
-    assert result["ours_vs_se_compiled"]["rounds"] == 3
-    assert "compiled plain network" in bench.render_markdown([fake_results(network=result)])
+    assert variants["plain_channels_last"]["overhead"] is None
+    assert variants["ours_compiled"]["overhead"] is not None and variants["ours_channels_last"]["overhead"] is not None
+    assert result["ours_vs_se_compiled"]["rounds"] == 3 and result["ours_vs_se_channels_last"]["rounds"] == 3
+    markdown = bench.render_markdown([fake_results(network=result)])
+    assert "compiled plain network" in markdown and "plain network in channels_last" in markdown
+    assert "ours against SE (eager, channels_last)" in markdown
 
 
 @pytest.mark.parametrize("kind", ["channels_last", "strided", "float16", "bfloat16"])

@@ -1,4 +1,5 @@
-"""The whole-network figure: one training step of timm's resnet50 with each attention layer, eager and compiled."""
+"""The whole-network figure: one training step of timm's resnet50 with each attention layer, eager (contiguous and
+channels_last) and compiled."""
 
 from __future__ import annotations
 
@@ -21,12 +22,24 @@ NETWORK_LABELS = {
     "cbam": "+ timm CbamModule",
     "ours_operator": "+ ours, operator",
     "ours_reference": "+ ours, reference path",
+    "plain_channels_last": "resnet50 in channels_last, no attention",
+    "se_channels_last": "+ timm SEModule, channels_last",
+    "cbam_channels_last": "+ timm CbamModule, channels_last",
+    "ours_channels_last": "+ ours, channels_last",
     "plain_compiled": "resnet50 + compile, no attention",
     "se_compiled": "+ timm SEModule, compiled",
     "cbam_compiled": "+ timm CbamModule, compiled",
     "ours_compiled": "+ ours, compiled",
 }
 """Display names, in the order of the table."""
+
+_KINDS = ("_channels_last", "_compiled")
+"""The variants' kinds besides eager on contiguous tensors: each kind's overhead is against its own plain network."""
+
+
+def _baseline(name: str) -> str:
+    return "plain" + next((kind for kind in _KINDS if name.endswith(kind)), "")
+
 
 _ATTENTION = {"plain": None, "se": "se", "cbam": "cbam", "ours": CBAMResidualDynamicSA}
 
@@ -50,6 +63,8 @@ def _variants(compile: bool, device: str, dtype: torch.dtype) -> dict[str, nn.Mo
     for module in variants["ours_reference"].modules():
         if isinstance(module, CBAMResidualDynamicSA):
             module.fast_path = False
+    for name, attn in _ATTENTION.items():  # the model and its input in channels_last, as for a GPU or after inductor
+        variants[f"{name}_channels_last"] = _network(attn, 10, device, dtype).to(memory_format=torch.channels_last)
     if compile:
         for name, attn in _ATTENTION.items():
             variants[f"{name}_compiled"] = torch.compile(_network(attn, 10, device, dtype), fullgraph=True)
@@ -64,27 +79,30 @@ def measure_network(
     ``time / plain time - 1`` (compiled variants against the compiled plain network).
 
     ``settings`` is a :class:`.measure.Settings`; ``settings.network_compile`` adds the compiled variants, whose
-    compilation (the first step) is not timed. A compiled variant that fails is dropped and its error reported.
+    compilation (the first step) is not timed. A compiled variant that fails is dropped and its error reported. The
+    ``*_channels_last`` variants run the model and its input in channels_last (overhead against the plain network so).
     """
     device = settings.device
     torch.manual_seed(settings.seed)
     variants = _variants(settings.network_compile, device, dtype)
     size = settings.network_size
     images = torch.randn(settings.network_batch, 3, size, size, device=device, dtype=dtype)
+    images_channels_last = images.contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, 10, (settings.network_batch,), device=device)
     faults: dict[str, list[int]] = {name: [] for name in variants}
 
-    def step(model: nn.Module) -> Callable[[], None]:
+    def step(model: nn.Module, name: str) -> Callable[[], None]:
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        inputs = images_channels_last if name.endswith("_channels_last") else images
 
         def run() -> None:
             optimizer.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(images), targets).backward()
+            nn.functional.cross_entropy(model(inputs), targets).backward()
             optimizer.step()
 
         return run
 
-    fns = {name: counting_faults(step(model), faults[name]) for name, model in variants.items()}
+    fns = {name: counting_faults(step(model, name), faults[name]) for name, model in variants.items()}
     errors: dict[str, str] = {}
     for name in [n for n in fns if n.endswith("_compiled")]:
         log(f"  compiling {name} ...")
@@ -96,7 +114,7 @@ def measure_network(
     times = interleaved_times(fns, settings.network_rounds, 1, device, settings.seed)
     results = {}
     for name, values in times.items():
-        plain = "plain_compiled" if name.endswith("_compiled") else "plain"
+        plain = _baseline(name)
         ratio = round_ratio(times, name, plain)
         results[name] = {
             "label": NETWORK_LABELS[name],
@@ -112,6 +130,7 @@ def measure_network(
         "errors": errors,
         "ours_vs_se": paired_comparison(times["ours_operator"], times["se"]),
     }
-    if "ours_compiled" in times and "se_compiled" in times:
-        network["ours_vs_se_compiled"] = paired_comparison(times["ours_compiled"], times["se_compiled"])
+    for kind in _KINDS:
+        if f"ours{kind}" in times and f"se{kind}" in times:
+            network[f"ours_vs_se{kind}"] = paired_comparison(times[f"ours{kind}"], times[f"se{kind}"])
     return network

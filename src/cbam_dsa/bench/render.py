@@ -240,7 +240,12 @@ def _network_sentence(network: dict[str, Any]) -> str:
     ours = variants.get("ours_operator", variants.get("ours_fast"))
     se = variants["se"]["overhead"]
     text = f"resnet50 overhead over the plain network: ours {100 * ours['overhead']:+.1f}%, SE {100 * se:+.1f}%."
-    for key, what in (("ours_vs_se", "eager"), ("ours_vs_se_compiled", "compiled")):
+    kinds = (
+        ("ours_vs_se", "eager"),
+        ("ours_vs_se_channels_last", "eager, channels_last"),
+        ("ours_vs_se_compiled", "compiled"),
+    )
+    for key, what in kinds:
         paired = network.get(key)
         if paired:
             text += (
@@ -305,6 +310,8 @@ def _markdown_section(results: dict[str, Any]) -> str:
         parts += ["", f"### {network['model']}, one training step on {tuple(network['input'])}", ""]
         parts.append(_markdown_table(NETWORK_HEADER, _network_rows(network)))
         parts += [f"\n`{name}`: skipped ({error})" for name, error in network.get("errors", {}).items()]
+        if any(name.endswith("_channels_last") for name in network["variants"]):
+            parts += ["", "Channels_last variants' overhead is against the plain network in channels_last."]
         if any(name.endswith("_compiled") for name in network["variants"]):
             parts += ["", "Compiled variants' overhead is against the compiled plain network."]
     return "\n".join(parts)
