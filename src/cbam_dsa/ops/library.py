@@ -310,12 +310,14 @@ def gradient_inputs(args: Sequence[Any]) -> list[Tensor | None]:
 
 
 def laid_out_as(t: Tensor, x: Tensor) -> Tensor:
-    """``t`` (shaped as ``x``, in its dtype) laid out as ``torch.empty_like(x)`` lays ``x`` out (channels_last for a
-    channels_last ``x``), as the fake kernel promises for the output: ``t`` itself where it already is."""
-    if t.stride() == x.stride():
+    """``t`` (of ``x``'s numel) in ``x``'s dtype and shape, laid out as ``torch.empty_like(x)`` lays ``x`` out
+    (channels_last for a channels_last ``x``, contiguous for a view that is not dense), as the fake kernels promise:
+    ``t`` itself where it already is."""
+    if t.dtype == x.dtype and t.shape == x.shape and t.stride() == x.stride():
         return t
     like = torch.empty_like(x)
-    return t if t.stride() == like.stride() else like.copy_(t)
+    same = t.dtype == x.dtype and t.shape == x.shape and t.stride() == like.stride()
+    return t if same else like.copy_(t.reshape(x.shape))
 
 
 def gradients_like(grads: Sequence[Tensor | None], inputs: Sequence[Tensor | None], needs: Sequence[bool]) -> list:
@@ -327,10 +329,6 @@ def gradients_like(grads: Sequence[Tensor | None], inputs: Sequence[Tensor | Non
             out.append(inputs[0].new_empty(0))
         elif grad is None:
             out.append(torch.zeros_like(t))
-        elif grad.dtype == t.dtype and grad.shape == t.shape and grad.stride() == t.stride():
-            out.append(grad)
-        else:  # empty_like lays out a strided view contiguously, which grad may already be
-            like = torch.empty_like(t)
-            same = grad.dtype == t.dtype and grad.shape == t.shape and grad.stride() == like.stride()
-            out.append(grad if same else like.copy_(grad.reshape(t.shape)))
+        else:
+            out.append(laid_out_as(grad, t))
     return out

@@ -2,7 +2,8 @@
  *
  * Compiled once per scalar type: -DSCALAR=float -DSUFFIX=f32 and -DSCALAR=double -DSUFFIX=f64. Tensors are
  * contiguous NCHW, seen as (B, C, P) with P = H * W; x, the output, its gradient and x's gradient may instead be
- * channels_last (B, P, C), which the passes over them read as they are (the _nhwc functions, dims[15]). Long sums accumulate in SCALAR over short blocks, then in
+ * channels_last (B, P, C), which the passes over them read as they are (the _nhwc functions, dims[15]). Long sums
+ * accumulate in SCALAR over short blocks, then in
  * double; maxima propagate NaN as torch.amax does. Every loop has a fixed order (static OpenMP schedule, one writer
  * per output), so results are bitwise reproducible for a given thread count.
  *
@@ -577,6 +578,7 @@ static int FN(grad_x)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const 
    double in the tiles' order, so results do not depend on the thread count. Maxima over P are exact (max_nan) as
    they go. */
 #define NHWC_TILE 64
+#define NHWC_TILES(count) (((count) + NHWC_TILE - 1) / NHWC_TILE) /* the tasks of one sample */
 #define NHWC_BLOCK 256
 
 /* The tiles' partial sums (and maxima) over P, reduced per (b, c) in tile order: out[b, c] = sum of the tiles'
@@ -606,7 +608,7 @@ static void FN(tiles_reduce)(const SCALAR *parts, const SCALAR *tops, SCALAR *ou
 /* pool_hw over (B, P, C): mean[b, c] = mean_p x, max[b, c] = max_p x. */
 static int FN(pool_hw_nhwc)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t batch, int64_t channels,
                             int64_t count, int threads) {
-    const int64_t tiles = (count + NHWC_TILE - 1) / NHWC_TILE, C = channels;
+    const int64_t tiles = NHWC_TILES(count), C = channels;
     SCALAR *sums = NEW(SCALAR, batch * tiles * C), *tops = NEW(SCALAR, batch * tiles * C);
     if (!sums || !tops) {
         free(sums), free(tops);
@@ -644,7 +646,7 @@ static int FN(pool_hw_nhwc)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t 
 /* pool_c over (B, P, C): s[b, 0, p] = mean_c x * ca, s[b, 1, p] = max_c x * ca. */
 static void FN(pool_c_nhwc)(const SCALAR *x, const SCALAR *ca, SCALAR *s, int64_t batch, int64_t channels,
                             int64_t count, int threads) {
-    const int64_t tiles = (count + NHWC_TILE - 1) / NHWC_TILE, C = channels;
+    const int64_t tiles = NHWC_TILES(count), C = channels;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t task = 0; task < batch * tiles; ++task) {
         NHWC_TASK(task, tiles, count);
@@ -676,7 +678,7 @@ static void FN(pool_c_nhwc)(const SCALAR *x, const SCALAR *ca, SCALAR *s, int64_
 /* blend over (B, P, C). */
 static void FN(blend_nhwc)(const SCALAR *x, const SCALAR *ca, const SCALAR *sa, SCALAR *out, int64_t batch,
                            int64_t channels, int64_t count, double alpha, int use_alpha, int threads) {
-    const int64_t tiles = (count + NHWC_TILE - 1) / NHWC_TILE, C = channels;
+    const int64_t tiles = NHWC_TILES(count), C = channels;
     const SCALAR a = (SCALAR)alpha;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t task = 0; task < batch * tiles; ++task) {
@@ -701,7 +703,7 @@ static int FN(blend_grad_nhwc)(const SCALAR *g, const SCALAR *x, const SCALAR *c
                                const SCALAR *top, SCALAR *gsa, SCALAR *gca, SCALAR *gsum, SCALAR *ties,
                                SCALAR *hmean, SCALAR *hmax, int64_t batch, int64_t channels, int64_t count,
                                int threads) {
-    const int64_t tiles = (count + NHWC_TILE - 1) / NHWC_TILE, C = channels, n = batch * tiles * C;
+    const int64_t tiles = NHWC_TILES(count), C = channels, n = batch * tiles * C;
     /* per task: sum_p t * sa, sum_p t, sum_p x, max_p x */
     SCALAR *by_sa = NEW(SCALAR, n), *plain = NEW(SCALAR, n), *sum_x = NEW(SCALAR, n), *high = NEW(SCALAR, n);
     if (!by_sa || !plain || !sum_x || !high) {
@@ -791,7 +793,7 @@ static int FN(blend_grad_nhwc)(const SCALAR *g, const SCALAR *x, const SCALAR *c
 static int FN(pool_c_grad_nhwc)(const SCALAR *x, const SCALAR *ca, const SCALAR *smax, const SCALAR *cmean,
                                 const SCALAR *gmax, const SCALAR *counted, SCALAR *coef, SCALAR *gca, int64_t batch,
                                 int64_t channels, int64_t count, int threads) {
-    const int64_t tiles = (count + NHWC_TILE - 1) / NHWC_TILE, C = channels;
+    const int64_t tiles = NHWC_TILES(count), C = channels;
     SCALAR *parts = NEW(SCALAR, batch * tiles * C);
     if (!parts) return STATUS_NO_MEMORY;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -845,7 +847,7 @@ static int FN(grad_x_nhwc)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, c
                            const SCALAR *hmean, const SCALAR *hmax, const SCALAR *hmax_at, const SCALAR *base,
                            SCALAR *out, int64_t batch, int64_t channels, int64_t count, int threads) {
     if (!g || !cmean || !hmean || base) return STATUS_BAD_ARGUMENT; /* the C code calls it with every term */
-    const int64_t tiles = (count + NHWC_TILE - 1) / NHWC_TILE, C = channels;
+    const int64_t tiles = NHWC_TILES(count), C = channels;
     const SCALAR keep = (SCALAR)(1.0 - alpha), a = (SCALAR)alpha;
     SCALAR *counts = NEW(SCALAR, batch * tiles * C), *share = NEW(SCALAR, 2 * batch * C);
     if (!counts || !share) {
@@ -1709,6 +1711,7 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
                               const double *scal, int threads) {
     const int64_t B = dims[0], C = dims[1], P = dims[2] * dims[3], Rm = dims[11], silu = dims[12];
     const int64_t Rh = dims[4], K = dims[5], T = dims[6], BC = B * C, BP = B * P;
+    __typeof__(&FN(grad_x)) const grad_x = dims[15] ? FN(grad_x_nhwc) : FN(grad_x); /* x's layout */
     SCALAR *ca = NEW(SCALAR, BC), *dz = NEW(SCALAR, BC);
     SCALAR *sa = NEW(SCALAR, BP), *cmean = NEW(SCALAR, BP);
     SCALAR *coef = NEW(SCALAR, BP), *smax = NEW(SCALAR, BP);
@@ -1732,8 +1735,8 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
                                       grads[8], grads[9], grads[10], g_pools, NULL, 0, B, C, Rm, silu, threads);
         if (!status && grads[11]) {
             for (int64_t i = 0; i < BC; ++i) g_pools[i] /= (SCALAR)P;
-            status = (dims[15] ? FN(grad_x_nhwc) : FN(grad_x))(g, x, ca, sa, scal[2], (int)dims[10], cmean, coef, smax, g_pools, g_pools + BC,
-                                pools + BC, NULL, grads[11], B, C, P, threads);
+            status = grad_x(g, x, ca, sa, scal[2], (int)dims[10], cmean, coef, smax, g_pools, g_pools + BC,
+                            pools + BC, NULL, grads[11], B, C, P, threads);
         }
         free(g_pools);
     } else {
@@ -1789,9 +1792,9 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
                                         NULL, g_rows, g_mixed + b * Rm, 0, n, C, Rm, silu, 1);
                 for (int64_t c = 0; c < n * C; ++c) g_rows[c] /= (SCALAR)P;
                 if (!mine)
-                    mine = (dims[15] ? FN(grad_x_nhwc) : FN(grad_x))(gb, xb, ca + b * C, sa + b * P, scal[2], (int)dims[10], cmean + b * P,
-                                      coef + b * P, smax + b * P, g_rows, g_rows + n * C, rows + n * C, NULL,
-                                      grads[11] + b * C * P, n, C, P, 1);
+                    mine = grad_x(gb, xb, ca + b * C, sa + b * P, scal[2], (int)dims[10], cmean + b * P, coef + b * P,
+                                  smax + b * P, g_rows, g_rows + n * C, rows + n * C, NULL, grads[11] + b * C * P, n,
+                                  C, P, 1);
                 free(rows);
             }
             if (mine) {

@@ -262,8 +262,7 @@ struct Call {
   std::vector<Tensor> raw;
   std::vector<const void *> pointers;
   const Layout *plan;
-  int64_t dims[16];
-  bool channels_last;  // x (and out, the output's gradient, x's gradient) laid out as (B, H, W, C): dims[15]
+  int64_t dims[16];  // dims[15]: x (and out, the output's gradient, x's gradient) laid out as (B, H, W, C)
   double temperatures[2];
   int threads;
 };
@@ -299,19 +298,20 @@ bool reads_channels_last(const Tensor &x) {
   return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-at::MemoryFormat format_of(const Call &call) {
-  return call.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+at::MemoryFormat format_of(const Call &call) {  // after prepare()
+  return call.dims[15] ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 void prepare(Call &call, const Args &a) {
   const Tensor &x = a.x;
   call.type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  call.channels_last = reads_channels_last(x);
+  const bool channels_last = reads_channels_last(x);
+  const auto x_format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const auto singles = a.singles();
   const size_t branches = a.branch_weights.size();
   call.raw.reserve(11 + 2 * branches);
   auto add = [&](const Tensor *t) {
-    call.raw.push_back(t ? ready(*t, call.type, t == &x ? format_of(call) : at::MemoryFormat::Contiguous) : Tensor());
+    call.raw.push_back(t ? ready(*t, call.type, t == &x ? x_format : at::MemoryFormat::Contiguous) : Tensor());
     call.pointers.push_back(t ? call.raw.back().data_ptr() : nullptr);
   };
   for (int i : KERNEL_ARGS) add(singles[i]);
@@ -328,7 +328,7 @@ void prepare(Call &call, const Args &a) {
       b, c, h, w, router ? a.router_fc1_weight->size(0) : 1, (int64_t)branches, call.plan->taps,
       a.ca_gate == "hardsigmoid", a.sa_gate == "hardsigmoid", router, a.alpha.has_value(), hidden, a.act == "silu",
       chunk_samples(b, c * h * w * (int64_t)c10::elementSize(call.type), h * w, hidden, call.threads),
-      a.fusion_logits.has_value(), call.channels_last};
+      a.fusion_logits.has_value(), channels_last};
   std::memcpy(call.dims, dims, sizeof dims);
   call.temperatures[0] = a.ca_temperature.item<double>();
   call.temperatures[1] = a.sa_temperature.item<double>();
