@@ -582,21 +582,30 @@ static int FN(grad_x)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const 
 #define NHWC_BLOCK 256
 
 /* The tiles' partial sums (and maxima) over P, reduced per (b, c) in tile order: out[b, c] = sum of the tiles'
-   parts (scaled by scale), top[b, c] = max_nan of their maxima (where given). */
+   parts (scaled by scale), top[b, c] = max_nan of their maxima (where given). A row of up to REDUCE_ROW channels at
+   a time, a tile's row after the other, so that the loop over the channels is a vector one. */
+#define REDUCE_ROW 64
 static void FN(tiles_reduce)(const SCALAR *parts, const SCALAR *tops, SCALAR *out, SCALAR *top, int64_t batch,
                              int64_t tiles, int64_t channels, double scale, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < batch; ++b)
-        for (int64_t c = 0; c < channels; ++c) {
-            double total = 0;
-            SCALAR high = tops ? tops[b * tiles * channels + c] : 0;
+        for (int64_t c0 = 0; c0 < channels; c0 += REDUCE_ROW) {
+            const int64_t n = channels - c0 < REDUCE_ROW ? channels - c0 : REDUCE_ROW, first = b * tiles * channels + c0;
+            double total[REDUCE_ROW];
+            SCALAR high[REDUCE_ROW];
+            for (int64_t i = 0; i < n; ++i) total[i] = 0, high[i] = tops ? tops[first + i] : 0;
             for (int64_t j = 0; j < tiles; ++j) {
-                const int64_t at = (b * tiles + j) * channels + c;
-                total += parts[at];
-                if (tops) high = FN(max_nan)(high, tops[at]);
+                const SCALAR *row = parts + first + j * channels;
+#pragma omp simd
+                for (int64_t i = 0; i < n; ++i) total[i] += row[i];
+                if (tops) {
+                    const SCALAR *peak = tops + first + j * channels;
+                    for (int64_t i = 0; i < n; ++i) high[i] = FN(max_nan)(high[i], peak[i]);
+                }
             }
-            out[b * channels + c] = (SCALAR)(total * scale);
-            if (top) top[b * channels + c] = high;
+            for (int64_t i = 0; i < n; ++i) out[b * channels + c0 + i] = (SCALAR)(total[i] * scale);
+            if (top)
+                for (int64_t i = 0; i < n; ++i) top[b * channels + c0 + i] = high[i];
         }
 }
 
@@ -643,34 +652,55 @@ static int FN(pool_hw_nhwc)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t 
     return STATUS_OK;
 }
 
-/* pool_c over (B, P, C): s[b, 0, p] = mean_c x * ca, s[b, 1, p] = max_c x * ca. */
+/* pool_c over (B, P, C): s[b, 0, p] = mean_c x * ca, s[b, 1, p] = max_c x * ca. Eight pixels at a time, as
+   pool_hw_short's planes: eight independent vector chains along their rows, their sums (per NHWC_BLOCK channels)
+   and maxima reduced together (sums8, maxes8); the channels past the last whole vector are added one by one. */
 static void FN(pool_c_nhwc)(const SCALAR *x, const SCALAR *ca, SCALAR *s, int64_t batch, int64_t channels,
                             int64_t count, int threads) {
-    const int64_t tiles = NHWC_TILES(count), C = channels;
+    const int64_t tiles = NHWC_TILES(count), C = channels, full = C / LANES * LANES;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t task = 0; task < batch * tiles; ++task) {
         NHWC_TASK(task, tiles, count);
         const SCALAR *w = ca + b * C;
         SCALAR *mean_out = s + b * 2 * count, *max_out = mean_out + count;
-        for (int64_t p = start; p < end; ++p) {
-            const SCALAR *row = x + (b * count + p) * C;
-            double sum = 0;
-            SCALAR top = row[0] * w[0];
-            for (int64_t c0 = 0; c0 < C; c0 += NHWC_BLOCK) {
-                const int64_t stop = c0 + NHWC_BLOCK < C ? c0 + NHWC_BLOCK : C;
-                SCALAR part = 0;
-#pragma omp simd reduction(+ : part) reduction(max : top)
-                for (int64_t c = c0; c < stop; ++c) {
-                    const SCALAR v = row[c] * w[c];
-                    part += v;
+        for (int64_t p0 = start; p0 < end; p0 += 8) {
+            const int64_t rows = end - p0 < 8 ? end - p0 : 8;
+            const SCALAR *row[8];
+            double sum[8] = {0};
+            VEC tops[8], best;
+            for (int64_t k = 0; k < 8; ++k) { /* the rows past the last pixel repeat it (computed, never stored) */
+                row[k] = x + (b * count + p0 + (k < rows ? k : rows - 1)) * C;
+                tops[k] = BROADCAST(row[k][0] * w[0]);
+            }
+            for (int64_t c0 = 0; c0 < full; c0 += NHWC_BLOCK) {
+                const int64_t stop = c0 + NHWC_BLOCK < full ? c0 + NHWC_BLOCK : full;
+                VEC parts[8], total;
+                for (int64_t k = 0; k < 8; ++k) parts[k] = (VEC){0};
+                for (int64_t c = c0; c < stop; c += LANES) {
+                    const VEC wc = VLOAD(w + c);
+                    for (int64_t k = 0; k < 8; ++k) {
+                        const VEC v = VLOAD(row[k] + c) * wc;
+                        parts[k] += v;
+                        tops[k] = VMAX(tops[k], v);
+                    }
+                }
+                FN(sums8)(parts, &total);
+                for (int64_t k = 0; k < 8; ++k) sum[k] += total[k];
+            }
+            FN(maxes8)(tops, &best);
+            for (int64_t k = 0; k < rows; ++k) {
+                SCALAR rest = 0, top = best[k];
+                for (int64_t c = full; c < C; ++c) {
+                    const SCALAR v = row[k][c] * w[c];
+                    rest += v;
                     top = FN(max_fast)(top, v);
                 }
-                sum += part;
+                const double total = sum[k] + rest;
+                if (total != total) /* as pool_c: a NaN sum sends the maximum to the exact loop */
+                    for (int64_t c = 0; c < C; ++c) top = FN(max_nan)(top, row[k][c] * w[c]);
+                mean_out[p0 + k] = (SCALAR)(total / (double)C);
+                max_out[p0 + k] = top;
             }
-            if (sum != sum) /* as pool_c: a NaN sum sends the maximum to the exact loop */
-                for (int64_t c = 0; c < C; ++c) top = FN(max_nan)(top, row[c] * w[c]);
-            mean_out[p] = (SCALAR)(sum / (double)C);
-            max_out[p] = top;
         }
     }
 }
