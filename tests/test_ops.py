@@ -114,6 +114,7 @@ def block_config(drawn: dict) -> dict:
 
 SHAPE = st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(1, 9))
 LAYOUT = st.sampled_from([torch.contiguous_format, torch.channels_last])  # the C kernels read both as they are
+OPCHECK_LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -152,18 +153,23 @@ def test_non_finite_values_spread_as_in_the_reference(backend, drawn, shape, val
 # Maps wider than the C kernels' vector blocks (8 columns) and taller than their row tiles (4 rows), on both sides of
 # a block's edge, maps of 128 pixels and more (reduced plane by plane, not eight planes at a time), and short maps
 # with more channels than the kernels' channel blocks (32) and not a multiple of eight, with and without a non-finite
-# value: the property-based tests above stop at 9 x 9 and 9 channels.
+# value: the property-based tests above stop at 9 x 9 and 9 channels. In channels_last, the same shapes cover the
+# (B, P, C) passes' tiles of 64 pixels and groups of eight, and (1, 300, 3, 5) rows longer than their channel blocks
+# (256) and than tiles_reduce's rows (64), neither a multiple of them.
 @pytest.mark.parametrize(
-    "shape", [(2, 3, 5, 17), (1, 4, 13, 8), (2, 2, 6, 23), (1, 3, 30, 31), (3, 45, 7, 7), (1, 70, 3, 5)]
+    "shape",
+    [(2, 3, 5, 17), (1, 4, 13, 8), (2, 2, 6, 23), (1, 3, 30, 31), (3, 45, 7, 7), (1, 70, 3, 5), (1, 300, 3, 5)],
 )
 @pytest.mark.parametrize("special", [None, float("nan"), float("inf")])
 @pytest.mark.parametrize("maps", [False, True])
-def test_wide_maps_equal_the_reference(backend, shape, special, maps):
+@pytest.mark.parametrize("layout", list(OPCHECK_LAYOUTS))
+def test_wide_maps_equal_the_reference(backend, shape, special, maps, layout):
     b, c, h, w = shape
     block = make_block(c, seed=w)
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(h))
     if special is not None:
         x[b - 1, c - 1, h // 2, w - 1] = special
+    x = x.contiguous(memory_format=OPCHECK_LAYOUTS[layout])
     assert_same(run(block, x, w, maps), reference(block, x, w, maps), rtol=1e-9, atol=1e-11)
 
 
@@ -207,9 +213,6 @@ OPCHECK_CONFIGS = {
     "learnable": {"learnable_alpha": True, "alpha_init": 0.5, "learnable_temperature": True, "ca_act": "silu"},
     "no_residual": {"residual": False, "sa_gate": "hardsigmoid"},
 }
-
-
-OPCHECK_LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 @pytest.mark.parametrize("layout", list(OPCHECK_LAYOUTS))
