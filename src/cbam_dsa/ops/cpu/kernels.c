@@ -2,10 +2,10 @@
  *
  * Compiled once per scalar type: -DSCALAR=float -DSUFFIX=f32 and -DSCALAR=double -DSUFFIX=f64. Tensors are
  * contiguous NCHW, seen as (B, C, P) with P = H * W; x, the output, its gradient and x's gradient may instead be
- * channels_last (B, P, C), which the passes over them read as they are (the _nhwc functions, dims[15]). Long sums
- * accumulate in SCALAR over short blocks, then in
- * double; maxima propagate NaN as torch.amax does. Every loop has a fixed order (static OpenMP schedule, one writer
- * per output), so results are bitwise reproducible for a given thread count.
+ * channels_last (B, P, C), which the passes over them read as they are (the _nhwc functions, dims[15], chosen in
+ * one place: passes_for). Long sums accumulate in SCALAR over short blocks, then in double; maxima propagate NaN as
+ * torch.amax does. Every loop has a fixed order (static OpenMP schedule, one writer per output), so results are
+ * bitwise reproducible for a given thread count.
  *
  * The exported entry points of the fused block are block_forward and block_backward (at the end): the whole block,
  * channel MLP included (small matrix products), from its own tensors, in one call each way. They run either each
@@ -933,6 +933,30 @@ static int FN(grad_x_nhwc)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, c
     return STATUS_OK;
 }
 
+/* pool_hw over (B, C, P) with the (B, P, C) pass's arguments. */
+static int FN(pool_hw_nchw)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t batch, int64_t channels, int64_t count,
+                            int threads) {
+    FN(pool_hw)(x, mean, max, batch * channels, count, threads);
+    return STATUS_OK;
+}
+
+/* The six passes over full-size tensors in one layout, x's (dims[15]): the one place that chooses between them. */
+typedef struct {
+    int (*pool_hw)(const SCALAR *, SCALAR *, SCALAR *, int64_t, int64_t, int64_t, int);
+    __typeof__(&FN(pool_c)) pool_c;
+    __typeof__(&FN(blend)) blend;
+    __typeof__(&FN(blend_grad)) blend_grad;
+    __typeof__(&FN(pool_c_grad)) pool_c_grad;
+    __typeof__(&FN(grad_x)) grad_x;
+} FN(passes);
+static const FN(passes) FN(nchw_passes) = {FN(pool_hw_nchw), FN(pool_c), FN(blend), FN(blend_grad),
+                                           FN(pool_c_grad), FN(grad_x)};
+static const FN(passes) FN(nhwc_passes) = {FN(pool_hw_nhwc), FN(pool_c_nhwc), FN(blend_nhwc), FN(blend_grad_nhwc),
+                                           FN(pool_c_grad_nhwc), FN(grad_x_nhwc)};
+static inline const FN(passes) *FN(passes_for)(const int64_t *dims) {
+    return dims[15] ? &FN(nhwc_passes) : &FN(nchw_passes);
+}
+
 /* The merged branches as correlations over zero-padded maps. Every tap (c_t, dy_t, dx_t), of every branch at any
    dilation, is one offset into maps padded with zeros by R (the taps' largest |dy| or |dx|) on every side, in rows of
    Wp = W + 2R, with LANES values of slack after the last map: so no tap of any pixel needs a bounds check, and the
@@ -1189,11 +1213,9 @@ static int FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *r
                                 int threads) {
     const int64_t B = dims[0], C = dims[1], H = dims[2], W = dims[3], P = H * W, Rh = dims[4], K = dims[5];
     const int64_t T = dims[6];
+    const FN(passes) *pass = FN(passes_for)(dims);
     FN(gate_all)(z, ca, B * C, scal[0], dims[7], threads);
-    if (dims[15])
-        FN(pool_c_nhwc)(x, ca, s, B, C, P, threads);
-    else
-        FN(pool_c)(x, ca, s, B, C, P, threads);
+    pass->pool_c(x, ca, s, B, C, P, threads);
     SCALAR *tapw = NEW(SCALAR, B * T);
     if (!tapw) return STATUS_NO_MEMORY;
     for (int64_t b = 0; b < B; ++b) {
@@ -1232,10 +1254,7 @@ static int FN(spatial_forward)(const SCALAR *x, const SCALAR *z, const SCALAR *r
         for (int64_t p = 0; p < P; ++p) logit[b * P + p] += shift;
     }
     FN(gate_all)(logit, sa, B * P, scal[1], dims[8], threads);
-    if (dims[15])
-        FN(blend_nhwc)(x, ca, sa, out, B, C, P, scal[2], (int)dims[10], threads);
-    else
-        FN(blend)(x, ca, sa, out, B, C, P, scal[2], (int)dims[10], threads);
+    pass->blend(x, ca, sa, out, B, C, P, scal[2], (int)dims[10], threads);
     return STATUS_OK;
 }
 
@@ -1255,6 +1274,7 @@ static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *
     const int64_t B = dims[0], C = dims[1], H = dims[2], W = dims[3], P = H * W, Rh = dims[4], K = dims[5];
     const int64_t T = dims[6];
     const double alpha = scal[2];
+    const FN(passes) *pass = FN(passes_for)(dims);
     SCALAR *gsa = NEW(SCALAR, B * P), *gmax = NEW(SCALAR, B * P);
     SCALAR *gca = NEW(SCALAR, B * C), *gpool = NEW(SCALAR, B * C);
     SCALAR *gsum = need_alpha ? NEW(SCALAR, B * C) : NULL;
@@ -1274,8 +1294,7 @@ static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *
     FN(gate_all)(logit, sa, B * P, scal[1], dims[8], threads);
     for (int64_t b = 0; b < B; ++b)
         for (int64_t p = 0; p < P; ++p) smax[b * P + p] = s[(b * 2 + 1) * P + p];
-    status = dims[15] ? FN(blend_grad_nhwc)(g, x, ca, sa, smax, gsa, gca, gsum, ties, hmean, hmax, B, C, P, threads)
-                      : FN(blend_grad)(g, x, ca, sa, smax, gsa, gca, gsum, ties, hmean, hmax, B, C, P, threads);
+    status = pass->blend_grad(g, x, ca, sa, smax, gsa, gca, gsum, ties, hmean, hmax, B, C, P, threads);
     if (status) goto done;
     if (need_alpha) {
         double total = 0;
@@ -1360,8 +1379,7 @@ static int FN(spatial_backward)(const SCALAR *g, const SCALAR *x, const SCALAR *
             cmean[b * P + p] = gs[b * 2 * P + p] / (SCALAR)C;
             gmax[b * P + p] = gs[(b * 2 + 1) * P + p];
         }
-    status = dims[15] ? FN(pool_c_grad_nhwc)(x, ca, smax, cmean, gmax, ties, coef, gpool, B, C, P, threads)
-                      : FN(pool_c_grad)(x, ca, smax, cmean, gmax, ties, coef, gpool, B, C, P, threads);
+    status = pass->pool_c_grad(x, ca, smax, cmean, gmax, ties, coef, gpool, B, C, P, threads);
     if (status) goto done;
     for (int64_t i = 0; i < B * C; ++i) gca[i] += gpool[i];
     g_scal[1] = -FN(gate_back)(gca, z, ca, dz, B * C, scal[0], dims[7], threads) / (scal[0] * scal[0]);
@@ -1682,14 +1700,11 @@ static int FN(forward_core)(const SCALAR *x, const SCALAR *const *mlp, const SCA
                              int threads) {
     const int64_t B = dims[0], C = dims[1], P = dims[2] * dims[3], Rm = dims[11], silu = dims[12];
     const int64_t Rh = dims[4], K = dims[5];
+    const FN(passes) *pass = FN(passes_for)(dims);
     SCALAR *pools = outs[0], *pre = outs[1], *z = outs[2];
     int status = STATUS_OK;
     if (!dims[13]) {
-        if (dims[15])
-            status = FN(pool_hw_nhwc)(x, pools, pools + B * C, B, C, P, threads);
-        else
-            FN(pool_hw)(x, pools, pools + B * C, B * C, P, threads);
-        if (status) return status;
+        if ((status = pass->pool_hw(x, pools, pools + B * C, B, C, P, threads))) return status;
         if ((status = FN(mlp_forward)(pools, mlp[0], mlp[1], mlp[2], mlp[3], mlp[4], pre, z, B, C, Rm, silu, threads)))
             return status;
         return FN(spatial_forward)(x, z, spatial[0], spatial[1], spatial[2], spatial[3], spatial[4], spatial[5], taps,
@@ -1708,10 +1723,7 @@ static int FN(forward_core)(const SCALAR *x, const SCALAR *const *mlp, const SCA
         int own = rows ? STATUS_OK : STATUS_NO_MEMORY;
         if (!own) {
             SCALAR *pre2 = rows + 2 * n * C;
-            if (dims[15])
-                own = FN(pool_hw_nhwc)(xb, rows, rows + n * C, n, C, P, 1);
-            else
-                FN(pool_hw)(xb, rows, rows + n * C, n * C, P, 1);
+            own = pass->pool_hw(xb, rows, rows + n * C, n, C, P, 1);
             if (!own)
                 own = FN(mlp_forward)(rows, mlp[0], mlp[1], mlp[2], mlp[3], mlp[4], pre2, z + b * C, n, C, Rm, silu, 1);
             for (int64_t c = 0; c < n * C; ++c) pools[b * C + c] = rows[c], pools[(B + b) * C + c] = rows[n * C + c];
@@ -1741,7 +1753,7 @@ static int FN(backward_core)(const SCALAR *g, const SCALAR *x, const SCALAR *con
                               const double *scal, int threads) {
     const int64_t B = dims[0], C = dims[1], P = dims[2] * dims[3], Rm = dims[11], silu = dims[12];
     const int64_t Rh = dims[4], K = dims[5], T = dims[6], BC = B * C, BP = B * P;
-    __typeof__(&FN(grad_x)) const grad_x = dims[15] ? FN(grad_x_nhwc) : FN(grad_x); /* x's layout */
+    __typeof__(&FN(grad_x)) const grad_x = FN(passes_for)(dims)->grad_x;
     SCALAR *ca = NEW(SCALAR, BC), *dz = NEW(SCALAR, BC);
     SCALAR *sa = NEW(SCALAR, BP), *cmean = NEW(SCALAR, BP);
     SCALAR *coef = NEW(SCALAR, BP), *smax = NEW(SCALAR, BP);
