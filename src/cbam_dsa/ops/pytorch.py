@@ -276,7 +276,7 @@ def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
     inner = _full_size(x)
     out, *maps, saved = _forward(inner, *args[1:9], args[9:13], *args[13:])  # type: ignore[arg-type]
     if inner is not x:  # back in x's dtype and layout
-        out = torch.empty_like(x).copy_(out)
+        out = library.laid_out_as(out, x)
         maps = [t.to(x.dtype) for t in maps]
     return out, *maps, saved  # type: ignore[return-value]
 
