@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -509,6 +511,45 @@ def test_nothing_given_is_modified_in_place(backend):
     assert torch.equal(x.detach(), before) and x._version == version
     assert torch.equal(grad, grad_before) and grad._version == grad_version
     assert x.grad.data_ptr() not in (x.data_ptr(), grad.data_ptr())
+
+
+# Several blocks called at once from Python threads (the operators run without the GIL), as a server's threads may:
+# branch layouts no other test builds (kernels of 5 and 9, a dilation of 3), so that their first calls fill the C++
+# operators' layout cache (behind a lock) side by side; channels_last beside contiguous.
+THREADED = [
+    ({"sa_kernels": (5,), "sa_use_dilated": False}, torch.contiguous_format),
+    ({"sa_kernels": (9,), "sa_dilated_kernel": 5, "sa_dilated_d": 3}, torch.channels_last),
+    ({"sa_kernels": (5, 9), "sa_use_dilated": False}, torch.contiguous_format),
+    ({"sa_kernels": (), "sa_dilated_kernel": 9, "sa_dilated_d": 3}, torch.channels_last),
+]
+
+
+def test_blocks_called_from_several_threads_at_once_give_their_results_alone(backend):
+    cases = []
+    for i, (config, layout) in enumerate(THREADED):
+        block = make_block(6, seed=i, **config)
+        cases.append((block, torch.randn(3, 6, 11, 10 + i, dtype=torch.float64).contiguous(memory_format=layout)))
+    start, found, errors = threading.Barrier(len(cases)), [[] for _ in cases], []
+
+    def work(i: int) -> None:
+        block, x = cases[i]
+        try:
+            start.wait(timeout=60)
+            found[i].extend(run(block, x, i, maps=True) for _ in range(3))
+        except BaseException as error:  # reported below, with the thread's case
+            errors.append((i, error))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and all(not thread.is_alive() for thread in threads), errors
+    for i, (block, x) in enumerate(cases):
+        alone = run(block, x, i, maps=True)
+        assert_same(alone, reference(block, x, i, maps=True), rtol=1e-9, atol=1e-11)
+        for got in found[i]:
+            assert_same(got, alone, rtol=1e-12, atol=1e-14)
 
 
 DOUBLE_BACKWARD_CONFIGS = {  # hardsigmoid has no second derivative in PyTorch, on the reference path either
