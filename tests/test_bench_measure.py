@@ -197,6 +197,21 @@ def test_contenders_are_the_operator_its_no_compiler_path_the_reference_and_the_
     assert calls == [1]  # the operator's PyTorch implementation
 
 
+def test_training_step_clears_every_gradient_first():
+    """Each step's gradients are that step's alone (as after an optimizer's ``zero_grad``), not added to the last."""
+    from cbam_dsa.bench.contenders import training_step
+
+    module = CBAMResidualDynamicSA(8, learnable_alpha=True)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    grad_out = torch.randn(2, 8, 6, 6)
+    step = training_step(module, x, grad_out)
+    step()
+    first = [t.grad.clone() for t in (x, *module.parameters())]
+    step()
+    for before, t in zip(first, (x, *module.parameters()), strict=True):
+        assert torch.allclose(t.grad, before, rtol=1e-6, atol=1e-7)
+
+
 def test_capture_operator_args_gives_what_the_block_passes_to_the_operator():
     from cbam_dsa import ops
     from cbam_dsa.bench.measure import cpu_kernel

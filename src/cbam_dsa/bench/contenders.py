@@ -85,11 +85,14 @@ def in_environment(step: Callable[[], Any], env: Mapping[str, str]) -> Callable[
 
 def training_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> Callable[[], None]:
     """One forward + backward of ``module`` on ``x`` (a leaf that requires grad) with ``grad_out``, the gradients of
-    ``x`` and of the parameters cleared first, so that no step adds to the one before."""
+    ``x`` and of the parameters cleared first, so that no step adds to the one before. The parameters are listed
+    once, as an optimizer holds them (``zero_grad(set_to_none=True)``), not walked through the submodules at each
+    step."""
+    parameters = list(module.parameters())
 
     def run() -> None:
         x.grad = None
-        for parameter in module.parameters():
+        for parameter in parameters:
             parameter.grad = None
         module(x).backward(grad_out)
 
