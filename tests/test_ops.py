@@ -361,16 +361,23 @@ def test_the_backward_takes_any_subset_of_gradients(backend):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("special", [False, True])
+@pytest.mark.parametrize("layout", list(OPCHECK_LAYOUTS))
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (3, 5, 8, 8)])
-def test_both_backends_keep_one_saved_list(monkeypatch, shape):
+def test_both_backends_keep_one_saved_list(monkeypatch, shape, layout, special):
     """The C kernels and the PyTorch implementation save the same list, so the backward of either takes the forward of
     either (``CBAM_DSA_NATIVE`` is read at each call). Its last tensor holds the maxima over H, W below
     ``KEEP_POOLS_FROM_PIXELS`` pixels per map (the backward recomputes the means), and both pooled descriptors from
-    there on."""
+    there on, as torch.mean and torch.amax give them: with ``special``, NaN where a channel holds a NaN, and +inf
+    where it holds +inf and -inf (its mean NaN)."""
     if native.library() is None:
         pytest.skip("the C kernels cannot be built here")
     block = make_block(shape[1], torch.float64)
     x = torch.randn(shape, dtype=torch.float64)
+    if special:
+        x[1, 2, 3, 4] = float("nan")
+        x[0, 1, 0, 0], x[0, 1, 2, 1] = float("inf"), float("-inf")
+    x = x.contiguous(memory_format=OPCHECK_LAYOUTS[layout])
     means, maxima = x.mean(dim=(2, 3)), x.amax(dim=(2, 3))
     expected_pools = maxima if shape[2] * shape[3] < pytorch.KEEP_POOLS_FROM_PIXELS else torch.cat([means, maxima])
     found = {}
@@ -378,7 +385,7 @@ def test_both_backends_keep_one_saved_list(monkeypatch, shape):
         monkeypatch.setenv("CBAM_DSA_NATIVE", "1" if forward == "native" else "0")
         torch.manual_seed(1)  # the same output gradient each time
         grads, args, saved, needs = _backward_args(block, x)
-        torch.testing.assert_close(saved[6], expected_pools)
+        torch.testing.assert_close(saved[6], expected_pools, equal_nan=True)
         given = (grads[0], None, None, None, None)  # the output's gradient only: the C backward takes it
         for backward in BACKENDS:
             monkeypatch.setenv("CBAM_DSA_NATIVE", "1" if backward == "native" else "0")
@@ -386,7 +393,9 @@ def test_both_backends_keep_one_saved_list(monkeypatch, shape):
     expected = found["pytorch", "pytorch"]
     for pair, grads in found.items():
         for got, want in zip(grads, expected, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=lambda m, pair=pair: f"{pair}: {m}")
+            torch.testing.assert_close(
+                got, want, rtol=1e-9, atol=1e-11, equal_nan=True, msg=lambda m, pair=pair: f"{pair}: {m}"
+            )
 
 
 @pytest.mark.parametrize("shape", [(3, 6, 5, 7), (2, 6, 8, 9)])

@@ -575,8 +575,9 @@ static int FN(grad_x)(const SCALAR *g, const SCALAR *x, const SCALAR *ca, const 
    pixel's C values contiguous; every small tensor (ca, sa, s, the descriptors) as in NCHW. Sums over C run along a
    pixel's row (SCALAR over NHWC_BLOCK channels, then double: one horizontal reduction per block); sums over P take a
    row of C at a time, in tasks of one sample's NHWC_TILE pixels each, kept per task in SCALAR and then added in
-   double in the tiles' order, so results do not depend on the thread count. Maxima over P are exact (max_nan) as
-   they go. */
+   double in the tiles' order, so results do not depend on the thread count. Maxima over P take max_fast as they go
+   and are recomputed exactly where the mean is NaN (pool_hw_nhwc, as pool_hw), or are exact as they go (max_nan:
+   blend_grad_nhwc's, for short maps). */
 #define NHWC_TILE 64
 #define NHWC_TILES(count) (((count) + NHWC_TILE - 1) / NHWC_TILE) /* the tasks of one sample */
 #define NHWC_BLOCK 256
@@ -614,7 +615,8 @@ static void FN(tiles_reduce)(const SCALAR *parts, const SCALAR *tops, SCALAR *ou
     const int64_t b = (task) / (tiles), start = ((task) % (tiles)) * NHWC_TILE;         \
     const int64_t end = start + NHWC_TILE < (count) ? start + NHWC_TILE : (count)
 
-/* pool_hw over (B, P, C): mean[b, c] = mean_p x, max[b, c] = max_p x. */
+/* pool_hw over (B, P, C): mean[b, c] = mean_p x, max[b, c] = max_p x (max_fast down the rows, then exact where the
+   mean is NaN, as pool_hw). */
 static int FN(pool_hw_nhwc)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t batch, int64_t channels,
                             int64_t count, int threads) {
     const int64_t tiles = NHWC_TILES(count), C = channels;
@@ -635,7 +637,7 @@ static int FN(pool_hw_nhwc)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t 
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 s[c] += (r0[c] + r1[c]) + (r2[c] + r3[c]);
-                t[c] = FN(max_nan)(FN(max_nan)(t[c], FN(max_nan)(r0[c], r1[c])), FN(max_nan)(r2[c], r3[c]));
+                t[c] = FN(max_fast)(FN(max_fast)(t[c], FN(max_fast)(r0[c], r1[c])), FN(max_fast)(r2[c], r3[c]));
             }
         }
         for (; p < end; ++p) {
@@ -643,12 +645,20 @@ static int FN(pool_hw_nhwc)(const SCALAR *x, SCALAR *mean, SCALAR *max, int64_t 
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 s[c] += row[c];
-                t[c] = FN(max_nan)(t[c], row[c]);
+                t[c] = FN(max_fast)(t[c], row[c]);
             }
         }
     }
     FN(tiles_reduce)(sums, tops, mean, max, batch, tiles, C, 1.0 / (double)count, threads);
     free(sums), free(tops);
+    /* as pool_hw: a NaN mean sends its channel's maximum to the exact loop (max_fast passed over a NaN) */
+    for (int64_t i = 0; i < batch * C; ++i)
+        if (mean[i] != mean[i]) {
+            const SCALAR *column = x + (i / C) * count * C + i % C;
+            SCALAR top = column[0];
+            for (int64_t p = 1; p < count; ++p) top = FN(max_nan)(top, column[p * C]);
+            max[i] = top;
+        }
     return STATUS_OK;
 }
 
