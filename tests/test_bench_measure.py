@@ -5,6 +5,7 @@ network step. That it measures the right things, not its numbers.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import mmap
@@ -124,21 +125,48 @@ def test_timed_faults_is_the_median_of_the_timed_calls_only():
     assert bench.timed_faults([], rounds=3) is None  # nothing counted (Windows)
 
 
-def test_interleaved_rounds_draw_a_seeded_order_per_round():
+def test_interleaved_rounds_follow_the_balanced_seeded_orders():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
     times = bench.interleaved_times(fns, rounds=40, warmup=1, seed=3)
     assert calls[:4] == ["a", "b", "c", "d"]  # warm-up
     rounds = [calls[i : i + 4] for i in range(4, len(calls), 4)]
-    assert all(sorted(order) == ["a", "b", "c", "d"] for order in rounds)  # each once per round
+    assert rounds == [["abcd"[i] for i in order] for order in bench.balanced_orders(4, 40, seed=3)]
     assert len({tuple(order) for order in rounds}) > 10  # not one fixed or rotating order
-    # every function runs right after every other one in some round
-    followers = {pair for order in rounds for pair in itertools.pairwise(order)}
-    assert followers == {(x, y) for x in "abcd" for y in "abcd" if x != y}
+    # over ten blocks of four rounds, every function runs right after every other one ten times
+    followers = collections.Counter(pair for order in rounds for pair in itertools.pairwise(order))
+    assert followers == {(x, y): 10 for x in "abcd" for y in "abcd" if x != y}
     assert all(len(values) == 40 for values in times.values())
     calls.clear()
     bench.interleaved_times(fns, rounds=40, warmup=1, seed=3)
     assert [calls[i : i + 4] for i in range(4, len(calls), 4)] == rounds  # the same seed, the same orders
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_balanced_orders_give_every_predecessor_and_position_equally_often(count, blocks):
+    size = count if count % 2 == 0 else 2 * count  # an odd count's block holds the mirrored rows too
+    orders = bench.balanced_orders(count, blocks * size, seed=count)
+    assert len(orders) == blocks * size and all(sorted(order) == list(range(count)) for order in orders)
+    for start in range(0, len(orders), size):  # each block on its own
+        block = orders[start : start + size]
+        followers = collections.Counter(pair for order in block for pair in itertools.pairwise(order))
+        pairs = {(x, y) for x in range(count) for y in range(count) if x != y}
+        assert set(followers) == pairs and set(followers.values()) <= {size // count}
+        positions = collections.Counter((place, value) for order in block for place, value in enumerate(order))
+        assert positions == {(place, value): size // count for place in range(count) for value in range(count)}
+    if count > 2:  # the labels are drawn per block and per seed
+        assert orders[:size] != orders[size : 2 * size] or blocks == 1
+        assert bench.balanced_orders(count, size, seed=count + 1) != orders[:size]
+
+
+def test_balanced_orders_cut_a_partial_block_and_reject_bad_counts():
+    assert bench.balanced_orders(4, 6, seed=0)[:4] == bench.balanced_orders(4, 4, seed=0)
+    assert len(bench.balanced_orders(4, 6, seed=0)) == 6 and bench.balanced_orders(3, 0) == []
+    with pytest.raises(ValueError, match=r"count must be at least 1.*count=0"):
+        bench.balanced_orders(0, 4)
+    with pytest.raises(ValueError, match="rounds=-1"):
+        bench.balanced_orders(3, -1)
 
 
 # --- contenders ----------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from .measure import (
 from .memory import KEPT_HEAP, counting_faults, keep_freed_memory, peak_step_memory, saved_tensor_bytes
 from .network import NETWORK_LABELS, measure_network
 from .render import TARGETS, render_markdown, render_overhead, render_table, render_targets, write_chart, write_outputs
-from .timing import interleaved_times, paired_comparison, round_ratio, summarize, timed_faults
+from .timing import balanced_orders, interleaved_times, paired_comparison, round_ratio, summarize, timed_faults
 
 __all__ = [
     "BASELINE",
@@ -43,6 +43,7 @@ __all__ = [
     "TARGETS",
     "Contender",
     "Settings",
+    "balanced_orders",
     "build_contenders",
     "capture_operator_args",
     "counting_faults",

@@ -84,7 +84,7 @@ class Settings:
     """
 
     shapes: Sequence[tuple[int, int, int, int]] = SHAPES
-    rounds: int = 15
+    rounds: int = 16
     warmup: int = 2
     compile: bool = True
     network: bool = True
@@ -93,7 +93,7 @@ class Settings:
     network_batch: int = 8
     network_size: int = 160
     inputs: bool = True
-    inputs_rounds: int = 7
+    inputs_rounds: int = 6
     overhead: bool = True
     overhead_shape: tuple[int, int, int, int] = (32, 512, 7, 7)
     overhead_calls: int = 20

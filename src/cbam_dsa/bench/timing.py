@@ -1,8 +1,10 @@
 """Timing in interleaved rounds, and the statistics taken over them (method: ``benchmarks/README.md``).
 
-Every round times each function once, in an order drawn at random for the round (seeded), so a slow spell of a
-shared machine hits all of them and no function always runs after the same other one. Ratios are taken round by
-round, between times of the same round, and their median reported.
+Every round times each function once, so a slow spell of a shared machine hits all of them. The rounds' orders
+come from a sequentially balanced design (:func:`balanced_orders`): over each block of rounds every function runs
+right after every other one equally often, because what a call leaves behind can shift the next call's time by
+more than the differences measured. Ratios are taken round by round, between times of the same round, and their
+median reported.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["interleaved_times", "paired_comparison", "round_ratio", "summarize", "timed_faults"]
+__all__ = ["balanced_orders", "interleaved_times", "paired_comparison", "round_ratio", "summarize", "timed_faults"]
 
 
 def _synchronize(device: str) -> None:
@@ -31,23 +33,53 @@ def _timed(fn: Callable[[], Any], device: str) -> float:
     return time.perf_counter() - start
 
 
+def balanced_orders(count: int, rounds: int, seed: int = 0) -> list[list[int]]:
+    """``rounds`` orders of ``range(count)``, one per round, from a Williams design: in each block of ``count``
+    rounds (``2 * count`` where ``count`` is odd) every index comes right after every other index equally often
+    (once; twice for an odd count) and takes every position equally often. Each block gets its labels and the order
+    of its rows drawn at random from ``seed``. A last, partial block is balanced only in part.
+
+    Orders drawn at random per round balance the predecessors only on average: over 80 rounds of the benchmark's
+    eight contenders, one seed put the compiled block right after the two slowest contenders (timm's CBAM and the
+    reference path, eager) in 40% of its rounds and the eager block in 20%, and either block could take about
+    twice its usual time right after one of them."""
+    if count < 1 or rounds < 0:
+        raise ValueError(f"count must be at least 1 and rounds at least 0, got count={count}, rounds={rounds}")
+    first, low, high = [0], 1, count - 1  # 0, 1, n - 1, 2, n - 2, ...: every difference once
+    while len(first) < count:
+        if len(first) % 2:
+            first.append(low)
+            low += 1
+        else:
+            first.append(high)
+            high -= 1
+    rows = [[(value + shift) % count for value in first] for shift in range(count)]
+    if count % 2:  # an odd count needs the mirrored rows too
+        rows += [row[::-1] for row in rows]
+    draw = random.Random(seed)
+    orders: list[list[int]] = []
+    while len(orders) < rounds:
+        labels = draw.sample(range(count), count)
+        orders.extend([labels[value] for value in row] for row in draw.sample(rows, len(rows)))
+    return orders[:rounds]
+
+
 def interleaved_times(
     fns: dict[str, Callable[[], Any]], rounds: int, warmup: int, device: str = "cpu", seed: int = 0
 ) -> dict[str, list[float]]:
     """Seconds per call of each function: ``warmup`` untimed calls each, then ``rounds`` rounds that call every
-    function once, each round in an order drawn at random (from ``seed``).
+    function once, in the orders of :func:`balanced_orders` (from ``seed``).
 
-    A fixed or rotating order would let one function run right after the same other one in most rounds, and what
-    a call leaves behind (the caches, the allocator's heap) can shift the next call's time."""
+    What a call leaves behind (the caches, the allocator's heap, the threads' state) can shift the next call's
+    time, so no function may run after the same other one more often than the others do."""
     names = list(fns)
     for name in names:
         for _ in range(warmup):
             fns[name]()
-    order = random.Random(seed)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(rounds):
-        for name in order.sample(names, len(names)):
-            times[name].append(_timed(fns[name], device))
+    for order in balanced_orders(len(names), rounds, seed):
+        for index in order:
+            times[names[index]].append(_timed(fns[names[index]], device))
     return times
 
 

@@ -21,7 +21,7 @@ HELP = "Benchmark the block against timm's CbamModule and SEModule (time, saved 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds, no compilation (seconds)")
-    parser.add_argument("--rounds", type=int, help="interleaved timing rounds per figure (default: 15, quick: 2)")
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds per figure (default: 16, quick: 2)")
     parser.add_argument(
         "--network-rounds", type=int, help="interleaved rounds of the resnet50 step (default: 21, quick: 1)"
     )
