@@ -93,7 +93,7 @@ def test_quick_run_writes_json_table_chart_and_markdown(quick_run, capsys):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
     markdown = (out / "BENCHMARKS.md").read_text()
     assert markdown.startswith("# Benchmarks") and "| timm CbamModule |" in markdown
-    assert "cbam-dsa bench --quick" in markdown
+    assert "cbam-dsa bench --quick" in markdown and "2 interleaved rounds in balanced orders," in markdown
     assert "### Targets (this run)" in markdown and "issue" not in markdown.lower()
     assert "Per-call overhead at (2, 32, 7, 7)" in markdown
     assert "### Other inputs, forward + backward" in markdown and "| 2x16x14x14 | bfloat16 |" in markdown

@@ -32,7 +32,7 @@ from .contenders import BASELINE, LABELS, build_contenders, training_step
 from .inputs import measure_inputs
 from .memory import counting_faults, keep_freed_memory, peak_step_memory, saved_tensor_bytes
 from .network import measure_network
-from .timing import interleaved_times, round_ratio, summarize, timed_faults
+from .timing import ORDERS, interleaved_times, round_ratio, summarize, timed_faults
 
 __all__ = [
     "PAIRS",
@@ -339,6 +339,7 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
         results["machine"] = machine_info(settings)
         results["machine"]["heap"] = (keep_freed_memory() if settings.keep_heap else None) or "system default"
         results["baseline"] = BASELINE
+        results["orders"] = ORDERS
         results["shapes"] = []
         for shape in settings.shapes:
             log(f"shape {tuple(shape)} ...")

@@ -264,7 +264,8 @@ def _markdown_section(results: dict[str, Any]) -> str:
     parts = [
         f"## {_title(results)}",
         "",
-        f"Measured {machine['date']} with `{command}`: {settings['rounds']} interleaved rounds, "
+        f"Measured {machine['date']} with `{command}`: {settings['rounds']} interleaved rounds"
+        f"{' in ' + results['orders'] + ' orders' if results.get('orders') else ''}, "
         f"{machine['cpu_count']} CPUs, {versions}, {machine['platform']}.",
     ]
     legacy = any("ours_fast" in entry["contenders"] for entry in results["shapes"])

@@ -17,7 +17,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["balanced_orders", "interleaved_times", "paired_comparison", "round_ratio", "summarize", "timed_faults"]
+__all__ = [
+    "ORDERS",
+    "balanced_orders",
+    "interleaved_times",
+    "paired_comparison",
+    "round_ratio",
+    "summarize",
+    "timed_faults",
+]
+
+
+ORDERS = "balanced"
+"""How :func:`interleaved_times` orders its rounds (:func:`balanced_orders`), as the results record it."""
 
 
 def _synchronize(device: str) -> None:
