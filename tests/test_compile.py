@@ -129,3 +129,40 @@ def test_inductor_hands_the_operator_channels_last_tensors_as_they_are():
     convolutions = re.findall(r"(\w+) = extern_kernels\.convolution\(", code)
     operator = re.findall(r"torch\.ops\.cbam_dsa\.block_forward\.\w+\((\w+),", code)
     assert len(convolutions) == 1 and operator == convolutions, code
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training", [False, True])
+def test_inductors_cpp_wrapper_runs_the_operator(training):
+    """With inductor's C++ wrapper (``cpp_wrapper``), the compiled code calls both operators and equals eager mode:
+    it takes operators that return plain tensors or one flat list of them, which ``block_forward`` does."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = CBAMResidualDynamicSA(16, learnable_alpha=True, alpha_init=0.6)
+    compiled = torch.compile(block, fullgraph=True, options={"cpp_wrapper": True})
+    x = torch.randn(2, 16, 9, 9, requires_grad=training)
+
+    def run() -> torch.Tensor:
+        with torch.set_grad_enabled(training):
+            out = compiled(x)
+            if training:
+                out.square().sum().backward()
+            return out
+
+    with torch._inductor.config.patch(force_disable_caches=True):
+        out, codes = run_and_get_code(run)
+    code = "\n".join(codes)
+    assert "CppWrapperCodeCache" in code and "inductor_entry_impl" in code  # the wrapper is C++
+    assert "cbam_dsa.block_forward" in code and ("cbam_dsa.block_backward" in code) == training
+    got = _parameters_and_input_grads(block, x) if training else []
+    x.grad = None
+    block.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(training):
+        eager = block(x)
+        if training:
+            eager.square().sum().backward()
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(got, _parameters_and_input_grads(block, x) if training else [], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

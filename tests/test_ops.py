@@ -232,7 +232,7 @@ def test_opcheck_forward(backend, config, shape, layout):
 def test_opcheck_backward(backend, config, maps, layout):
     block = make_block(5, torch.float32, **OPCHECK_CONFIGS[config])
     args = _detached_op_args(block, torch.randn(2, 5, 8, 9).contiguous(memory_format=OPCHECK_LAYOUTS[layout]))
-    out, ca, sa, fusion_w, router_w, saved = ops.FORWARD(*args)
+    out, ca, sa, fusion_w, router_w, *saved = ops.FORWARD(*args)
     grads = [torch.randn_like(out)] + [torch.randn_like(t) if maps else None for t in (ca, sa, fusion_w, router_w)]
     flat = library.gradient_inputs(args)
     needs = [t is not None for t in flat]
@@ -288,7 +288,8 @@ def test_every_entry_checks_the_arguments(backend, requires_grad):
     forward kernel (a tensor that requires grad), for each CPU implementation."""
     block = make_block(6, torch.float32)
     args = list(_op_args(block, torch.randn(2, 6, 4, 4, requires_grad=requires_grad)))
-    out, *_, saved = ops.FORWARD(*args)
+    found = ops.FORWARD(*args)
+    out, saved = found[0], found[5:]
     wrong = list(args)
     wrong[4] = torch.randn(5)
     with pytest.raises(ValueError, match=r"fc2_bias must have shape \(6,\)"):
@@ -304,7 +305,7 @@ def _backward_args(block: CBAMResidualDynamicSA, x: Tensor) -> tuple[list, list,
     """``block_backward``'s arguments for ``block(x)``, detached: the five gradients, the forward's arguments, the
     forward's ``saved`` list and ``needs``."""
     args = _detached_op_args(block, x)
-    out, ca, sa, fusion_w, router_w, saved = ops.FORWARD(*args)
+    out, ca, sa, fusion_w, router_w, *saved = ops.FORWARD(*args)
     grads = [torch.randn_like(t) for t in (out, ca, sa, fusion_w, router_w)]
     return grads, args, list(saved), [t is not None for t in library.gradient_inputs(args)]
 
@@ -434,7 +435,9 @@ _V2_RETURNS = {
     (8, 8): [(2, 6, 8, 8), (2, 6, 1, 1), (2, 1, 8, 8), (2,), (2, 3),
              (2, 6), (2, 2, 8, 8), (2, 1, 8, 8), (2, 3), (2, 8), (4, 4), (4, 6)],
 }  # fmt: skip
-RETURNS = {"v2": _V2_RETURNS, "v3": _V2_RETURNS}  # v3: the same returns, tagged flexible_layout
+# v3: the same returns, tagged flexible_layout; v4: the same tensors, as one flat list (v2 and v3: the saved ones a
+# list of their own)
+RETURNS = {"v2": _V2_RETURNS, "v3": _V2_RETURNS, "v4": _V2_RETURNS}
 
 
 @pytest.mark.parametrize("fake", [False, True])
@@ -449,7 +452,7 @@ def test_what_the_forward_returns_belongs_to_its_overload_name(backend, fake):
                 found = ops.FORWARD(*args)
         else:
             found = ops.FORWARD(*args)
-        assert [tuple(t.shape) for t in (*found[:5], *found[5])] == shapes
+        assert [tuple(t.shape) for t in found] == shapes
 
 
 def _channels_last(t: Tensor) -> Tensor:

@@ -34,8 +34,8 @@ def largest_difference(config: dict, layout: torch.memory_format = torch.contigu
         worst = max(worst, float((a - b).abs().max()))
     grads = [torch.randn_like(t) for t in theirs[:5]]
     needs = [t is not None for t in library.gradient_inputs(args)]
-    found = impl.block_backward(*grads, *args[:15], ours[5], *args[15:], needs)
-    expected = ops.BACKWARD(*grads, *args[:15], theirs[5], *args[15:], needs)
+    found = impl.block_backward(*grads, *args[:15], ours[5:], *args[15:], needs)
+    expected = ops.BACKWARD(*grads, *args[:15], theirs[5:], *args[15:], needs)
     assert len(found) == len(expected)
     for a, b in zip(found, expected, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()

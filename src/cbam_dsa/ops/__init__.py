@@ -119,8 +119,8 @@ def fused_block(
           fusion_w: :math:`(2,)`; router_w: :math:`(B, K)`
     """
     router = (None, None, None, None) if router is None else router
-    out, ca, sa, fusion_w, router_w, _ = FORWARD(
+    out, ca, sa, fusion_w, router_w = FORWARD(
         x, *mlp, fusion_logits, ca_temperature, sa_temperature, alpha, *router, list(branch_weights),
         list(branch_biases), list(spec.dilations), spec.act, spec.ca_gate, spec.sa_gate,
-    )  # fmt: skip
+    )[:5]  # fmt: skip
     return out, ca, sa, fusion_w, router_w

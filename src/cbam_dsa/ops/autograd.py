@@ -47,12 +47,13 @@ class _Block(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, spec: tuple, branches: int, *tensors: Tensor | None) -> tuple[Tensor, ...]:
-        *outs, saved = _below_autograd(0, FORWARD, tensors[0], (*_unflatten(tensors, branches), *spec))
+        found = _below_autograd(0, FORWARD, tensors[0], (*_unflatten(tensors, branches), *spec))
+        saved = found[5:]
         ctx.save_for_backward(*tensors, *saved)
         ctx.spec, ctx.branches, ctx.count = spec, branches, len(tensors)
         ctx.mark_non_differentiable(*saved)
         ctx.set_materialize_grads(False)
-        return (*outs, *saved)
+        return tuple(found)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -97,13 +98,12 @@ def _differentiable_grads(
     return [next(found) if need else None for need in needs]
 
 
-def differentiable_forward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+def differentiable_forward(*args: Any) -> list[Tensor]:
     """``block_forward`` recorded as one autograd node (:class:`_Block`)."""
-    outs = _Block.apply(tuple(args[N + 2 :]), len(args[N]), *gradient_inputs(args))
-    return (*outs[:5], list(outs[5:]))
+    return list(_Block.apply(tuple(args[N + 2 :]), len(args[N]), *gradient_inputs(args)))
 
 
-def autograd_forward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+def autograd_forward(*args: Any) -> list[Tensor]:
     """``block_forward``'s autograd kernel: one node where a gradient is wanted, else the kernel below autograd
     (as under a compiled graph's forward, which runs with grad off). The CPU's C++ kernels register the same choice
     in C++ once loaded, calling :func:`differentiable_forward` for the first case."""

@@ -8,8 +8,10 @@ Both take the block's tensors and a small spec as explicit arguments (never a mo
   one branch), and the K ``branch_weights`` and ``branch_biases``;
 * spec: the branches' ``dilations``, the MLP's ``act`` and the two gates.
 
-``block_forward`` returns ``(out, ca, sa, fusion_w, router_w, saved)``: the output, the four maps, and what its
-device's backward needs (small tensors only; ``x`` and the parameters are kept by autograd). ``block_backward``
+``block_forward`` returns one flat list, ``[out, ca, sa, fusion_w, router_w, *saved]``: the output, the four maps,
+and what its device's backward needs (small tensors only; ``x`` and the parameters are kept by autograd). Flat, not a
+tuple that ends in a list: inductor's C++ wrapper (``cpp_wrapper``, also AOTInductor's) calls an operator that returns
+plain tensors or one list of them, and refuses a nested return. ``block_backward``
 takes the gradients of the output and of the maps (each may be ``None``) and returns one gradient per tensor
 argument, an empty tensor where the argument is ``None`` or its gradient is not needed.
 
@@ -67,21 +69,22 @@ _ARGS = f"{_TENSORS}, Tensor[] branch_weights, Tensor[] branch_biases"
 _SPEC = "int[] dilations, str act, str ca_gate, str sa_gate"
 _GRADS = "Tensor? grad_out, Tensor? grad_ca, Tensor? grad_sa, Tensor? grad_fusion_w, Tensor? grad_router_w"
 
-OVERLOAD = "v3"
+OVERLOAD = "v4"
 """The operators' overload name, to be raised (``"v4"``, ...) whenever what an operator returns changes shape, or
 how inductor lowers the graph around it (its tags). torch.compile's on-disk caches (AOTAutograd's, inductor's) key a
 graph on its operators' names, not on what their fake kernels return nor on their tags: a graph cached by a version
 whose forward returned other tensors would be reused and fail on its first call (``AssertionError: wrong number of
 dimensions``), as it did when ``saved`` was briefly one packed tensor, and again when short maps' saved pools went
 from no elements to the maxima (then ``v2``: the default overload before). ``v3`` came with ``flexible_layout``: a
-graph cached before converts the operators' channels_last inputs to contiguous, correct but slower.
+graph cached before converts the operators' channels_last inputs to contiguous, correct but slower. ``v4``: the
+forward's outputs as one flat list (the same tensors), for inductor's C++ wrapper.
 The CPU's C++ kernels register under the same name (``cpu/build.py`` passes it to the library). The tests hold what
 ``block_forward`` returns under each name (``RETURNS`` in ``tests/test_ops.py``), and fail on another layout."""
 _FORWARD_NAME = f"block_forward.{OVERLOAD}" if OVERLOAD else "block_forward"
 _BACKWARD_NAME = f"block_backward.{OVERLOAD}" if OVERLOAD else "block_backward"
 
 # The operators' schemas less their names (also for operators of the same signature: the CPU implementation's).
-FORWARD_SCHEMA = f"({_ARGS}, {_SPEC}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])"
+FORWARD_SCHEMA = f"({_ARGS}, {_SPEC}) -> Tensor[]"
 BACKWARD_SCHEMA = f"({_GRADS}, {_ARGS}, Tensor[] saved, {_SPEC}, bool[] needs) -> Tensor[]"
 
 # flexible_layout: torch.compile hands the operators their tensors as the graph lays them out (channels_last after
@@ -281,7 +284,7 @@ def check_backward_arguments(args: Sequence[Any]) -> None:
 
 
 @torch.library.register_fake(f"cbam_dsa::{_FORWARD_NAME}", lib=_library)
-def _forward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+def _forward_fake(*args: Any) -> list[Tensor]:
     check_arguments(args)
     x, branches = args[0], len(args[_N])
     b, c, h, w = x.shape
@@ -289,7 +292,7 @@ def _forward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, l
     if saved_like is None:
         raise NotImplementedError(f"cbam_dsa::block_forward has no implementation on {x.device.type}")
     maps = (x.new_empty(b, c, 1, 1), x.new_empty(b, 1, h, w), x.new_empty(2), x.new_empty(b, branches))
-    return (torch.empty_like(x), *maps, saved_like(*args))
+    return [torch.empty_like(x), *maps, *saved_like(*args)]
 
 
 @torch.library.register_fake(f"cbam_dsa::{_BACKWARD_NAME}", lib=_library)

@@ -270,7 +270,7 @@ def _contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype, memory_format=torch.contiguous_format)
 
 
-def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+def block_forward(*args: object) -> list[Tensor]:
     """``cbam_dsa::block_forward`` in PyTorch operations (arguments already checked)."""
     x: Tensor = args[0]  # type: ignore[assignment]
     inner = _full_size(x)
@@ -278,7 +278,7 @@ def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
     if inner is not x:  # back in x's dtype and layout
         out = library.laid_out_as(out, x)
         maps = [t.to(x.dtype) for t in maps]
-    return out, *maps, saved  # type: ignore[return-value]
+    return [out, *maps, *saved]  # type: ignore[list-item]
 
 
 def block_backward(*args: object) -> list[Tensor]:

@@ -44,7 +44,7 @@ def _native(op: torch._ops.OpOverload, args: tuple) -> object:
         _inside.active = False
 
 
-def block_forward(*args: object) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+def block_forward(*args: object) -> list[Tensor]:
     """``cbam_dsa::block_forward`` on the CPU (arguments already checked: :func:`..library.implement`)."""
     found = _native(library.FORWARD, args)
     return pytorch.block_forward(*args) if found is NotImplemented else found  # type: ignore[return-value]

@@ -36,7 +36,6 @@
 #include <optional>
 #include <sstream>
 #include <string>
-#include <tuple>
 #include <vector>
 
 extern "C" {
@@ -53,7 +52,7 @@ namespace {
 using at::Tensor;
 using at::TensorList;
 using Maybe = std::optional<Tensor>;
-using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>>;
+using ForwardResult = std::vector<Tensor>;  // out, ca, sa, fusion_w, router_w, then the saved tensors
 
 constexpr int64_t KEEP_POOLS_FROM_PIXELS = 64;  // ops/pytorch.py: both pooled descriptors saved from here on, else max
 constexpr int N = 13;                           // the operators' single tensor arguments (library.TENSOR_ARGS)
@@ -421,12 +420,11 @@ ForwardResult block_forward(const Tensor &x, const Tensor &fc1_weight, const Ten
                               (float *const *)outs, call.dims, call.temperatures, call.threads);
   status(0, code);
   if (!router_fc1_weight) f[5].fill_(1);  // no router: its hidden layer is unwritten; ones, as the PyTorch version
-  std::vector<Tensor> saved = {f[2], f[4], f[7], f[6], f[5], f[1],
-                               h * w >= KEEP_POOLS_FROM_PIXELS ? f[0] : f[0].narrow(0, b, b).clone()};
-  Tensor maps[4] = {f[3], f[8], f[10], f[11]};
-  if (x.scalar_type() != call.type)
-    for (Tensor &m : maps) m = m.to(x.scalar_type());
-  return {like(f[9], x), maps[0], maps[1], maps[2], maps[3], std::move(saved)};
+  ForwardResult result = {like(f[9], x), f[3], f[8], f[10], f[11], f[2], f[4], f[7], f[6], f[5], f[1],
+                          h * w >= KEEP_POOLS_FROM_PIXELS ? f[0] : f[0].narrow(0, b, b).clone()};
+  if (x.scalar_type() != call.type)  // the maps in x's dtype (the saved tensors stay in the compute dtype)
+    for (int i = 1; i < 5; ++i) result[i] = result[i].to(x.scalar_type());
+  return result;
 }
 
 // The forward's autograd kernel on the CPU, in place of ops/autograd.py's Python one: where no gradient is wanted

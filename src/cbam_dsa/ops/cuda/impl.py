@@ -29,11 +29,11 @@ def saved_like(*args: object) -> list[Tensor]:
     return pytorch.saved_like(*args)
 
 
-def block_forward(*args: object) -> tuple:
+def block_forward(*args: object) -> list[Tensor]:
     """``cbam_dsa::block_forward`` on CUDA (arguments already checked: :func:`..library.implement`)."""
     if _triton(args):  # the kernels write a contiguous output: laid out as x, as the fake kernel says
-        out, *rest = block.block_forward(*args)
-        return (library.laid_out_as(out, args[0]), *rest)  # type: ignore[arg-type]
+        out, *maps, saved = block.block_forward(*args)
+        return [library.laid_out_as(out, args[0]), *maps, *saved]  # type: ignore[arg-type]
     return pytorch.block_forward(*args)
 
 
