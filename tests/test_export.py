@@ -194,6 +194,24 @@ def test_torch_export_equal_to_eager(tmp_path):
                     torch.testing.assert_close(g, e)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="AOTInductor needs a C++ compiler")
+def test_aot_inductor_package_of_the_exported_block_equals_eager(tmp_path):
+    """AOTInductor compiles the exported program (standard operators only, dynamic batch, height and width) into a
+    package that runs without cbam_dsa's operators and equals the block."""
+    block = _block("sigmoid", return_maps=True)
+    example, others = _inputs()
+    program = export_program(block, example)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert targets and not any("cbam_dsa" in target for target in targets)
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "block.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    with torch.no_grad():
+        for x in (example, *others):
+            for g, e in zip(runner(x), block(x), strict=True):
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
 def _train_step(module, x, target):
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
     out = module(x)
