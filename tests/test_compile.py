@@ -144,25 +144,21 @@ def test_inductors_cpp_wrapper_runs_the_operator(training):
     compiled = torch.compile(block, fullgraph=True, options={"cpp_wrapper": True})
     x = torch.randn(2, 16, 9, 9, requires_grad=training)
 
-    def run() -> torch.Tensor:
+    def step(module: nn.Module) -> torch.Tensor:
         with torch.set_grad_enabled(training):
-            out = compiled(x)
+            out = module(x)
             if training:
                 out.square().sum().backward()
             return out
 
     with torch._inductor.config.patch(force_disable_caches=True):
-        out, codes = run_and_get_code(run)
+        out, codes = run_and_get_code(step, compiled)
     code = "\n".join(codes)
     assert "CppWrapperCodeCache" in code and "inductor_entry_impl" in code  # the wrapper is C++
     assert "cbam_dsa.block_forward" in code and ("cbam_dsa.block_backward" in code) == training
     got = _parameters_and_input_grads(block, x) if training else []
     x.grad = None
     block.zero_grad(set_to_none=True)
-    with torch.set_grad_enabled(training):
-        eager = block(x)
-        if training:
-            eager.square().sum().backward()
-    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(out, step(block))
     for a, b in zip(got, _parameters_and_input_grads(block, x) if training else [], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
