@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from cbam_dsa import CBAMResidualDynamicSA, ops
 from cbam_dsa.ops import library
@@ -37,6 +38,8 @@ def largest_difference(config: dict, layout: torch.memory_format = torch.contigu
     found = impl.block_backward(*grads, *args[:15], ours[5:], *args[15:], needs)
     expected = ops.BACKWARD(*grads, *args[:15], theirs[5:], *args[15:], needs)
     assert len(found) == len(expected)
+    buffers = [StorageWeakRef(t.untyped_storage()) for t in found if t.numel()]
+    assert len(set(buffers)) == len(buffers), "two gradients share memory (an operator's outputs may not alias)"
     for a, b in zip(found, expected, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
         if a.numel():

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .. import functional as FA
 
@@ -325,13 +326,20 @@ def laid_out_as(t: Tensor, x: Tensor) -> Tensor:
 
 def gradients_like(grads: Sequence[Tensor | None], inputs: Sequence[Tensor | None], needs: Sequence[bool]) -> list:
     """``block_backward``'s output from one gradient (or ``None``) per input: each in its input's dtype, shape and
-    strides (as ``torch.empty_like`` lays it out); an empty tensor where the input is ``None`` or not needed."""
-    out = []
+    strides (as ``torch.empty_like`` lays it out); an empty tensor where the input is ``None`` or not needed.
+
+    No two outputs share memory (an operator's outputs may not alias each other, and ``opcheck`` checks it): a
+    gradient that is a view into a buffer an earlier one came from (the small parameters' gradients are often
+    slices of one) is copied."""
+    out, buffers = [], set()
     for grad, t, need in zip(grads, inputs, needs, strict=True):
         if t is None or not need:
             out.append(inputs[0].new_empty(0))
         elif grad is None:
             out.append(torch.zeros_like(t))
         else:
-            out.append(laid_out_as(grad, t))
+            found = laid_out_as(grad, t)
+            buffer = StorageWeakRef(found.untyped_storage())
+            out.append(found.clone() if buffer in buffers else found)
+            buffers.add(buffer)
     return out
