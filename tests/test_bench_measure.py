@@ -226,6 +226,23 @@ def test_contenders_are_the_operator_its_no_compiler_path_the_reference_and_the_
     assert calls == [1]  # the operator's PyTorch implementation
 
 
+def test_off_the_cpu_the_operator_row_says_what_it_runs_and_there_is_no_no_compiler_path(monkeypatch):
+    from cbam_dsa.bench import contenders as module
+    from cbam_dsa.ops import library
+
+    contenders = bench.build_contenders(8, compile=False, device="meta", dtype=torch.float32)
+    assert "ours_no_compiler" not in contenders and "ours_operator" in contenders  # CBAM_DSA_NATIVE is the CPU's
+    assert module.label("ours_operator", "cpu") == bench.LABELS["ours_operator"]
+    monkeypatch.setattr(library, "devices", lambda: frozenset({"cpu"}))
+    assert (
+        module.label("ours_operator", "cuda")
+        == "ours, operator (no CUDA implementation registered: the reference path)"
+    )
+    monkeypatch.setattr(library, "devices", lambda: frozenset({"cpu", "cuda"}))
+    assert module.label("ours_operator", "cuda") == "ours, operator (Triton kernels)"
+    assert module.label("timm_cbam", "cuda") == bench.LABELS["timm_cbam"]
+
+
 def test_training_step_clears_every_gradient_first():
     """Each step's gradients are that step's alone (as after an optimizer's ``zero_grad``), not added to the last."""
     from cbam_dsa.bench.contenders import training_step
@@ -324,6 +341,36 @@ def test_network_compares_compiled_variants_with_the_compiled_plain_network(monk
     markdown = bench.render_markdown([fake_results(network=result)])
     assert "compiled plain network" in markdown and "plain network in channels_last" in markdown
     assert "ours against SE (eager, channels_last)" in markdown
+
+
+@pytest.mark.parametrize("mixed", [None, "bfloat16"])
+def test_network_step_runs_under_autocast_when_asked(mixed, monkeypatch):
+    from cbam_dsa.bench import network
+
+    seen = []
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
+
+        def forward(self, x):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+    monkeypatch.setattr(
+        network,
+        "_variants",
+        lambda compile, device, dtype: {n: Tiny() for n in network.NETWORK_LABELS if not n.endswith("_compiled")},
+    )
+    settings = bench.Settings.quick(network_rounds=2, network_size=8, network_autocast=mixed)
+    result = bench.measure_network(settings, torch.float32)
+    assert result["autocast"] == mixed
+    assert seen and all(enabled == (mixed is not None) for enabled, _ in seen)
+    if mixed:
+        assert all(dtype == torch.bfloat16 for _, dtype in seen)
+    title = bench.render_markdown([fake_results(network=result)])
+    assert ("under bfloat16 autocast" in title) == (mixed is not None)
 
 
 @pytest.mark.parametrize("kind", ["channels_last", "strided", "float16", "bfloat16"])

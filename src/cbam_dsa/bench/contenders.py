@@ -21,6 +21,7 @@ __all__ = [
     "build_contenders",
     "environment",
     "in_environment",
+    "label",
     "training_step",
 ]
 
@@ -30,7 +31,7 @@ BASELINE = "timm_cbam"
 LABELS = {
     "timm_cbam": "timm CbamModule",
     "timm_se": "timm SEModule",
-    "ours_operator": "ours, operator (C kernels)",
+    "ours_operator": "ours, operator (C kernels)",  # on CUDA: operator_label()
     "ours_no_compiler": "ours, operator without C compiler",
     "ours_reference": "ours, reference path",
     "timm_cbam_compiled": "timm CbamModule + compile",
@@ -99,12 +100,24 @@ def training_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) ->
     return run
 
 
+def label(name: str, device: str) -> str:
+    """The display name of contender ``name`` on ``device``: on CUDA the operator's row says what it runs."""
+    if name == "ours_operator" and device == "cuda":
+        from ..ops import library
+
+        if "cuda" in library.devices():
+            return "ours, operator (Triton kernels)"
+        return "ours, operator (no CUDA implementation registered: the reference path)"
+    return LABELS[name]
+
+
 def build_contenders(channels: int, compile: bool, device: str, dtype: torch.dtype) -> dict[str, Contender]:
     """The contenders, keyed as in :data:`LABELS` (default configurations, random weights).
 
     ``ours_operator`` and ``ours_no_compiler`` share one block (the same weights); ``ours_reference`` is a block with
     ``fast_path = False``. With ``compile``, timm's modules and the operator's block also run under
     ``torch.compile(fullgraph=True)``, in which the block runs the operator (a graph break would be an error).
+    ``ours_no_compiler`` (the CPU operator without its C kernels) is a CPU contender only.
     """
     from timm.layers.cbam import CbamModule
     from timm.layers.squeeze_excite import SEModule
@@ -121,6 +134,8 @@ def build_contenders(channels: int, compile: bool, device: str, dtype: torch.dty
         "ours_no_compiler": Contender(ours, NO_COMPILER),
         "ours_reference": Contender(reference),
     }
+    if device != "cpu":
+        del contenders["ours_no_compiler"]
     if compile:
         for name, module in (("timm_cbam", timm_cbam), ("timm_se", timm_se), ("ours", ours)):
             contenders[f"{name}_compiled"] = Contender(torch.compile(module, fullgraph=True))

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..block import CBAMResidualDynamicSA
 from ..ops.cpu import native
-from .contenders import BASELINE, LABELS, build_contenders, training_step
+from .contenders import BASELINE, build_contenders, label, training_step
 from .inputs import measure_inputs
 from .memory import counting_faults, keep_freed_memory, peak_step_memory, saved_tensor_bytes
 from .network import measure_network
@@ -69,6 +69,8 @@ class Settings:
             the four networks takes four to ten minutes on two cores).
         network_rounds: rounds of the network timing.
         network_batch, network_size: the network's input, ``(batch, 3, size, size)``.
+        network_autocast: ``None``, or ``"bfloat16"`` / ``"float16"``: the network's step under ``torch.autocast`` to
+            that dtype (the model in ``dtype``), as mixed-precision training runs it.
         inputs: also time the block on other inputs (channels_last, strided, float16, bfloat16; CPU float32 runs).
         inputs_rounds: rounds of those timings.
         overhead: also measure the operator's per-call overhead (CPU).
@@ -92,6 +94,7 @@ class Settings:
     network_rounds: int = 21
     network_batch: int = 8
     network_size: int = 160
+    network_autocast: str | None = None
     inputs: bool = True
     inputs_rounds: int = 6
     overhead: bool = True
@@ -179,7 +182,7 @@ def measure_shape(settings: Settings, shape: tuple[int, int, int, int], dtype: t
             saved = contender.wrap(lambda module=contender.module: saved_tensor_bytes(module, x_grad))()
         peak, memory_method = peak_step_memory(contender.wrap(train(contender.module)), device)
         results[name] = {
-            "label": LABELS[name],
+            "label": label(name, device),
             "forward": forward_summary[name],
             "forward_backward": train_summary[name],
             "page_faults": {figure: timed_faults(counts[name], settings.rounds) for figure, counts in faults.items()},
@@ -306,6 +309,11 @@ def machine_info(settings: Settings) -> dict[str, Any]:
     if settings.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
+        info["cuda_kernels"] = "triton" if "cuda" in ops.library.devices() else None
+        with contextlib.suppress(ImportError):
+            import triton
+
+            info["triton"] = triton.__version__
     return info
 
 

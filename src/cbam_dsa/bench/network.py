@@ -3,6 +3,7 @@ channels_last) and compiled."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -90,6 +91,8 @@ def measure_network(
     images_channels_last = images.contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, 10, (settings.network_batch,), device=device)
     faults: dict[str, list[int]] = {name: [] for name in variants}
+    mixed = settings.network_autocast
+    autocast = torch.autocast(device, dtype=getattr(torch, mixed)) if mixed else contextlib.nullcontext()
 
     def step(model: nn.Module, name: str) -> Callable[[], None]:
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -97,7 +100,9 @@ def measure_network(
 
         def run() -> None:
             optimizer.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(inputs), targets).backward()
+            with autocast:
+                loss = nn.functional.cross_entropy(model(inputs), targets)
+            loss.backward()
             optimizer.step()
 
         return run
@@ -126,6 +131,7 @@ def measure_network(
     network = {
         "model": "timm resnet50, num_classes=10",
         "input": [settings.network_batch, 3, size, size],
+        "autocast": mixed,
         "variants": results,
         "errors": errors,
         "ours_vs_se": paired_comparison(times["ours_operator"], times["se"]),

@@ -181,7 +181,7 @@ def render_table(results: dict[str, Any]) -> str:
         parts.append("\n" + overhead.replace("`", ""))
     if "network" in results:
         network = results["network"]
-        parts.append(f"\n{network['model']}, one training step on {tuple(network['input'])}")
+        parts.append(f"\n{_network_title(network)}")
         parts.append(_text_table(NETWORK_HEADER, _network_rows(network)))
         parts += [f"  {name}: skipped ({error})" for name, error in network.get("errors", {}).items()]
     return "\n".join(parts) + "\n"
@@ -235,6 +235,13 @@ def render_targets(results: dict[str, Any]) -> str | None:
     return "\n".join(parts)
 
 
+def _network_title(network: dict[str, Any]) -> str:
+    mixed = network.get("autocast")  # absent in results written before it was recorded
+    return f"{network['model']}, one training step on {tuple(network['input'])}" + (
+        f" under {mixed} autocast" if mixed else ""
+    )
+
+
 def _network_sentence(network: dict[str, Any]) -> str:
     variants = network["variants"]
     ours = variants.get("ours_operator", variants.get("ours_fast"))
@@ -283,6 +290,8 @@ def _markdown_section(results: dict[str, Any]) -> str:
             if machine["fused_kernels"]
             else " The C kernels did not build: the operator ran its PyTorch implementation."
         )
+    elif settings["device"] == "cuda" and machine.get("cuda_kernels"):  # absent in results from before it was recorded
+        parts[-1] += f" The operator ran on the Triton kernels (triton {machine.get('triton')})."
     heap = machine.get("heap")  # absent in results written before it was recorded
     if heap and heap != "system default":
         parts[-1] += f" The C allocator kept freed memory for reuse (`{heap}`)."
@@ -294,8 +303,8 @@ def _markdown_section(results: dict[str, Any]) -> str:
     if settings["device"] == "cuda":
         parts += [
             "",
-            "At these sizes one GPU call takes about a millisecond, so kernel launches and Python dispatch dominate"
-            " the times: they count operations more than memory traffic.",
+            "At these sizes timm's modules and the reference path take a millisecond or less per call, most of it"
+            " in kernel launches and Python dispatch rather than memory traffic.",
         ]
     for entry in results["shapes"]:
         parts += ["", f"### Input {tuple(entry['shape'])} ({_mib(entry['input_bytes'])} MiB)", ""]
@@ -308,7 +317,7 @@ def _markdown_section(results: dict[str, Any]) -> str:
         parts.append(_markdown_table(INPUTS_HEADER, _inputs_rows(results["inputs"])))
     if "network" in results:
         network = results["network"]
-        parts += ["", f"### {network['model']}, one training step on {tuple(network['input'])}", ""]
+        parts += ["", f"### {_network_title(network)}", ""]
         parts.append(_markdown_table(NETWORK_HEADER, _network_rows(network)))
         parts += [f"\n`{name}`: skipped ({error})" for name, error in network.get("errors", {}).items()]
         if any(name.endswith("_channels_last") for name in network["variants"]):

@@ -25,12 +25,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--network-rounds", type=int, help="interleaved rounds of the resnet50 step (default: 21, quick: 1)"
     )
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        metavar="B,C,H,W",
+        help="input shapes (default: 16,64,56,56 8,256,28,28 32,512,7,7; quick: two tiny ones)",
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip every torch.compile contender")
     parser.add_argument("--no-network", action="store_true", help="skip the resnet50 training-step comparison")
     parser.add_argument(
         "--network-compile",
         action="store_true",
         help="also time the compiled resnet50 steps (plain, SE, CBAM, ours; compiling them takes 4 to 10 minutes)",
+    )
+    parser.add_argument("--network-batch", type=int, help="images per resnet50 step (default: 8, quick: 2)")
+    parser.add_argument("--network-size", type=int, help="their height and width (default: 160, quick: 64)")
+    parser.add_argument(
+        "--network-autocast",
+        choices=("bfloat16", "float16"),
+        help="run the resnet50 step under torch.autocast to this dtype (mixed precision; default: off)",
     )
     parser.add_argument("--no-overhead", action="store_true", help="skip the operator's per-call overhead")
     parser.add_argument(
@@ -83,12 +96,28 @@ def _load_results(paths: list[str]) -> list[dict]:
     return runs
 
 
+def _shape(text: str) -> tuple[int, int, int, int]:
+    from .errors import UserError
+
+    parts = text.split(",")
+    if len(parts) != 4 or not all(part.strip().isdigit() and int(part) >= 1 for part in parts):
+        raise UserError(f"--shapes takes B,C,H,W with four integers >= 1 (e.g. 16,64,56,56), but got {text!r}")
+    return tuple(int(part) for part in parts)  # type: ignore[return-value]
+
+
 def run(args: argparse.Namespace) -> int:
     from .errors import UserError
 
-    for flag, value in (("--rounds", args.rounds), ("--network-rounds", args.network_rounds)):
+    sized = (
+        ("--rounds", args.rounds),
+        ("--network-rounds", args.network_rounds),
+        ("--network-batch", args.network_batch),
+        ("--network-size", args.network_size),
+    )
+    for flag, value in sized:
         if value is not None and value < 1:
             raise UserError(f"{flag} must be an integer >= 1, but got {value}")
+    shapes = [_shape(text) for text in args.shapes or []]
     threads = args.threads if args.threads is not None else (1 if args.quick else 2)
     if threads < 1:
         raise UserError(f"--threads must be an integer >= 1, but got {threads}")
@@ -123,10 +152,15 @@ def run(args: argparse.Namespace) -> int:
         "keep_heap": not args.system_heap and not args.quick,
         "extra": {"command": "cbam-dsa bench " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else ""},
     }
-    if args.rounds is not None:
-        overrides["rounds"] = args.rounds
-    if args.network_rounds is not None:
-        overrides["network_rounds"] = args.network_rounds
+    optional = {
+        "rounds": args.rounds,
+        "network_rounds": args.network_rounds,
+        "network_batch": args.network_batch,
+        "network_size": args.network_size,
+        "network_autocast": args.network_autocast,
+        "shapes": shapes or None,
+    }
+    overrides.update({name: value for name, value in optional.items() if value is not None})
     settings = bench.Settings.quick(**overrides) if args.quick else bench.Settings(**overrides)
     if not settings.extra["command"]:
         settings.extra["command"] = "cbam-dsa bench" + (" --quick" if args.quick else "")
