@@ -1,8 +1,10 @@
-"""DistributedDataParallel(find_unused_parameters=False): two gloo processes train every configuration.
+"""DistributedDataParallel(find_unused_parameters=False): two gloo processes train every configuration, and a
+small CNN holding the block under ``torch.compile(DDP(model))``.
 
-The test starts two worker processes (this file run as a script) with a hard time limit. Each worker trains
-every configuration for a few steps on its own data, then checks that both replicas hold identical parameters
-and that they equal a single-process model trained on both workers' data together.
+The tests start two worker processes (this file run as a script) with a hard time limit. Each worker trains for a
+few steps on its own data, then checks that both replicas hold identical parameters and that they equal a
+single-process model trained on both workers' data together. Compiled, DDP's buckets split the graph (Dynamo's
+DDPOptimizer), and the C kernels' call counters show the operator running in every step.
 """
 
 from __future__ import annotations
@@ -82,14 +84,90 @@ def _train_config(name: str, rank: int) -> dict:
     }
 
 
-def _worker(rank: int, init_file: str, result_file: str) -> None:
+def _cnn():
+    """Three convolutions, each followed by a block; 256 channels (2.4 MB a convolution), so that 1 MB buckets cut
+    the graph. A module of its own, as a user's network is (Dynamo traces it whole; it would skip ``nn.Sequential``'s
+    forward and compile each block alone)."""
+    import torch
+    from torch import nn
+
+    from cbam_dsa import CBAMResidualDynamicSA
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.convs = nn.ModuleList(nn.Conv2d(c, 256, 3, padding=1) for c in (3, 256, 256))
+            self.blocks = nn.ModuleList(CBAMResidualDynamicSA(256) for _ in range(3))
+            self.head = nn.Linear(256, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for conv, block in zip(self.convs, self.blocks, strict=True):
+                x = block(conv(x).relu())
+            return self.head(x.mean(dim=(2, 3)))
+
+    return Net()
+
+
+def _train_compiled(rank: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from cbam_dsa.ops.cpu import native
+
+    torch.manual_seed(0)
+    model, reference = _cnn(), _cnn()
+    reference.load_state_dict(model.state_dict())
+    ddp = DistributedDataParallel(model, bucket_cap_mb=1)
+    compiled = torch.compile(ddp)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    library = native.library()
+    calls = [0, 0]
+
+    def count() -> list[int]:
+        return [library.calls("block_forward"), library.calls("block_backward")] if library else [0, 0]
+
+    def loss(module, x, target):
+        return torch.nn.functional.cross_entropy(module(x), target)
+
+    for step in range(STEPS):
+        x = torch.randn(2, 3, 9, 7, generator=torch.Generator().manual_seed(1000 * step + rank))
+        target = torch.tensor([rank, step % 4])
+        optimizer.zero_grad()
+        before = count()
+        loss(compiled, x, target).backward()
+        calls = [total + after - start for total, after, start in zip(calls, count(), before, strict=True)]
+        optimizer.step()
+        reference_optimizer.zero_grad()
+        batches = [(torch.randn(2, 3, 9, 7, generator=torch.Generator().manual_seed(1000 * step + r)),
+                    torch.tensor([r, step % 4])) for r in range(WORLD_SIZE)]  # fmt: skip
+        sum(loss(reference, bx, bt) for bx, bt in batches).div(WORLD_SIZE).backward()
+        reference_optimizer.step()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
+    dist.all_gather(gathered, flat)
+    reference_flat = torch.cat([p.detach().flatten() for p in reference.parameters()])
+    graphs = torch._dynamo.utils.counters["aot_autograd"]["total"]  # one per piece of the split graph
+    return {
+        "replicas_identical": all(torch.equal(gathered[0], g) for g in gathered[1:]),
+        "max_diff_to_single_process": float((flat - reference_flat).abs().max()),
+        "operator_calls": calls if library else None,
+        "graphs": graphs,
+    }
+
+
+def _worker(rank: int, init_file: str, result_file: str, mode: str) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
-        results = {name: _train_config(name, rank) for name in CONFIGS}
+        if mode == "compiled":
+            results = {"compiled": _train_compiled(rank)}
+        else:
+            results = {name: _train_config(name, rank) for name in CONFIGS}
         Path(result_file).write_text(json.dumps(results))
         # Both ranks reach the teardown together (as demo/distributed.py does): a rank that destroys its group while
         # the other still has gloo traffic in flight was seen to abort ("terminate called without an active
@@ -99,8 +177,8 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_ddp_two_gloo_processes_train_every_configuration(tmp_path):
+def _run_workers(tmp_path: Path, mode: str) -> list[dict]:
+    """Both workers in ``mode`` (``"eager"`` or ``"compiled"``); their results, once both exited cleanly."""
     pytest.importorskip("torch.distributed")
     import torch.distributed as dist
 
@@ -110,7 +188,7 @@ def test_ddp_two_gloo_processes_train_every_configuration(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     workers = [
         subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(init_file), str(tmp_path / f"result{rank}.json")],
+            [sys.executable, __file__, str(rank), str(init_file), str(tmp_path / f"result{rank}.json"), mode],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -131,8 +209,12 @@ def test_ddp_two_gloo_processes_train_every_configuration(tmp_path):
                 worker.wait()
     for rank, (worker, log) in enumerate(zip(workers, logs, strict=True)):
         assert worker.returncode == 0, f"worker {rank} failed:\n{log[-4000:]}"
+    return [json.loads((tmp_path / f"result{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
 
-    results = [json.loads((tmp_path / f"result{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_train_every_configuration(tmp_path):
+    results = _run_workers(tmp_path, "eager")
     for name in CONFIGS:
         for rank, result in enumerate(results):
             r = result[name]
@@ -142,5 +224,16 @@ def test_ddp_two_gloo_processes_train_every_configuration(tmp_path):
             assert r["max_diff_to_single_process"] < 1e-5, f"{name}: {r['max_diff_to_single_process']}"
 
 
+@pytest.mark.slow
+def test_compiled_ddp_trains_a_cnn_with_the_operator_in_every_step(tmp_path):
+    for rank, found in enumerate(_run_workers(tmp_path, "compiled")):
+        r = found["compiled"]
+        assert r["replicas_identical"], f"replicas differ (rank {rank})"
+        assert r["max_diff_to_single_process"] < 1e-5, r["max_diff_to_single_process"]
+        assert r["graphs"] >= 2, "DDP's buckets should have cut the compiled graph"
+        if r["operator_calls"] is not None:  # the C kernels built: three blocks, forward and backward, every step
+            assert r["operator_calls"] == [3 * STEPS, 3 * STEPS]
+
+
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    _worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
