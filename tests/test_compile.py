@@ -9,6 +9,8 @@ from torch import nn
 from cbam_dsa import CBAMResidualDynamicSA, add_attention
 from cbam_dsa.integrations.timm import attn_layer
 from cbam_dsa.ops import library
+from cbam_dsa.ops.cpu import native
+from cbam_dsa.ops.pytorch import KEEP_POOLS_FROM_PIXELS
 
 FORWARD = library.FORWARD
 BACKWARD = library.BACKWARD
@@ -17,13 +19,14 @@ BACKWARD = library.BACKWARD
 def _capturing_backend() -> tuple[object, dict[str, list[torch.fx.GraphModule]]]:
     """An AOTAutograd backend that runs the graphs as they are and keeps them for inspection."""
     from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
 
     graphs: dict[str, list[torch.fx.GraphModule]] = {"forward": [], "backward": []}
 
     def keep(kind: str):
-        def compiler(graph: torch.fx.GraphModule, example_inputs: object) -> torch.fx.GraphModule:
+        def compiler(graph: torch.fx.GraphModule, example_inputs: object) -> object:
             graphs[kind].append(graph)
-            return graph
+            return make_boxed_func(graph)  # AOTAutograd calls it with the arguments in one list
 
         return compiler
 
@@ -162,3 +165,65 @@ def test_inductors_cpp_wrapper_runs_the_operator(training):
     torch.testing.assert_close(out, step(block))
     for a, b in zip(got, _parameters_and_input_grads(block, x) if training else [], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _training_step(module: nn.Module, block: CBAMResidualDynamicSA, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output and every gradient (input and parameters) of one step of ``module`` (``block`` or a compiled
+    ``block``) under a fixed loss."""
+    x = x.detach().clone().requires_grad_()
+    block.zero_grad(set_to_none=True)
+    out = module(x)
+    out.float().square().mean().backward()
+    return [out.detach(), *_parameters_and_input_grads(block, x)]
+
+
+@pytest.mark.slow
+def test_dynamic_shapes_compile_once_per_side_of_the_short_map_threshold():
+    """``dynamic=True``: one graph for batches and maps of other sizes, the operator in it, equal to eager mode. What
+    the operator saves for backward differs for maps under ``KEEP_POOLS_FROM_PIXELS`` pixels (the fake kernel says
+    so), so maps on the other side of it compile one more graph, and no more after that."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = CBAMResidualDynamicSA(16, learnable_alpha=True, alpha_init=0.6)
+    backend, graphs = _capturing_backend()
+    compiled = torch.compile(block, backend=backend, fullgraph=True, dynamic=True)
+    short = [(2, 16, 9, 7), (3, 16, 5, 11), (4, 16, 2, 3)]
+    long = [(2, 16, 12, 12), (3, 16, 10, 13)]
+    assert all(h * w < KEEP_POOLS_FROM_PIXELS for *_, h, w in short)
+    assert all(h * w >= KEEP_POOLS_FROM_PIXELS for *_, h, w in long)
+    for count, shapes in ((1, short), (2, long + short)):
+        for shape in shapes:
+            x = torch.randn(shape)
+            for got, expected in zip(_training_step(compiled, block, x), _training_step(block, block, x), strict=True):
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        assert len(graphs["forward"]) == count and len(graphs["backward"]) == count, "compiled again for a size"
+    assert _count(graphs["forward"], FORWARD) == 2 and _count(graphs["backward"], BACKWARD) == 2
+
+
+@pytest.mark.slow
+def test_inductor_compiled_block_under_autocast_equals_eager():
+    """Mixed precision (``torch.autocast`` to bfloat16, float32 parameters), as a compiled training loop runs it: the
+    inductor-compiled step gives what the eager one gives under the same autocast, the operator running."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)  # under autocast its output, the block's input, is bfloat16
+    block = CBAMResidualDynamicSA(16)
+    model = nn.Sequential(conv, block)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 8, 10, 9)
+    kernels = native.library()
+
+    def calls() -> tuple[int, int]:
+        return (kernels.calls("block_forward"), kernels.calls("block_backward")) if kernels else (0, 0)
+
+    before = calls()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _training_step(compiled, block, x)
+    ran = tuple(after - start for after, start in zip(calls(), before, strict=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _training_step(model, block, x)
+    assert got[0].dtype == torch.bfloat16
+    if kernels is not None:  # the C kernels built: one call each way
+        assert ran == (1, 1)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
