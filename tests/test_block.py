@@ -340,3 +340,25 @@ def test_spatial_dilations_are_an_immutable_tuple_per_branch(kwargs, dilations):
     assert sa.dilations == dilations and type(sa.dilations) is tuple
     assert sa.branch_params()[2] is sa.dilations
     assert [b.dilation for b in sa.branches] == [(d, d) for d in dilations]
+
+
+def test_functorch_transforms_equal_plain_autograd():
+    """``torch.func`` (``vmap``, ``grad``, per-sample gradients through ``functional_call``) runs the reference math
+    (``ops.runs_on`` is False for its wrapped tensors) and agrees with the block under plain autograd."""
+    block = randomize(CBAMResidualDynamicSA(8, learnable_alpha=True, alpha_init=0.6))
+    x = torch.randn(3, 8, 5, 6)
+    torch.testing.assert_close(torch.func.vmap(block)(x[:, None])[:, 0], block(x))  # each sample a batch of one
+
+    x_grad = x.clone().requires_grad_()
+    block(x_grad).square().sum().backward()
+    torch.testing.assert_close(torch.func.grad(lambda t: block(t).square().sum())(x), x_grad.grad)
+
+    params, buffers = dict(block.named_parameters()), dict(block.named_buffers())
+
+    def loss(p: dict, sample: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(block, (p, buffers), (sample[None],)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for name, p in block.named_parameters():
+        assert per_sample[name].shape == (3, *p.shape)
+        torch.testing.assert_close(per_sample[name].sum(0), p.grad, rtol=1e-4, atol=1e-5)
