@@ -303,8 +303,8 @@ def _markdown_section(results: dict[str, Any]) -> str:
     if settings["device"] == "cuda":
         parts += [
             "",
-            "At these sizes timm's modules and the reference path take a millisecond or less per call, most of it"
-            " in kernel launches and Python dispatch rather than memory traffic.",
+            "At these sizes one call of timm's modules takes under a millisecond, most of it in kernel launches and"
+            " Python dispatch rather than memory traffic.",
         ]
     for entry in results["shapes"]:
         parts += ["", f"### Input {tuple(entry['shape'])} ({_mib(entry['input_bytes'])} MiB)", ""]
