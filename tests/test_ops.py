@@ -607,3 +607,20 @@ def test_the_reference_switch():
         assert calls == [1]
     finally:
         ops.FORWARD = original
+
+
+@pytest.mark.parametrize("maps", [False, True])
+def test_a_channels_last_model_equals_the_contiguous_one(backend, maps):
+    """``model.to(memory_format=torch.channels_last)`` (the usual recipe for channels_last training) lays the block's
+    4-D weights out channels_last too, the branch kernels' strides no longer contiguous: outputs and every gradient
+    are those of the block with contiguous weights, each gradient laid out as its parameter."""
+    block = make_block(16, torch.float32, learnable_alpha=True, alpha_init=0.5)
+    converted = make_block(16, torch.float32, learnable_alpha=True, alpha_init=0.5).to(
+        memory_format=torch.channels_last
+    )
+    assert not all(p.is_contiguous() for p in converted.parameters())
+    x = torch.randn(2, 16, 9, 7).contiguous(memory_format=torch.channels_last)
+    got = run(converted, x, seed=3, maps=maps)
+    assert_same(got, run(block, x, seed=3, maps=maps), rtol=1e-5, atol=1e-6)
+    params = [p for p in converted.parameters() if p.requires_grad]
+    assert all(g.stride() == p.stride() for g, p in zip(got[6:], params, strict=True))
