@@ -24,9 +24,10 @@ def arguments(block: CBAMResidualDynamicSA, x: torch.Tensor) -> list:
             else a.detach() if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def largest_difference(config: dict, layout: torch.memory_format = torch.contiguous_format) -> float:
+def largest_difference(config: dict, layout: torch.memory_format = torch.contiguous_format,
+                       weights: torch.memory_format = torch.contiguous_format) -> float:
     torch.manual_seed(0)
-    block = CBAMResidualDynamicSA(6, learnable_alpha=True, alpha_init=0.4, **config)
+    block = CBAMResidualDynamicSA(6, learnable_alpha=True, alpha_init=0.4, **config).to(memory_format=weights)
     args = arguments(block, torch.randn(2, 6, 5, 4).contiguous(memory_format=layout))
     worst = 0.0
     ours, theirs = impl.block_forward(*args), ops.FORWARD(*args)
@@ -50,6 +51,7 @@ def largest_difference(config: dict, layout: torch.memory_format = torch.contigu
 print(json.dumps({
     "triton": largest_difference({}),
     "triton_channels_last": largest_difference({}, torch.channels_last),
+    "triton_channels_last_weights": largest_difference({}, torch.channels_last, torch.channels_last),
     "fallback_five_branches": largest_difference({"sa_kernels": (1, 3, 5, 7)}),
     "fallback_wide_kernel": largest_difference({"sa_kernels": (17,), "sa_use_dilated": False}),
 }))
