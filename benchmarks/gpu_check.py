@@ -188,17 +188,15 @@ def _operator_block(config: str, dtype: torch.dtype, shape: tuple, layout: str, 
 def _operator_opcheck(config: str, device: str) -> tuple[bool, str]:
     """``torch.library.opcheck`` on both operators, with the block's arguments."""
     from cbam_dsa import ops
+    from cbam_dsa.bench.measure import capture_operator_args
     from cbam_dsa.ops import library
 
-    block = _make_block(6, torch.float32, device, BLOCK_CONFIGS[config])
-    part, spatial = block.ca, block.sa
-    weights, biases, dilations = spatial.branch_params()
-    router = spatial.router_params() or (None, None, None, None)
     x = torch.randn(2, 6, 5, 7, device=device)
-    args = [x, *part.mlp_params(), part.fusion_logits, part.effective_temperature(), spatial.effective_temperature(),
-            block.alpha, *router, list(weights), list(biases), list(dilations), part.act, part.gate, spatial.gate]
+    captured = capture_operator_args(_make_block(6, torch.float32, device, BLOCK_CONFIGS[config]), x)
+    if not captured:
+        return False, "the block did not call the operator"
     args = [[t.detach() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
-            else a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+            else a.detach() if isinstance(a, torch.Tensor) else a for a in captured]
     torch.library.opcheck(ops.FORWARD, [x.clone().requires_grad_(), *args[1:]])
     out, ca, sa, fusion_w, router_w, *saved = ops.FORWARD(*args)
     grads = [torch.randn_like(t) for t in (out, ca, sa, fusion_w, router_w)]

@@ -31,7 +31,7 @@ BASELINE = "timm_cbam"
 LABELS = {
     "timm_cbam": "timm CbamModule",
     "timm_se": "timm SEModule",
-    "ours_operator": "ours, operator (C kernels)",  # on CUDA: operator_label()
+    "ours_operator": "ours, operator (C kernels)",  # on CUDA: label()
     "ours_no_compiler": "ours, operator without C compiler",
     "ours_reference": "ours, reference path",
     "timm_cbam_compiled": "timm CbamModule + compile",
