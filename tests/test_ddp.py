@@ -38,6 +38,29 @@ def _data(rank: int, step: int):
     return torch.randn(2, 8, 9, 7, generator=generator), torch.randn(2, 8, 9, 7, generator=generator)
 
 
+def _images(rank: int, step: int):
+    """A worker's batch of images and class labels for the compiled network."""
+    import torch
+
+    x = torch.randn(2, 3, 9, 7, generator=torch.Generator().manual_seed(1000 * step + rank))
+    return x, torch.tensor([rank, step % 4])
+
+
+def _against_replicas(model, reference) -> dict:
+    """Whether every worker holds ``model``'s parameters, and how far they are from the one-process ``reference``."""
+    import torch
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
+    dist.all_gather(gathered, flat)
+    reference_flat = torch.cat([p.detach().flatten() for p in reference.parameters()])
+    return {
+        "replicas_identical": all(torch.equal(gathered[0], g) for g in gathered[1:]),
+        "max_diff_to_single_process": float((flat - reference_flat).abs().max()),
+    }
+
+
 def _loss(output, target):
     out = output[0] if isinstance(output, tuple) else output  # the maps never reach the loss
     return (out - target).square().mean()
@@ -45,7 +68,6 @@ def _loss(output, target):
 
 def _train_config(name: str, rank: int) -> dict:
     import torch
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from cbam_dsa import CBAMResidualDynamicSA
@@ -73,12 +95,8 @@ def _train_config(name: str, rank: int) -> dict:
     model(_data(rank, STEPS)[0])  # a further forward fails if the last backward left a reduction unfinished
 
     flat = torch.cat([p.detach().flatten() for p in block.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
-    dist.all_gather(gathered, flat)
-    reference_flat = torch.cat([p.detach().flatten() for p in reference.parameters()])
     return {
-        "replicas_identical": all(torch.equal(gathered[0], g) for g in gathered[1:]),
-        "max_diff_to_single_process": float((flat - reference_flat).abs().max()),
+        **_against_replicas(block, reference),
         "changed": not torch.equal(flat, initial),
         "missing_grads": missing_grads,
     }
@@ -110,7 +128,6 @@ def _cnn():
 
 def _train_compiled(rank: int) -> dict:
     import torch
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from cbam_dsa.ops.cpu import native
@@ -132,26 +149,19 @@ def _train_compiled(rank: int) -> dict:
         return torch.nn.functional.cross_entropy(module(x), target)
 
     for step in range(STEPS):
-        x = torch.randn(2, 3, 9, 7, generator=torch.Generator().manual_seed(1000 * step + rank))
-        target = torch.tensor([rank, step % 4])
+        x, target = _images(rank, step)
         optimizer.zero_grad()
         before = count()
         loss(compiled, x, target).backward()
         calls = [total + after - start for total, after, start in zip(calls, count(), before, strict=True)]
         optimizer.step()
         reference_optimizer.zero_grad()
-        batches = [(torch.randn(2, 3, 9, 7, generator=torch.Generator().manual_seed(1000 * step + r)),
-                    torch.tensor([r, step % 4])) for r in range(WORLD_SIZE)]  # fmt: skip
+        batches = [_images(r, step) for r in range(WORLD_SIZE)]
         sum(loss(reference, bx, bt) for bx, bt in batches).div(WORLD_SIZE).backward()
         reference_optimizer.step()
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
-    dist.all_gather(gathered, flat)
-    reference_flat = torch.cat([p.detach().flatten() for p in reference.parameters()])
     graphs = torch._dynamo.utils.counters["aot_autograd"]["total"]  # one per piece of the split graph
     return {
-        "replicas_identical": all(torch.equal(gathered[0], g) for g in gathered[1:]),
-        "max_diff_to_single_process": float((flat - reference_flat).abs().max()),
+        **_against_replicas(model, reference),
         "operator_calls": calls if library else None,
         "graphs": graphs,
     }
